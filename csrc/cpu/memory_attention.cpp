@@ -1,0 +1,352 @@
+// Memory-segment causal attention on the CPU: forward and backward (docs/semantics.md §1).
+//
+// Layout of the work. Inputs are converted once to the compute type (float, or double for double
+// inputs; a no-op view for those two, so strided inputs stay uncopied) and every tile product goes
+// through the BLAS behind at::mm (MKL/oneDNN), which reads strides and transposes. Only the
+// elementwise part of online softmax is ours: the row loops below, compiled once per ISA
+// (target_clones) so one build uses AVX-512 where the machine has it.
+//
+// Keys come in two ranges, memory [0, M) then current [M, M + N); a key tile never straddles them,
+// so no cat() of memory and current is ever materialised. For a query tile, the visible keys form
+// one interval [lo, hi) of absolute positions (causal bounds hi, window bounds lo); only tiles
+// meeting it are visited, and the per-element mask is applied only to tiles that the causal
+// diagonal or the window edge cuts.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/memory_attention_tiles.h"
+
+namespace longkernels::cpu {
+namespace {
+
+using at::Tensor;
+
+// Tile sizes: large enough that MKL runs near its peak on (BQ x D) @ (D x BK), small enough that a
+XX
+constexpr int64_t kBlockQ = 256;
+constexpr int64_t kBlockK = 512;
+
+// ---------------------------------------------------------------------------------------------
+// exp: a Cephes-style polynomial that GCC vectorises (std::exp does not); ~1 ulp in float.
+// Inputs are <= 0 here (logit minus running max), and anything below -87 underflows to 0.
+// ---------------------------------------------------------------------------------------------
+__attribute__((always_inline)) inline float exp_approx(float x) {
+  const float xc = std::max(x, -87.0f);
+  // Round x * log2(e) to the nearest integer with the 1.5 * 2^23 trick: plain adds, so the loop
+  // vectorises on every ISA (nearbyint/floor become library calls on baseline x86-64).
+  const float shifter = 12582912.0f;
+  const float n = (xc * 1.44269504088896341f + shifter) - shifter;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+inline double exp_approx(double x) { return std::exp(x); }
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// One query row of the forward tile: logits -> probabilities in place, online-softmax update.
+// s: BK logits (raw q.k); cols [c0, c1) are visible; returns the rescale factor for the row's
+// accumulator and updates the running max m and sum l.
+template <typename T>
+__attribute__((always_inline)) inline T fwd_row_impl(T* __restrict s, int64_t bk, int64_t c0, int64_t c1,
+                                                     T scale, T slope, T dist0, T& m, T& l) {
+  // ALiBi: -slope * (qpos - kpos) = -slope * dist0 + slope * c for column c.
+  T mx = static_cast<T>(kNegInf);
+#pragma omp simd reduction(max : mx)
+  for (int64_t c = c0; c < c1; ++c) {
+    const T x = s[c] * scale + slope * (static_cast<T>(c) - dist0);
+    s[c] = x;
+    mx = std::max(mx, x);
+  }
+  const T m_new = std::max(m, mx);
+  if (m_new == static_cast<T>(kNegInf)) {  // nothing visible yet in this row
+    for (int64_t c = 0; c < bk; ++c) s[c] = T(0);
+    return T(1);
+  }
+  T sum = 0;
+  for (int64_t c = 0; c < c0; ++c) s[c] = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = c0; c < c1; ++c) {
+    const T p = exp_approx(s[c] - m_new);
+    s[c] = p;
+    sum += p;
+  }
+  for (int64_t c = c1; c < bk; ++c) s[c] = T(0);
+  const T alpha = m == static_cast<T>(kNegInf) ? T(0) : exp_approx(m - m_new);
+  l = l * alpha + sum;
+  m = m_new;
+  return alpha;
+}
+
+// One row of the backward tile: s (raw q.k) -> p = exp(logit - lse); dp -> ds = p * (dp - delta).
+template <typename T>
+__attribute__((always_inline)) inline void bwd_row_impl(T* __restrict s, T* __restrict dp, int64_t bk, int64_t c0,
+                                                        int64_t c1, T scale, T slope, T dist0, T lse, T delta) {
+  for (int64_t c = 0; c < c0; ++c) s[c] = dp[c] = T(0);
+#pragma omp simd
+  for (int64_t c = c0; c < c1; ++c) {
+    const T p = exp_approx(s[c] * scale + slope * (static_cast<T>(c) - dist0) - lse);
+    s[c] = p;
+    dp[c] = p * (dp[c] - delta);
+  }
+  for (int64_t c = c1; c < bk; ++c) s[c] = dp[c] = T(0);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void scale_row_impl(T* __restrict o, int64_t n, T a) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) o[d] *= a;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LK_CLONES
+#endif
+
+LK_CLONES float fwd_row(float* s, int64_t bk, int64_t c0, int64_t c1, float scale, float slope, float dist0,
+                        float& m, float& l) {
+  return fwd_row_impl<float>(s, bk, c0, c1, scale, slope, dist0, m, l);
+}
+double fwd_row(double* s, int64_t bk, int64_t c0, int64_t c1, double scale, double slope, double dist0, double& m,
+               double& l) {
+  return fwd_row_impl<double>(s, bk, c0, c1, scale, slope, dist0, m, l);
+}
+LK_CLONES void bwd_row(float* s, float* dp, int64_t bk, int64_t c0, int64_t c1, float scale, float slope,
+                       float dist0, float lse, float delta) {
+  bwd_row_impl<float>(s, dp, bk, c0, c1, scale, slope, dist0, lse, delta);
+}
+void bwd_row(double* s, double* dp, int64_t bk, int64_t c0, int64_t c1, double scale, double slope, double dist0,
+             double lse, double delta) {
+  bwd_row_impl<double>(s, dp, bk, c0, c1, scale, slope, dist0, lse, delta);
+}
+LK_CLONES void scale_row(float* o, int64_t n, float a) { scale_row_impl<float>(o, n, a); }
+void scale_row(double* o, int64_t n, double a) { scale_row_impl<double>(o, n, a); }
+
+// ---------------------------------------------------------------------------------------------
+// Shared problem description.
+// ---------------------------------------------------------------------------------------------
+struct Problem {
+  int64_t B, H, Hkv, N, M, D, Dv;
+  bool causal;
+  int64_t window;  // 0: none
+  double scale;
+  int64_t group() const { return H / Hkv; }
+  tiles::Geometry geometry() const { return {N, M, causal, window}; }
+};
+
+Problem describe(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, bool causal, int64_t window,
+                 double scale) {
+  return {q.size(0), q.size(1), k.size(1), q.size(2), mem_k.size(2), q.size(3), v.size(3), causal, window, scale};
+}
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The key segment holding absolute key range [a, a + n): memory or current.
+struct Segment {
+  const Tensor* k;
+  const Tensor* v;
+  int64_t offset;  // absolute position of the segment's first key
+  int64_t length;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward. Work item: (b, h, query tile). Output written in the input dtype.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void forward_kernel(const Problem& P, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mk,
+                    const Tensor& mv, const T* slopes, Tensor& out, Tensor& lse) {
+  const int64_t n_qt = (P.N + kBlockQ - 1) / kBlockQ;
+  const auto opts = q.options();
+  const tiles::Geometry geo = P.geometry();
+  at::parallel_for(0, P.B * P.H * n_qt, 1, [&](int64_t begin, int64_t end) {
+    Tensor S = at::empty({kBlockQ, kBlockK}, opts);
+    Tensor O = at::empty({kBlockQ, P.Dv}, opts);
+    std::vector<T> m(kBlockQ), l(kBlockQ);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t qt = item % n_qt, bh = item / n_qt, b = bh / P.H, h = bh % P.H, hk = h / P.group();
+      const int64_t i0 = qt * kBlockQ, bq = std::min(kBlockQ, P.N - i0);
+      const T slope = slopes ? slopes[h] : T(0);
+      Tensor Qt = q[b][h].narrow(0, i0, bq);
+      Tensor Ot = O.narrow(0, 0, bq);
+      Ot.zero_();
+      std::fill(m.begin(), m.end(), static_cast<T>(kNegInf));
+      std::fill(l.begin(), l.end(), T(0));
+      const tiles::Range vis = tiles::visible_keys(geo, i0, bq);
+      const Tensor kb_mem = mk[b][hk], vb_mem = mv[b][hk], kb_cur = k[b][hk], vb_cur = v[b][hk];
+      const Segment segs[2] = {{&kb_mem, &vb_mem, 0, P.M}, {&kb_cur, &vb_cur, P.M, P.N}};
+      for (const Segment& seg : segs) {
+        const int64_t a_lo = std::max(vis.lo, seg.offset), a_hi = std::min(vis.hi, seg.offset + seg.length);
+        for (int64_t a0 = a_lo; a0 < a_hi; a0 += kBlockK) {
+          const int64_t bk = std::min(kBlockK, a_hi - a0);
+          Tensor St = S.narrow(0, 0, bq).narrow(1, 0, bk);
+          at::mm_out(St, Qt, seg.k->narrow(0, a0 - seg.offset, bk).t());
+          const bool full = tiles::tile_fully_visible(geo, i0, bq, a0, bk);
+          T* s_ptr = S.data_ptr<T>();
+          T* o_ptr = O.data_ptr<T>();
+          for (int64_t r = 0; r < bq; ++r) {
+            int64_t c0 = 0, c1 = bk;
+            if (!full) tiles::row_columns(geo, i0 + r, a0, bk, &c0, &c1);
+            // dist0 = qpos - kpos of column 0
+            const T dist0 = static_cast<T>(P.M + i0 + r - a0);
+            const T alpha = fwd_row(s_ptr + r * kBlockK, bk, c0, c1, static_cast<T>(P.scale), slope, dist0, m[r], l[r]);
+            if (alpha != T(1)) scale_row(o_ptr + r * P.Dv, P.Dv, alpha);
+          }
+          Ot.addmm_(St, seg.v->narrow(0, a0 - seg.offset, bk));
+        }
+      }
+      // Normalise and write out; every row saw at least itself (validated), so l > 0.
+      Tensor out_t = out[b][h].narrow(0, i0, bq);
+      T* o_ptr = O.data_ptr<T>();
+      auto* lse_ptr = lse[b][h].data_ptr<T>() + i0;
+      for (int64_t r = 0; r < bq; ++r) {
+        scale_row(o_ptr + r * P.Dv, P.Dv, T(1) / l[r]);
+        lse_ptr[r] = m[r] + std::log(l[r]);
+      }
+      out_t.copy_(Ot);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward. Work item: (b, h, slice of key tiles). Each item owns its key tiles' dk/dv (per query
+// head; the GQA group is summed afterwards) and a private dq accumulator for its slice, so no two
+// threads ever write the same memory. Slices exist only to keep threads busy when B * H is small.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& mk, const Tensor& mv, const T* slopes, const Tensor& lse, const Tensor& delta,
+                     int64_t n_slices, Tensor& dq_part, Tensor& dk_h, Tensor& dv_h, Tensor& dmk_h, Tensor& dmv_h) {
+  const int64_t n_kt_mem = (P.M + kBlockK - 1) / kBlockK, n_kt = n_kt_mem + (P.N + kBlockK - 1) / kBlockK;
+  const auto opts = q.options();
+  const tiles::Geometry geo = P.geometry();
+  at::parallel_for(0, P.B * P.H * n_slices, 1, [&](int64_t begin, int64_t end) {
+    Tensor S = at::empty({kBlockQ, kBlockK}, opts);
+    Tensor dP = at::empty({kBlockQ, kBlockK}, opts);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t slice = item % n_slices, bh = item / n_slices, b = bh / P.H, h = bh % P.H, hk = h / P.group();
+      const T slope = slopes ? slopes[h] : T(0);
+      const Tensor Qb = q[b][h], dOb = dout[b][h];
+      const T* lse_b = lse[b][h].data_ptr<T>();
+      const T* delta_b = delta[b][h].data_ptr<T>();
+      Tensor dQb = dq_part[slice][b][h];
+      for (int64_t kt = slice; kt < n_kt; kt += n_slices) {
+        const bool in_mem = kt < n_kt_mem;
+        const int64_t offset = in_mem ? 0 : P.M, len = in_mem ? P.M : P.N;
+        const int64_t a0 = offset + (in_mem ? kt : kt - n_kt_mem) * kBlockK;
+        const int64_t bk = std::min(kBlockK, offset + len - a0);
+        const Tensor Kt = (in_mem ? mk : k)[b][hk].narrow(0, a0 - offset, bk);
+        const Tensor Vt = (in_mem ? mv : v)[b][hk].narrow(0, a0 - offset, bk);
+        Tensor dKt = (in_mem ? dmk_h : dk_h)[b][h].narrow(0, a0 - offset, bk);
+        Tensor dVt = (in_mem ? dmv_h : dv_h)[b][h].narrow(0, a0 - offset, bk);
+        const tiles::Range rows = tiles::visible_queries(geo, a0, bk);
+        for (int64_t i0 = rows.lo; i0 < rows.hi; i0 += kBlockQ) {
+          const int64_t bq = std::min(kBlockQ, rows.hi - i0);
+          const Tensor Qt = Qb.narrow(0, i0, bq), dOt = dOb.narrow(0, i0, bq);
+          Tensor St = S.narrow(0, 0, bq).narrow(1, 0, bk), dPt = dP.narrow(0, 0, bq).narrow(1, 0, bk);
+          at::mm_out(St, Qt, Kt.t());
+          at::mm_out(dPt, dOt, Vt.t());
+          const bool full = tiles::tile_fully_visible(geo, i0, bq, a0, bk);
+          T* s_ptr = S.data_ptr<T>();
+          T* dp_ptr = dP.data_ptr<T>();
+          for (int64_t r = 0; r < bq; ++r) {
+            int64_t c0 = 0, c1 = bk;
+            if (!full) tiles::row_columns(geo, i0 + r, a0, bk, &c0, &c1);
+            const T dist0 = static_cast<T>(P.M + i0 + r - a0);
+            bwd_row(s_ptr + r * kBlockK, dp_ptr + r * kBlockK, bk, c0, c1, static_cast<T>(P.scale), slope, dist0,
+                    lse_b[i0 + r], delta_b[i0 + r]);
+          }
+          dVt.addmm_(St.t(), dOt);             // dV += P^T dO
+          dKt.addmm_(dPt.t(), Qt);             // dK += dS^T Q   (scaled at the end)
+          dQb.narrow(0, i0, bq).addmm_(dPt, Kt);  // dQ += dS K    (scaled at the end)
+        }
+      }
+    }
+  });
+}
+
+// Detached (worker threads run with grad mode on: the tile products must not record autograd
+// history) and in the compute type; for float/double inputs a view, so strides are read in place.
+Tensor compute_view(const Tensor& t, at::ScalarType ct) { return t.detach().to(ct); }
+
+Tensor optional_slopes(const std::optional<Tensor>& alibi, at::ScalarType ct) {
+  if (!alibi.has_value()) return Tensor();
+  return alibi->to(ct).contiguous();
+}
+
+std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k,
+                                                const Tensor& mem_v, const std::optional<Tensor>& alibi_slopes,
+                                                bool causal, int64_t window, double scale) {
+  const Problem P = describe(q, k, v, mem_k, causal, window, scale);
+  const auto ct = compute_type(q.scalar_type());
+  const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
+  const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct);
+  const Tensor slopes = optional_slopes(alibi_slopes, ct);
+  Tensor out = at::empty({P.B, P.H, P.N, P.Dv}, q.options().dtype(ct));
+  Tensor lse = at::empty({P.B, P.H, P.N}, q.options().dtype(ct));
+  AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_fwd_cpu", [&] {
+    forward_kernel<scalar_t>(P, qc, kc, vc, mkc, mvc, slopes.defined() ? slopes.data_ptr<scalar_t>() : nullptr, out,
+                             lse);
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, const Tensor& mem_v,
+    const std::optional<Tensor>& alibi_slopes, const Tensor& lse, const Tensor& delta, bool causal, int64_t window,
+    double scale) {
+  const Problem P = describe(q, k, v, mem_k, causal, window, scale);
+  const auto ct = compute_type(q.scalar_type());
+  const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
+  const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct), doc = compute_view(dout, ct);
+  const Tensor lsec = compute_view(lse, ct).contiguous(), deltac = compute_view(delta, ct).contiguous();
+  const Tensor slopes = optional_slopes(alibi_slopes, ct);
+
+  const int64_t threads = at::get_num_threads(), bh = P.B * P.H;
+  const int64_t n_kt = (P.M + kBlockK - 1) / kBlockK + (P.N + kBlockK - 1) / kBlockK;
+  // Split key tiles into slices only when (b, h) items alone would leave threads idle.
+  int64_t n_slices = 1;
+  if (bh % threads != 0 && bh < 4 * threads) n_slices = std::min(n_kt, (2 * threads + bh - 1) / bh);
+  const auto copts = q.options().dtype(ct);
+  Tensor dq_part = at::zeros({n_slices, P.B, P.H, P.N, P.D}, copts);
+  Tensor dk_h = at::zeros({P.B, P.H, P.N, P.D}, copts), dv_h = at::zeros({P.B, P.H, P.N, P.Dv}, copts);
+  Tensor dmk_h = at::zeros({P.B, P.H, P.M, P.D}, copts), dmv_h = at::zeros({P.B, P.H, P.M, P.Dv}, copts);
+  AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_bwd_cpu", [&] {
+    backward_kernel<scalar_t>(P, doc, qc, kc, vc, mkc, mvc, slopes.defined() ? slopes.data_ptr<scalar_t>() : nullptr,
+                              lsec, deltac, n_slices, dq_part, dk_h, dv_h, dmk_h, dmv_h);
+  });
+  // Per-query-head key gradients summed over each GQA group; dq and dk carry the logit scale.
+  const auto fold = [&](const Tensor& g, double s) {
+    Tensor r = P.group() == 1 ? g : g.view({P.B, P.Hkv, P.group(), g.size(2), g.size(3)}).sum(2);
+    if (s != 1.0) r = r.mul_(s);
+    return r.to(q.scalar_type());
+  };
+  Tensor dq = (n_slices == 1 ? dq_part[0] : dq_part.sum(0)).mul_(scale).to(q.scalar_type());
+  return {dq, fold(dk_h, scale), fold(dv_h, 1.0), fold(dmk_h, scale), fold(dmv_h, 1.0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longkernels, CPU, m) {
+  m.impl("memory_attention_fwd", &memory_attention_fwd);
+  m.impl("memory_attention_bwd", &memory_attention_bwd);
+}
+
+}  // namespace longkernels::cpu

@@ -1,0 +1,289 @@
+"""Memory-segment causal attention: validation, backend choice and the autograd.Function.
+
+The math is in ``longkernels/reference/memory_attention.py``; the kernels are
+``csrc/cpu/memory_attention.cpp`` (CPU), ``csrc/cuda/memory_attention.cu`` (CUDA) and
+``triton_kernels/memory_attention.py`` (Triton). All take the same arguments:
+
+    fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale) -> (out, lse)
+    bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale)
+        -> (dq, dk, dv, dmem_k, dmem_v)
+
+with ``window = 0`` for no window, ``mem_k``/``mem_v`` always tensors (``M = 0`` when there is no
+memory) and ``delta = rowsum(dout * out) - dlse`` (the LSE's own gradient folded in).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import Optional
+
+import torch
+
+from .. import _ext
+from ..reference import memory_attention as _reference
+
+BACKENDS = ("cpu", "triton", "cuda", "reference")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Triton's tile sizes are powers of two; larger head dims do not fit its shared-memory budget.
+TRITON_MAX_HEAD_DIM = 256
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """LSE is float32, except for float64 inputs, where float64 keeps parity tests exact."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: once, here, before any backend is chosen. Backends trust what passes.
+# --------------------------------------------------------------------------------------------
+def _check_tensor(name, t, *, ndim):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions (B, H, L, D), got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes):
+    """Checks every argument; returns (mem_k, mem_v, window, scale, alibi_slopes) normalised."""
+    _check_tensor("q", q, ndim=4)
+    _check_tensor("k", k, ndim=4)
+    _check_tensor("v", v, ndim=4)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    B, H, N, D = q.shape
+    if k.shape[0] != B or k.shape[2] != N or k.shape[3] != D:
+        raise ValueError(f"k must have shape (B={B}, Hkv, N={N}, D={D}) to match q, got {tuple(k.shape)}")
+    Hkv = k.shape[1]
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of k's heads ({Hkv})")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must have shape (B={B}, Hkv={Hkv}, N={N}, Dv), got {tuple(v.shape)}")
+    Dv = v.shape[3]
+    if D < 1 or Dv < 1:
+        raise ValueError(f"head dims must be at least 1, got D={D} (q, k) and Dv={Dv} (v)")
+    if N < 1:
+        raise ValueError("q must hold at least one query (q.shape[2] >= 1)")
+
+    if (mem_k is None) != (mem_v is None):
+        raise ValueError("mem_k and mem_v must be given together (both tensors or both None)")
+    if mem_k is None:
+        mem_k = q.new_empty(B, Hkv, 0, D)
+        mem_v = q.new_empty(B, Hkv, 0, Dv)
+    else:
+        _check_tensor("mem_k", mem_k, ndim=4)
+        _check_tensor("mem_v", mem_v, ndim=4)
+        for name, t in (("mem_k", mem_k), ("mem_v", mem_v)):
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+        M = mem_k.shape[2]
+        if tuple(mem_k.shape) != (B, Hkv, M, D):
+            raise ValueError(f"mem_k must have shape (B={B}, Hkv={Hkv}, M, D={D}), got {tuple(mem_k.shape)}")
+        if tuple(mem_v.shape) != (B, Hkv, M, Dv):
+            raise ValueError(f"mem_v must have shape (B={B}, Hkv={Hkv}, M={M}, Dv={Dv}), got {tuple(mem_v.shape)}")
+
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if window is None:
+        window = 0
+    elif isinstance(window, bool) or not isinstance(window, numbers.Integral):
+        raise TypeError(f"window must be an int or None, got {type(window).__name__}")
+    elif window < 1:
+        raise ValueError(f"window must be >= 1 (a query sees at most `window` keys, itself included); "
+                         f"window={window} leaves a query with no visible key")
+    window = int(window)
+    if scale is None:
+        scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite number or None, got {scale!r}")
+    scale = float(scale)
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes must be a torch.Tensor of shape (H,), got {type(alibi_slopes).__name__}")
+        if tuple(alibi_slopes.shape) != (H,):
+            raise ValueError(f"alibi_slopes must have shape (H={H},), got {tuple(alibi_slopes.shape)}")
+        if not alibi_slopes.is_floating_point():
+            raise TypeError(f"alibi_slopes must be floating point, got {alibi_slopes.dtype}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be on the device of q ({q.device}), got {alibi_slopes.device}")
+        if alibi_slopes.requires_grad:
+            raise ValueError("alibi_slopes receive no gradient (as in FlashAttention); pass a tensor that "
+                             "does not require grad, e.g. slopes.detach()")
+        alibi_slopes = alibi_slopes.to(lse_dtype(q.dtype)).contiguous()
+    return mem_k, mem_v, window, scale, alibi_slopes
+
+
+# --------------------------------------------------------------------------------------------
+# Backends: each says why it cannot take an input; dispatch picks the first that can.
+# --------------------------------------------------------------------------------------------
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return None
+
+
+def not_supported_reasons(backend: str, q: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Why ``backend`` cannot run memory attention on these inputs (empty list: it can)."""
+    reasons = []
+    if backend == "reference":
+        return reasons
+    if backend == "cpu":
+        if not _ext.available():
+            reasons.append(_ext.LOAD_ERROR)
+        if q.device.type != "cpu":
+            reasons.append(f"the C++ CPU kernels take CPU tensors, got {q.device.type}")
+    elif backend == "cuda":
+        if not _ext.cuda_compiled():
+            reasons.append("longkernels._C was built without CUDA kernels" if _ext.available() else _ext.LOAD_ERROR)
+        if q.device.type != "cuda":
+            reasons.append(f"the CUDA kernels take CUDA tensors, got {q.device.type}")
+    elif backend == "triton":
+        err = _triton_import_error()
+        if err:
+            reasons.append(err)
+        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            reasons.append("Triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
+                           "before triton is imported")
+        elif q.device.type not in ("cpu", "cuda"):
+            reasons.append(f"Triton kernels take CUDA tensors, got {q.device.type}")
+        if max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
+            reasons.append(f"head dim {max(q.shape[-1], v.shape[-1])} exceeds the Triton kernel's "
+                           f"{TRITON_MAX_HEAD_DIM}")
+        if q.dtype == torch.float64 and q.device.type == "cuda":
+            reasons.append("float64 runs on the CPU backends and the Triton interpreter, not on GPU Triton")
+    else:
+        reasons.append(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return reasons
+
+
+def choose_backend(q: torch.Tensor, v: torch.Tensor, backend: Optional[str]) -> str:
+    """Explicit choice (argument, then LONGKERNELS_BACKEND) or the device's default order."""
+    if backend is None:
+        backend = os.environ.get("LONGKERNELS_BACKEND") or None
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        reasons = not_supported_reasons(backend, q, v)
+        if reasons:
+            raise ValueError(f"backend {backend!r} cannot run these inputs: " + "; ".join(reasons))
+        return backend
+    order = ("triton", "cuda", "reference") if q.device.type == "cuda" else ("cpu", "reference")
+    for name in order:
+        if not not_supported_reasons(name, q, v):
+            return name
+    return "reference"
+
+
+# --------------------------------------------------------------------------------------------
+# Torch ops. The C++/CUDA ops are defined by csrc/ops.cpp; Triton launchers are wrapped here,
+# and every op gets a fake (meta) implementation so torch.compile traces through it.
+# --------------------------------------------------------------------------------------------
+def _fwd_fake(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale):
+    B, H, N, _ = q.shape
+    out = q.new_empty(B, H, N, v.shape[-1])
+    lse = q.new_empty(B, H, N, dtype=lse_dtype(q.dtype))
+    return out, lse
+
+
+def _bwd_fake(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(mem_k), torch.empty_like(mem_v))
+
+
+@torch.library.custom_op("longkernels::memory_attention_fwd_triton", mutates_args=())
+def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
+                alibi_slopes: Optional[torch.Tensor], causal: bool, window: int,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton_kernels import memory_attention as tk
+    return tk.memory_attention_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale)
+
+
+@torch.library.custom_op("longkernels::memory_attention_bwd_triton", mutates_args=())
+def _triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor,
+                mem_v: torch.Tensor, alibi_slopes: Optional[torch.Tensor], lse: torch.Tensor, delta: torch.Tensor,
+                causal: bool, window: int, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton_kernels import memory_attention as tk
+    return tk.memory_attention_bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale)
+
+
+_triton_fwd.register_fake(_fwd_fake)
+_triton_bwd.register_fake(_bwd_fake)
+
+if _ext.available():
+    torch.library.register_fake("longkernels::memory_attention_fwd")(_fwd_fake)
+    torch.library.register_fake("longkernels::memory_attention_bwd")(_bwd_fake)
+
+
+def _kernels(backend):
+    if backend == "triton":
+        return torch.ops.longkernels.memory_attention_fwd_triton, torch.ops.longkernels.memory_attention_bwd_triton
+    return torch.ops.longkernels.memory_attention_fwd, torch.ops.longkernels.memory_attention_bwd
+
+
+class MemoryAttentionFunction(torch.autograd.Function):
+    """Fused forward; backward recomputes the probabilities from the saved LSE."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale, backend, has_mem):
+        fwd, _ = _kernels(backend)
+        out, lse = fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale)
+        ctx.save_for_backward(q, k, v, mem_k, mem_v, alibi_slopes, out, lse)
+        ctx.args = (causal, window, scale, backend, has_mem)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, mem_k, mem_v, alibi_slopes, out, lse = ctx.saved_tensors
+        causal, window, scale, backend, has_mem = ctx.args
+        _, bwd = _kernels(backend)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        # delta_i = sum_d dout_id * out_id - dlse_i: the softmax Jacobian's row term, with the
+        # LSE's own incoming gradient folded in (d lse_i / d s_ij = p_ij).
+        delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse
+        dq, dk, dv, dmk, dmv = bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale)
+        if not has_mem:
+            dmk = dmv = None
+        return dq, dk, dv, dmk, dmv, None, None, None, None, None, None
+
+
+def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=None, scale=None,
+                     alibi_slopes=None, return_lse=False, backend=None):
+    """Attention of the current segment's queries over cached memory and the segment itself.
+
+    Args:
+        q: ``(B, H, N, D)`` queries at absolute positions ``M .. M + N - 1``.
+        k, v: ``(B, Hkv, N, D)`` and ``(B, Hkv, N, Dv)``: the current segment's keys and values.
+        mem_k, mem_v: ``(B, Hkv, M, D)`` and ``(B, Hkv, M, Dv)`` cached keys/values of earlier
+            segments (positions ``0 .. M - 1``), or None.
+        causal: query ``i`` sees keys ``j <= M + i`` (bottom-right aligned).
+        window: query ``i`` additionally sees only keys ``j > M + i - window``.
+        scale: logit scale, default ``D ** -0.5``.
+        alibi_slopes: ``(H,)``; adds ``-slope_h * (M + i - j)`` to the logits.
+        return_lse: also return the float32 log-sum-exp of the logits, ``(B, H, N)``.
+        backend: ``"cpu"``, ``"triton"``, ``"cuda"`` or ``"reference"``; default by device,
+            overridable by the ``LONGKERNELS_BACKEND`` environment variable.
+
+    Returns:
+        ``out`` of shape ``(B, H, N, Dv)`` in q's dtype, and ``lse`` when ``return_lse``.
+    """
+    has_mem = mem_k is not None
+    mem_k, mem_v, window_i, scale_f, alibi = validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes)
+    name = choose_backend(q, v, backend)
+    if name == "reference":
+        return _reference(q, k, v, mem_k if has_mem else None, mem_v if has_mem else None, causal=causal,
+                          window=window_i or None, scale=scale_f, alibi_slopes=alibi, return_lse=return_lse)
+    out, lse = MemoryAttentionFunction.apply(q, k, v, mem_k, mem_v, alibi, causal, window_i, scale_f, name, has_mem)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,64 @@
+"""Memory-segment causal attention, written as directly as the semantics allow.
+
+This is the definition every fast path is tested against (docs/semantics.md §1):
+materialised scores, plain softmax, no tiling. It is slow and uses O(N * (M + N))
+memory on purpose: it must be obviously right, not fast.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def visible_mask(n: int, m: int, *, causal: bool, window: int | None, device=None) -> torch.Tensor:
+    """Boolean (N, M + N) mask: True where query i may see key j.
+
+    Query i sits at absolute position M + i, key j at position j (memory first).
+    """
+    qpos = torch.arange(n, device=device).unsqueeze(1) + m
+    kpos = torch.arange(m + n, device=device).unsqueeze(0)
+    mask = torch.ones(n, m + n, dtype=torch.bool, device=device)
+    if causal:
+        mask &= kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
+
+
+def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=None, scale=None,
+                     alibi_slopes=None, return_lse=False):
+    """Reference of :func:`longkernels.memory_attention`; same arguments, same results.
+
+    Computes in float32 (float64 for float64 inputs) and returns the input dtype.
+    """
+    dtype = q.dtype
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    B, H, N, D = q.shape
+    Hkv = k.shape[1]
+    if mem_k is None:
+        mem_k = k.new_zeros(B, Hkv, 0, k.shape[-1])
+        mem_v = v.new_zeros(B, Hkv, 0, v.shape[-1])
+    M = mem_k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+
+    keys = torch.cat([mem_k, k], dim=2).to(cdt)
+    vals = torch.cat([mem_v, v], dim=2).to(cdt)
+    group = H // Hkv
+    keys = keys.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
+    vals = vals.repeat_interleave(group, dim=1)
+
+    s = torch.matmul(q.to(cdt), keys.transpose(-1, -2)) * scale  # (B, H, N, M + N)
+    if alibi_slopes is not None:
+        qpos = torch.arange(N, device=q.device).unsqueeze(1) + M
+        kpos = torch.arange(M + N, device=q.device).unsqueeze(0)
+        dist = (qpos - kpos).to(cdt)  # M + i - j
+        s = s - alibi_slopes.to(cdt).view(1, H, 1, 1) * dist
+    mask = visible_mask(N, M, causal=causal, window=window, device=q.device)
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    out = torch.matmul(p, vals).to(dtype)
+    if return_lse:
+        # float32 LSE, as FlashAttention returns it; float64 inputs keep float64 so that
+        # float64 parity tests can hold the LSE to float64 round-off.
+        return out, lse.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    return out

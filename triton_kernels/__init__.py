@@ -1,0 +1,1 @@
+"""Triton kernels of longkernels, installed as ``longkernels.triton_kernels``."""
