@@ -1,3 +1,1 @@
-from .memory_attention import memory_attention, MemoryAttentionFunction
-
-__all__ = ["memory_attention", "MemoryAttentionFunction"]
+"""Validation, backend choice and autograd Functions, one module per operation."""

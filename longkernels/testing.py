@@ -1,0 +1,133 @@
+"""Parity machinery shared by the test suite and ``longkernels check``.
+
+Tolerances live here and only here.
+
+* float64: every fast path must match the float64 reference to ``FLOAT64_RTOL`` in relative norm
+  (``||x - ref|| / ||ref||``). Both compute the same sums in another order, so the gap is round-off
+  of a few ulps times the length of the sums: 1e-10 leaves four orders of magnitude of margin and
+  still catches any real bug (a wrong mask or a missing term is an O(1) error).
+* float32, bfloat16, float16: FlashAttention's rule. Two errors are measured against the float64
+  reference computed on the same (already rounded) inputs: the kernel's, and that of the reference
+  run in the low precision itself (upcast compute, output rounded to the dtype, as a user of plain
+  PyTorch would get). The kernel may be at most ``LOWP_FACTOR`` times worse, plus a floor
+  ``LOWP_FLOOR[dtype]`` for the cases where the low-precision reference happens to be exact
+  (e.g. outputs that round identically). A kernel that rounds an intermediate to bfloat16 where it
+  should not, or drops a rescale, fails this by an order of magnitude.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+FLOAT64_RTOL = 1e-10
+LOWP_FACTOR = 2.0
+# Relative-norm floors: a few units of the dtype's rounding (2^-24, 2^-8, 2^-11) times a safety
+# factor for accumulation order in the tile products (float32 logits over D up to 128).
+LOWP_FLOOR = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    den = ref.norm().item()
+    num = (x - ref).norm().item()
+    return num / den if den > 0 else num
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One memory-attention problem. Inputs are drawn fresh from the seed each time."""
+    B: int = 1
+    H: int = 2
+    Hkv: int = 2
+    N: int = 33
+    M: int = 17
+    D: int = 16
+    Dv: Optional[int] = None
+    causal: bool = True
+    window: Optional[int] = None
+    alibi: bool = False
+    strided: bool = False  # q, k, v as (B, L, H, D).transpose(1, 2) views
+    mem: bool = True  # False: mem_k = mem_v = None
+
+    def describe(self) -> str:
+        dv = self.Dv or self.D
+        parts = [f"B{self.B} H{self.H}/{self.Hkv} N{self.N} M{self.M if self.mem else '-'} D{self.D}/{dv}"]
+        parts += [s for s, on in (("noncausal", not self.causal), (f"w{self.window}", self.window),
+                                  ("alibi", self.alibi), ("strided", self.strided)) if on]
+        return " ".join(parts)
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device="cpu", seed: int = 0):
+    """Random q, k, v, mem_k, mem_v, alibi slopes, and the output/LSE cotangents."""
+    g = torch.Generator().manual_seed(seed)
+    dv = case.Dv or case.D
+
+    def rnd(b, h, n, d):
+        if case.strided:  # a (B, L, H, D) buffer seen as (B, H, L, D): non-contiguous, no copy
+            t = torch.randn(b, n, h, d, generator=g, dtype=torch.float64).to(dtype).to(device).transpose(1, 2)
+        else:
+            t = torch.randn(b, h, n, d, generator=g, dtype=torch.float64).to(dtype).to(device)
+        return t
+
+    q = rnd(case.B, case.H, case.N, case.D)
+    k = rnd(case.B, case.Hkv, case.N, case.D)
+    v = rnd(case.B, case.Hkv, case.N, dv)
+    mem_k = rnd(case.B, case.Hkv, case.M, case.D) if case.mem else None
+    mem_v = rnd(case.B, case.Hkv, case.M, dv) if case.mem else None
+    slopes = (torch.rand(case.H, generator=g, dtype=torch.float64) * 0.5).float().to(device) if case.alibi else None
+    dout = torch.randn(case.B, case.H, case.N, dv, generator=g, dtype=torch.float64).to(dtype).to(device)
+    dlse = torch.randn(case.B, case.H, case.N, generator=g, dtype=torch.float64).to(device)
+    return q, k, v, mem_k, mem_v, slopes, dout, dlse
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dmem_k", "dmem_v")
+
+
+def run(case: Case, inputs, *, backend: Optional[str], dtype: Optional[torch.dtype] = None,
+        with_grad: bool = True) -> dict:
+    """Runs memory_attention on ``inputs`` (cast to ``dtype``); returns out, lse and gradients.
+
+    The loss is ``<out, dout> + <lse, dlse>``, so gradients through the LSE are exercised too.
+    """
+    from . import memory_attention
+
+    q, k, v, mem_k, mem_v, slopes, dout, dlse = inputs
+    if dtype is not None:
+        q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
+        if mem_k is not None:
+            mem_k, mem_v = mem_k.to(dtype), mem_v.to(dtype)
+        if slopes is not None and dtype == torch.float64:
+            slopes = slopes.double()
+    leaves = [t.detach().requires_grad_(with_grad) if t is not None else None for t in (q, k, v, mem_k, mem_v)]
+    out, lse = memory_attention(*leaves, causal=case.causal, window=case.window, alibi_slopes=slopes,
+                                return_lse=True, backend=backend)
+    result = {"out": out.detach(), "lse": lse.detach()}
+    if with_grad:
+        loss = (out * dout.to(out.dtype)).sum() + (lse * dlse.to(lse.dtype)).sum()
+        live = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(loss, live)
+        for name, grad in zip(GRAD_NAMES, grads):
+            result[name] = grad
+    return result
+
+
+def compare(case: Case, backend: str, dtype: torch.dtype, *, device="cpu", seed: int = 0,
+            with_grad: bool = True) -> list[tuple[str, float, float, bool]]:
+    """Backend against the reference: rows of (quantity, error, allowed, ok)."""
+    inputs = make_inputs(case, dtype, device, seed)
+    truth = run(case, inputs, backend="reference", dtype=torch.float64, with_grad=with_grad)
+    got = run(case, inputs, backend=backend, with_grad=with_grad)
+    lowp = None if dtype == torch.float64 else run(case, inputs, backend="reference", with_grad=with_grad)
+    rows = []
+    for name, ref in truth.items():
+        err = rel_err(got[name], ref)
+        if lowp is None:
+            allowed = FLOAT64_RTOL
+        else:
+            allowed = LOWP_FACTOR * rel_err(lowp[name], ref) + LOWP_FLOOR[dtype]
+        rows.append((name, err, allowed, err <= allowed))
+    return rows
