@@ -1,0 +1,136 @@
+"""The ``longkernels`` command: ``info``, ``check`` and ``bench``."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import torch
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _probe(device: str) -> torch.Tensor:
+    return torch.empty(1, 1, 1, 64, device=device)
+
+
+def _devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def cmd_info(args) -> int:
+    import longkernels
+    from longkernels import _ext
+    from longkernels.ops.memory_attention import BACKENDS, not_supported_reasons
+
+    print(f"longkernels {longkernels.__version__}   python {platform.python_version()}   torch {torch.__version__}")
+    try:
+        import triton
+        print(f"triton {triton.__version__}   TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
+    except ImportError as exc:
+        print(f"triton: not installed ({exc})")
+    print(f"cpu: {_cpu_name()}, {torch.get_num_threads()} threads")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"cuda:{i}: {torch.cuda.get_device_name(i)}")
+    else:
+        print("cuda: none" + (" (CPU build of torch)" if torch.version.cuda is None else " (no device visible)"))
+    info = _ext.build_info()
+    print("extension longkernels._C: " + (", ".join(f"{k}={v}" for k, v in info.items() if k != "extension")
+                                          if info["extension"] else f"not available: {info['reason']}"))
+    ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("longkernels::"))
+    print("torch ops: " + (", ".join(ops) or "none"))
+    print("\nbackends for memory_attention:")
+    for device in ("cpu", "cuda"):
+        for name in BACKENDS:
+            if device == "cuda" and not torch.cuda.is_available():
+                reasons = ["no CUDA device here"]
+            else:
+                reasons = not_supported_reasons(name, _probe(device), _probe(device))
+            state = "ok" if not reasons else "unavailable: " + "; ".join(reasons)
+            print(f"  {device:5s} {name:10s} {state}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from longkernels.ops.memory_attention import not_supported_reasons
+    from longkernels.testing import Case, compare
+
+    cases = [
+        Case(N=1, M=0),
+        Case(N=37, M=53, D=80, Dv=48, H=4, Hkv=2),
+        Case(N=45, M=21, D=64, window=9, alibi=True),
+        Case(B=2, N=35, M=18, D=16, strided=True, causal=False),
+        Case(N=300, M=700, D=64, H=2, Hkv=1),
+    ]
+    failures = 0
+    header = f"{'backend':8s} {'device':6s} {'dtype':9s} {'case':44s} {'worst':>8s} {'allowed':>8s}  result"
+    print(header)
+    print("-" * len(header))
+    for device in _devices():
+        for backend in ("cpu", "triton", "cuda"):
+            reasons = not_supported_reasons(backend, _probe(device), _probe(device))
+            if reasons:
+                if args.verbose:
+                    print(f"{backend:8s} {device:6s} skipped: {'; '.join(reasons)}")
+                continue
+            dtypes = [torch.float64, torch.float32, torch.bfloat16] if device == "cpu" else \
+                [torch.float32, torch.bfloat16, torch.float16]
+            for dtype in dtypes:
+                for case in cases:
+                    if backend == "triton" and device == "cpu" and case.N * (case.N + case.M) > 20000:
+                        continue  # the interpreter is slow; the small cases cover its logic
+                    rows = compare(case, backend, dtype, device=device)
+                    worst = max(rows, key=lambda r: r[1] / r[2])
+                    ok = all(r[3] for r in rows)
+                    failures += not ok
+                    status = "ok" if ok else "MISMATCH " + ", ".join(f"{r[0]}={r[1]:.1e}" for r in rows if not r[3])
+                    print(f"{backend:8s} {device:6s} {str(dtype)[6:]:9s} {case.describe():44s} "
+                          f"{worst[1]:8.1e} {worst[2]:8.1e}  {status}", flush=True)
+    print(f"\n{'all backends match the reference' if not failures else f'{failures} mismatching runs'}")
+    return 1 if failures else 0
+
+
+def cmd_bench(args, rest) -> int:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "bench", "engine.py")):
+        print("longkernels bench runs from a source checkout (bench/ beside the package); not found at "
+              f"{root}", file=sys.stderr)
+        return 2
+    sys.path.insert(0, root)
+    from bench import engine
+
+    return engine.main(rest)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="longkernels", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, devices, compiled ops and which backends are usable (and why not)")
+    p_check = sub.add_parser("check", help="every available backend against the reference; non-zero on mismatch")
+    p_check.add_argument("-v", "--verbose", action="store_true", help="also list skipped backends and why")
+    sub.add_parser("bench", help="benchmarks against the reference and peers (see `longkernels bench --help`)",
+                   add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if not torch.cuda.is_available():
+        # Triton's kernels can still be checked on this machine, under the interpreter.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return cmd_info(args) if args.cmd == "info" else cmd_check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
