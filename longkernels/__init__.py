@@ -4,9 +4,9 @@
     >>> out = longkernels.memory_attention(q, k, v, mem_k, mem_v, causal=True)
 """
 from . import _ext
-from . import reference
+from . import nn, reference
 from .ops.memory_attention import memory_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["memory_attention", "reference", "__version__"]
+__all__ = ["memory_attention", "nn", "reference", "__version__"]

@@ -63,21 +63,37 @@ inline double exp_approx(double x) { return std::exp(x); }
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
+// Maximum of s[c0, c1). Kept in 16 independent lanes so the compiler emits vector max
+// instructions (a single running max is a serial dependency chain it leaves scalar).
+template <typename T>
+__attribute__((always_inline)) inline T row_max(const T* __restrict s, int64_t c0, int64_t c1) {
+  constexpr int kLanes = 16;
+  T lanes[kLanes];
+  for (int l = 0; l < kLanes; ++l) lanes[l] = static_cast<T>(kNegInf);
+  int64_t c = c0;
+  for (; c + kLanes <= c1; c += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] = lanes[l] > s[c + l] ? lanes[l] : s[c + l];
+  T mx = static_cast<T>(kNegInf);
+  for (; c < c1; ++c) mx = std::max(mx, s[c]);
+  for (int l = 0; l < kLanes; ++l) mx = std::max(mx, lanes[l]);
+  return mx;
+}
+
 // One query row of the forward tile: logits -> probabilities in place, online-softmax update.
 // s: BK logits (raw q.k); cols [c0, c1) are visible; returns the rescale factor for the row's
 // accumulator and updates the running max m and sum l.
 template <typename T>
 __attribute__((always_inline)) inline T fwd_row_impl(T* __restrict s, int64_t bk, int64_t c0, int64_t c1,
                                                      T scale, T slope, T dist0, T& m, T& l) {
-  // ALiBi: -slope * (qpos - kpos) = -slope * dist0 + slope * c for column c.
-  T mx = static_cast<T>(kNegInf);
-#pragma omp simd reduction(max : mx)
-  for (int64_t c = c0; c < c1; ++c) {
-    const T x = s[c] * scale + slope * (static_cast<T>(c) - dist0);
-    s[c] = x;
-    mx = std::max(mx, x);
+  // ALiBi: -slope * (qpos - kpos) = slope * (c - dist0) for column c, dist0 = qpos - kpos(c = 0).
+  if (slope != T(0)) {
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) s[c] = s[c] * scale + slope * (static_cast<T>(c) - dist0);
+  } else {
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) s[c] *= scale;
   }
-  const T m_new = std::max(m, mx);
+  const T m_new = std::max(m, row_max(s, c0, c1));
   if (m_new == static_cast<T>(kNegInf)) {  // nothing visible yet in this row
     for (int64_t c = 0; c < bk; ++c) s[c] = T(0);
     return T(1);

@@ -1,0 +1,46 @@
+# The two commands of the README:
+#   make test   sets up the test extras and runs the whole suite (C++ ctest, CUDA compile check, pytest)
+#   make bench  sets up and runs the parity report and the benchmarks on this machine
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_SPEC ?= torch==2.13.0
+CMAKE_BUILD := build/cmake
+
+.PHONY: setup setup-test setup-bench test test-python test-cpp cuda-check check bench clean
+
+# torch is installed only when none is: a CUDA build already present is kept as it is.
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+	$(PIP) install -q setuptools wheel ninja pybind11 numpy
+	$(PIP) install -q --no-build-isolation -e .
+
+setup-test: setup
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+
+setup-bench: setup
+	$(PIP) install -q --no-build-isolation -e ".[bench]"
+
+test-cpp:
+	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(CMAKE_BUILD) -j2
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+# CUDA sources must compile even where no GPU is (nvcc against torch's headers; nothing runs).
+cuda-check:
+	bash .ci/compile_cuda.sh
+
+test-python:
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+test: setup-test test-cpp cuda-check test-python
+
+check: setup-test
+	$(PYTHON) -m longkernels check
+
+bench: setup-bench
+	$(PYTHON) -m longkernels info
+	$(PYTHON) -m longkernels check
+	$(PYTHON) -m longkernels bench
+
+clean:
+	rm -rf build $(CMAKE_BUILD) longkernels/_C*.so *.egg-info

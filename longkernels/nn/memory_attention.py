@@ -1,0 +1,307 @@
+"""Drop-in Transformer-XL attention layer over :func:`longkernels.memory_attention`.
+
+``MemoryAttention`` is a batch-first self-attention layer that carries a cache of the previous
+segments' keys and values (docs/semantics.md §1) and rotates queries and keys at absolute positions
+that continue across segments, so feeding a sequence segment by segment matches feeding it whole
+whenever the memory covers the window (``mem_len >= window - 1``).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..ops.memory_attention import memory_attention
+
+__all__ = ["MemoryAttention", "MemoryCache", "RotaryEmbedding"]
+
+
+def _check_int(name: str, value, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embedding
+# --------------------------------------------------------------------------------------------
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021), rotate-half convention (GPT-NeoX, Llama).
+
+    Dimension pairs ``(i, i + dim/2)`` are rotated by the angle ``pos * base ** (-2i / dim)``, so
+    ``<rot(q, m), rot(k, n)>`` depends on ``m - n`` only.
+
+    The rotation is applied in float32 (float64 for float64 inputs, so that float64 tests stay exact)
+    and cast back to the input dtype. Angles are formed in float64, so large absolute positions do not
+    lose phase. cos/sin tables are cached per (device, compute dtype) and grown geometrically up to
+    the longest position seen, but never beyond ``max_cached_positions``: positions past that (a long
+    stream through a Transformer-XL memory) are computed for the call and not kept.
+
+    Args:
+        dim: the rotated (head) dimension; must be even.
+        base: the frequency base, 10000 as in RoFormer.
+        max_cached_positions: the largest table kept per device and dtype.
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0, *, max_cached_positions: int = 1 << 16):
+        super().__init__()
+        dim = _check_int("dim", dim, minimum=1)
+        if dim % 2:
+            raise ValueError(f"dim must be even for rotary embeddings (pairs of dimensions rotate), got {dim}")
+        if isinstance(base, bool) or not isinstance(base, numbers.Real) or not base > 1 or not math.isfinite(base):
+            raise ValueError(f"base must be a finite number > 1, got {base!r}")
+        self.dim = dim
+        self.base = float(base)
+        self.max_cached_positions = _check_int("max_cached_positions", max_cached_positions, minimum=0)
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, base={self.base:g}"
+
+    @staticmethod
+    def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def _compute(self, start: int, stop: int, device: torch.device, dtype: torch.dtype):
+        # float64 angles; MPS has no float64, so its tables are formed on the CPU and moved.
+        where = torch.device("cpu") if device.type == "mps" else device
+        half = self.dim // 2
+        inv_freq = self.base ** (-torch.arange(half, dtype=torch.float64, device=where) * 2.0 / self.dim)
+        angles = torch.arange(start, stop, dtype=torch.float64, device=where).unsqueeze(1) * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)  # rotate-half: pair (i, i + dim/2) shares an angle
+        return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+
+    def cos_sin(self, offset: int, length: int, *, device=None, dtype=torch.float32):
+        """``(length, dim)`` cos and sin tables for positions ``offset .. offset + length - 1``."""
+        offset = _check_int("offset", offset, minimum=0)
+        length = _check_int("length", length, minimum=0)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        stop = offset + length
+        if stop > self.max_cached_positions:
+            return self._compute(offset, stop, device, dtype)
+        key = (device, dtype)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < stop:
+            have = 0 if table is None else table[0].shape[0]
+            size = min(max(stop, 2 * have), self.max_cached_positions)
+            table = self._compute(0, size, device, dtype)
+            self._tables[key] = table
+        cos, sin = table
+        return cos[offset:stop], sin[offset:stop]
+
+    def forward(self, x: torch.Tensor, offset: int = 0, *, seq_dim: int = -2) -> torch.Tensor:
+        """Rotates ``x`` (``..., L, ..., dim``) at positions ``offset .. offset + L - 1``.
+
+        ``seq_dim`` is the position axis: ``-2`` for ``(B, H, L, D)``, ``1`` for ``(B, L, H, D)``.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have at least 2 dimensions and last dimension {self.dim}, "
+                             f"got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+        s = seq_dim % x.dim()
+        if s == x.dim() - 1:
+            raise ValueError("seq_dim must not be the last (rotated) dimension")
+        cdt = self.compute_dtype(x.dtype)
+        cos, sin = self.cos_sin(offset, x.shape[s], device=x.device, dtype=cdt)
+        view = (x.shape[s],) + (1,) * (x.dim() - s - 2) + (self.dim,)
+        cos, sin = cos.view(view), sin.view(view)
+        xf = x.to(cdt)
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (xf * cos + rotated * sin).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------------------------
+class MemoryCache(NamedTuple):
+    """What one :class:`MemoryAttention` call hands to the next.
+
+    Attributes:
+        k: ``(B, Hkv, M, D)`` post-rotary keys of the last ``M <= mem_len`` tokens, detached.
+        v: ``(B, Hkv, M, D)`` their values, detached.
+        pos: absolute position of the next token (the tokens in memory sit at ``pos - M .. pos - 1``).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: int
+
+
+class MemoryAttention(nn.Module):
+    """Causal self-attention with Transformer-XL segment memory, on the fused kernel.
+
+    Batch-first, like ``nn.MultiheadAttention(batch_first=True)``: ``x`` is ``(B, L, E)``.
+    Each call attends causally over ``cat(memory, current segment)`` (at most ``window`` keys per
+    query, itself included, when ``window`` is set) and returns the keys and values of the last
+    ``mem_len`` tokens as the next call's memory. The memory is detached: no gradient flows into
+    earlier segments (Transformer-XL's stop-gradient). Rotary embeddings are applied at absolute
+    positions that continue across segments (the first segment at 0, the next at L, ...), so the
+    cached keys need no re-rotation.
+
+    A sequence fed segment by segment gives the same outputs as the whole sequence fed at once with
+    the same ``window`` whenever ``mem_len >= window - 1`` (or, with no window, when ``mem_len`` holds
+    all earlier tokens): every key a query may see is then in memory or in its own segment.
+
+    Dropout is applied to the output projection only, in training: the fused kernel does not
+    materialise the attention probabilities, so attention-probability dropout is not supported.
+
+    Args:
+        embed_dim: model width ``E``; the head dim is ``D = E // num_heads``.
+        num_heads: query heads ``H``.
+        mem_len: tokens of memory kept between calls; 0 keeps none (the cache then carries only
+            the position, so rotary positions still continue).
+        num_kv_heads: key/value heads ``Hkv`` (grouped-query attention when ``< num_heads``);
+            default ``num_heads``.
+        window: each query sees at most ``window`` keys, itself included; None for all.
+        bias: biases on the four projections.
+        dropout: dropout probability on the output.
+        rotary: apply rotary position embeddings to q and k (needs an even ``D``).
+        backend: forwarded to :func:`longkernels.memory_attention`; None for the default dispatch.
+
+    Example::
+
+        >>> layer = longkernels.nn.MemoryAttention(512, 8, mem_len=256, window=257)
+        >>> mems = None
+        >>> for segment in x.split(256, dim=1):    # x: (B, T, 512)
+        ...     y, mems = layer(segment, mems)      # y: (B, 256, 512)
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, mem_len: int, num_kv_heads: Optional[int] = None,
+                 window: Optional[int] = None, bias: bool = True, dropout: float = 0.0, rotary: bool = True,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        embed_dim = _check_int("embed_dim", embed_dim, minimum=1)
+        num_heads = _check_int("num_heads", num_heads, minimum=1)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else _check_int("num_kv_heads", num_kv_heads, minimum=1)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        mem_len = _check_int("mem_len", mem_len, minimum=0)
+        if window is not None:
+            window = _check_int("window", window, minimum=1)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+        if not isinstance(rotary, bool):
+            raise TypeError(f"rotary must be a bool, got {type(rotary).__name__}")
+        head_dim = embed_dim // num_heads
+        if rotary and head_dim % 2:
+            raise ValueError(f"rotary=True needs an even head dim, but embed_dim // num_heads = "
+                             f"{embed_dim} // {num_heads} = {head_dim}")
+
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.mem_len = mem_len
+        self.window = window
+        self.dropout = float(dropout)
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
+        self.rotary = RotaryEmbedding(head_dim) if rotary else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights and zero biases, as ``nn.MultiheadAttention`` initialises its projections."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"mem_len={self.mem_len}, window={self.window}, dropout={self.dropout}, backend={self.backend}")
+
+    def _check_input(self, x, mems):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"x must have shape (B, L, E={self.embed_dim}) (batch first), got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x's last dimension must be embed_dim={self.embed_dim}, got shape {tuple(x.shape)}")
+        if x.shape[1] < 1:
+            raise ValueError("x must hold at least one token (x.shape[1] >= 1)")
+        if mems is None:
+            return None
+        if not isinstance(mems, tuple) or len(mems) != 3:
+            raise TypeError(f"mems must be None or the MemoryCache returned by the previous call, "
+                            f"got {type(mems).__name__}")
+        mems = MemoryCache(*mems)
+        B = x.shape[0]
+        for name in ("k", "v"):
+            t = getattr(mems, name)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"mems.{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4 or t.shape[0] != B or t.shape[1] != self.num_kv_heads or t.shape[3] != self.head_dim:
+                raise ValueError(f"mems.{name} must have shape (B={B}, Hkv={self.num_kv_heads}, M, "
+                                 f"D={self.head_dim}), got {tuple(t.shape)}")
+            if t.device != x.device:
+                raise ValueError(f"mems.{name} must be on x's device ({x.device}), got {t.device}")
+        if mems.k.shape[2] != mems.v.shape[2]:
+            raise ValueError(f"mems.k and mems.v must hold the same number of tokens, got "
+                             f"{mems.k.shape[2]} and {mems.v.shape[2]}")
+        pos = mems.pos
+        if isinstance(pos, bool) or not isinstance(pos, numbers.Integral) or pos < mems.k.shape[2]:
+            raise ValueError(f"mems.pos must be an int >= the tokens in memory ({mems.k.shape[2]}), got {pos!r}")
+        return mems
+
+    def forward(self, x: torch.Tensor, mems: Optional[MemoryCache] = None) -> tuple[torch.Tensor, MemoryCache]:
+        """Attends ``x`` over the memory and itself.
+
+        Args:
+            x: ``(B, L, E)``.
+            mems: None for the first segment, else the cache returned by the previous call.
+
+        Returns:
+            ``(y, new_mems)``: ``y`` of shape ``(B, L, E)``, and the :class:`MemoryCache` holding the
+            last ``mem_len`` tokens of ``cat(mems, x)``'s keys and values (detached) and the next position.
+        """
+        mems = self._check_input(x, mems)
+        B, L, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        pos = 0 if mems is None else int(mems.pos)
+
+        # (B, L, H, D) layout; the kernel takes the (B, H, L, D) transpose as a strided view.
+        q = self.q_proj(x).view(B, L, H, D)
+        k = self.k_proj(x).view(B, L, Hkv, D)
+        v = self.v_proj(x).view(B, L, Hkv, D)
+        if self.rotary is not None:
+            q = self.rotary(q, pos, seq_dim=1)
+            k = self.rotary(k, pos, seq_dim=1)
+
+        mem_k = mem_v = None
+        if mems is not None and mems.k.shape[2] > 0:
+            mem_k, mem_v = mems.k.detach(), mems.v.detach()
+        o = memory_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mem_k, mem_v,
+                             causal=True, window=self.window, backend=self.backend)
+        y = self.out_proj(o.transpose(1, 2).reshape(B, L, H * D))
+        y = F.dropout(y, p=self.dropout, training=self.training)
+        return y, self._next_cache(mem_k, mem_v, k, v, pos + L)
+
+    def _next_cache(self, mem_k, mem_v, k, v, next_pos) -> MemoryCache:
+        # Copy only the tokens kept, so the cache does not pin the whole cat(mem, current).
+        L = k.shape[1]
+        M = 0 if mem_k is None else mem_k.shape[2]
+        keep = min(self.mem_len, M + L)
+        from_cur = min(L, keep)
+        from_mem = keep - from_cur
+        ks = [k.detach()[:, L - from_cur:].transpose(1, 2)]
+        vs = [v.detach()[:, L - from_cur:].transpose(1, 2)]
+        if from_mem:
+            ks.insert(0, mem_k[:, :, M - from_mem:])
+            vs.insert(0, mem_v[:, :, M - from_mem:])
+        return MemoryCache(torch.cat(ks, dim=2), torch.cat(vs, dim=2), next_pos)
