@@ -18,11 +18,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <vector>
 
 #include "common/memory_attention_tiles.h"
+#include "cpu/bf16_gemm.h"
+#include "cpu/cpu_features.h"
 
 namespace longkernels::cpu {
 namespace {
@@ -63,19 +67,12 @@ inline double exp_approx(double x) { return std::exp(x); }
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-// Maximum of s[c0, c1). Kept in 16 independent lanes so the compiler emits vector max
-// instructions (a single running max is a serial dependency chain it leaves scalar).
+// Maximum of s[c0, c1), as a vector reduction (omp simd: the compiler may reorder the max).
 template <typename T>
 __attribute__((always_inline)) inline T row_max(const T* __restrict s, int64_t c0, int64_t c1) {
-  constexpr int kLanes = 16;
-  T lanes[kLanes];
-  for (int l = 0; l < kLanes; ++l) lanes[l] = static_cast<T>(kNegInf);
-  int64_t c = c0;
-  for (; c + kLanes <= c1; c += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] = lanes[l] > s[c + l] ? lanes[l] : s[c + l];
   T mx = static_cast<T>(kNegInf);
-  for (; c < c1; ++c) mx = std::max(mx, s[c]);
-  for (int l = 0; l < kLanes; ++l) mx = std::max(mx, lanes[l]);
+#pragma omp simd reduction(max : mx)
+  for (int64_t c = c0; c < c1; ++c) mx = mx > s[c] ? mx : s[c];
   return mx;
 }
 
@@ -186,59 +183,181 @@ struct Segment {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Forward. Work item: (b, h, query tile). Output written in the input dtype.
+// Forward tile products. A policy gives the forward loop two products per tile, S = Q K^T into an
+// fp32/fp64 score tile and O += P V, plus where key tiles may start. One loop, two policies:
+//   BlasProducts<T>: float/double through at::mm (MKL), reading strided inputs in place.
+//   Bf16Products:    bfloat16 inputs on CPUs with AVX-512 BF16: operands pre-packed in pairs, fp32
+//                    accumulation, P rounded to bf16 for P V (as FlashAttention does on GPUs).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-void forward_kernel(const Problem& P, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mk,
-                    const Tensor& mv, const T* slopes, Tensor& out, Tensor& lse) {
+struct BlasProducts {
+  struct Shared {
+    const Tensor &q, &k, &v, &mk, &mv;
+  };
+  const Shared& in;
+  Tensor S, O, Qt;
+  int64_t bq = 0;
+  static constexpr int64_t s_ld = kBlockK;
+  int64_t o_ld;
+
+  BlasProducts(const Shared& shared, const Problem& P)
+      : in(shared), S(at::empty({kBlockQ, kBlockK}, shared.q.options())),
+        O(at::empty({kBlockQ, P.Dv}, shared.q.options())), o_ld(P.Dv) {}
+  static int64_t tile_start(int64_t rel) { return rel; }
+  T* s_ptr() { return S.data_ptr<T>(); }
+  T* o_ptr() { return O.data_ptr<T>(); }
+  void begin_queries(int64_t b, int64_t h, int64_t i0, int64_t rows) {
+    bq = rows;
+    Qt = in.q[b][h].narrow(0, i0, rows);
+    O.zero_();
+  }
+  void scores(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk) {
+    Tensor St = S.narrow(0, 0, bq).narrow(1, 0, bk);
+    at::mm_out(St, Qt, (mem ? in.mk : in.k)[b][hk].narrow(0, rel0, bk).t());
+  }
+  void accumulate(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk) {
+    O.narrow(0, 0, bq).addmm_(S.narrow(0, 0, bq).narrow(1, 0, bk), (mem ? in.mv : in.v)[b][hk].narrow(0, rel0, bk));
+  }
+};
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct Bf16Products {
+  // Keys packed as pairs along D, values as pairs along the sequence (bf16_gemm.h), once per call,
+  // zero-padded so that tiles may read up to 15 columns past their end.
+  struct Shared {
+    const Tensor& q;
+    Tensor kp[2], vp[2];  // [mem, cur]: (B, Hkv, Dp/2, Lp, 2) and (B, Hkv, Lp/2, Dvp, 2), raw bf16 bits
+    int64_t Dp, Dvp, Lp[2];
+    Shared(const Problem& P, const Tensor& q_, const Tensor& k, const Tensor& v, const Tensor& mk, const Tensor& mv)
+        : q(q_), Dp(round_up(P.D, 2)), Dvp(round_up(P.Dv, 16)) {
+      const Tensor* ks[2] = {&mk, &k};
+      const Tensor* vs[2] = {&mv, &v};
+      for (int s = 0; s < 2; ++s) {
+        const int64_t L = ks[s]->size(2);
+        Lp[s] = round_up(L, 16) + 16;
+        kp[s] = at::zeros({P.B, P.Hkv, Dp / 2, Lp[s], 2}, q.options().dtype(at::kShort));
+        vp[s] = at::zeros({P.B, P.Hkv, Lp[s] / 2, Dvp, 2}, q.options().dtype(at::kShort));
+        pack(P, *ks[s], *vs[s], kp[s], vp[s], L);
+      }
+    }
+    static void pack(const Problem& P, const Tensor& k, const Tensor& v, Tensor& kp, Tensor& vp, int64_t L) {
+      const auto* kd = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+      const auto* vd = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+      auto* kpd = reinterpret_cast<uint16_t*>(kp.data_ptr<int16_t>());
+      auto* vpd = reinterpret_cast<uint16_t*>(vp.data_ptr<int16_t>());
+      const int64_t Dp = kp.size(2) * 2, Lp = kp.size(3), Dvp = vp.size(3);
+      at::parallel_for(0, P.B * P.Hkv, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh) {
+          const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
+          const uint16_t* kb = kd + b * k.stride(0) + h * k.stride(1);
+          const uint16_t* vb = vd + b * v.stride(0) + h * v.stride(1);
+          uint16_t* kpb = kpd + bh * (Dp / 2) * Lp * 2;
+          uint16_t* vpb = vpd + bh * (Lp / 2) * Dvp * 2;
+          for (int64_t j = 0; j < L; ++j)
+            for (int64_t d = 0; d < P.D; ++d) kpb[((d / 2) * Lp + j) * 2 + d % 2] = kb[j * k.stride(2) + d * k.stride(3)];
+          for (int64_t j = 0; j < L; ++j)
+            for (int64_t d = 0; d < P.Dv; ++d)
+              vpb[((j / 2) * Dvp + d) * 2 + j % 2] = vb[j * v.stride(2) + d * v.stride(3)];
+        }
+      });
+    }
+  };
+  const Shared& in;
+  const Problem& P;
+  std::vector<uint16_t> Qb, Pb;
+  std::vector<float> S, O;
+  int64_t bq = 0, b_ = 0, hk_ = 0;
+  static constexpr int64_t s_ld = kBlockK;
+  int64_t o_ld;
+
+  Bf16Products(const Shared& shared, const Problem& problem)
+      : in(shared), P(problem), Qb(kBlockQ * shared.Dp), Pb(kBlockQ * kBlockK), S(kBlockQ * kBlockK),
+        O(kBlockQ * shared.Dvp), o_ld(shared.Dvp) {}
+  // Tiles start on multiples of 16 within their segment: value pairs and 64-byte panels align.
+  static int64_t tile_start(int64_t rel) { return rel & ~int64_t(15); }
+  float* s_ptr() { return S.data(); }
+  float* o_ptr() { return O.data(); }
+  void begin_queries(int64_t b, int64_t h, int64_t i0, int64_t rows) {
+    bq = rows;
+    const Tensor& q = in.q;
+    const auto* qd = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()) + b * q.stride(0) +
+                     h * q.stride(1) + i0 * q.stride(2);
+    std::fill(Qb.begin(), Qb.end(), uint16_t(0));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < P.D; ++d) Qb[r * in.Dp + d] = qd[r * q.stride(2) + d * q.stride(3)];
+    std::fill(O.begin(), O.end(), 0.0f);
+  }
+  void scores(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk) {
+    const int s = mem ? 0 : 1;
+    const auto* kp = reinterpret_cast<const uint16_t*>(in.kp[s].data_ptr<int16_t>()) +
+                     (b * P.Hkv + hk) * (in.Dp / 2) * in.Lp[s] * 2 + 2 * rel0;
+    bf16::gemm(bq, round_up(bk, 16), in.Dp / 2, Qb.data(), in.Dp, kp, 2 * in.Lp[s], S.data(), kBlockK, false);
+  }
+  void accumulate(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk) {
+    const int s = mem ? 0 : 1;
+    const int64_t bkp = round_up(bk, 16);
+    for (int64_t r = 0; r < bq; ++r) {
+      bf16::convert(S.data() + r * kBlockK, Pb.data() + r * kBlockK, bk);
+      std::fill(Pb.data() + r * kBlockK + bk, Pb.data() + r * kBlockK + bkp, uint16_t(0));
+    }
+    const auto* vp = reinterpret_cast<const uint16_t*>(in.vp[s].data_ptr<int16_t>()) +
+                     (b * P.Hkv + hk) * (in.Lp[s] / 2) * in.Dvp * 2 + rel0 * in.Dvp;
+    bf16::gemm(bq, in.Dvp, bkp / 2, Pb.data(), kBlockK, vp, 2 * in.Dvp, O.data(), in.Dvp, true);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward. Work item: (b, h, query tile). The visible keys of the tile are one interval; it is
+// cut by the memory/current boundary into at most two runs of key tiles.
+// ---------------------------------------------------------------------------------------------
+template <typename T, typename Products>
+void forward_kernel(const Problem& P, const typename Products::Shared& shared, const T* slopes, Tensor& out,
+                    Tensor& lse) {
   const int64_t n_qt = (P.N + kBlockQ - 1) / kBlockQ;
-  const auto opts = q.options();
   const tiles::Geometry geo = P.geometry();
+  T* out_d = out.data_ptr<T>();
+  T* lse_d = lse.data_ptr<T>();
   at::parallel_for(0, P.B * P.H * n_qt, 1, [&](int64_t begin, int64_t end) {
-    Tensor S = at::empty({kBlockQ, kBlockK}, opts);
-    Tensor O = at::empty({kBlockQ, P.Dv}, opts);
+    Products prod(shared, P);
     std::vector<T> m(kBlockQ), l(kBlockQ);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qt = item % n_qt, bh = item / n_qt, b = bh / P.H, h = bh % P.H, hk = h / P.group();
       const int64_t i0 = qt * kBlockQ, bq = std::min(kBlockQ, P.N - i0);
       const T slope = slopes ? slopes[h] : T(0);
-      Tensor Qt = q[b][h].narrow(0, i0, bq);
-      Tensor Ot = O.narrow(0, 0, bq);
-      Ot.zero_();
+      prod.begin_queries(b, h, i0, bq);
       std::fill(m.begin(), m.end(), static_cast<T>(kNegInf));
       std::fill(l.begin(), l.end(), T(0));
       const tiles::Range vis = tiles::visible_keys(geo, i0, bq);
-      const Tensor kb_mem = mk[b][hk], vb_mem = mv[b][hk], kb_cur = k[b][hk], vb_cur = v[b][hk];
-      const Segment segs[2] = {{&kb_mem, &vb_mem, 0, P.M}, {&kb_cur, &vb_cur, P.M, P.N}};
-      for (const Segment& seg : segs) {
-        const int64_t a_lo = std::max(vis.lo, seg.offset), a_hi = std::min(vis.hi, seg.offset + seg.length);
-        for (int64_t a0 = a_lo; a0 < a_hi; a0 += kBlockK) {
-          const int64_t bk = std::min(kBlockK, a_hi - a0);
-          Tensor St = S.narrow(0, 0, bq).narrow(1, 0, bk);
-          at::mm_out(St, Qt, seg.k->narrow(0, a0 - seg.offset, bk).t());
+      const int64_t offsets[2] = {0, P.M}, lengths[2] = {P.M, P.N};
+      for (int s = 0; s < 2; ++s) {
+        const int64_t off = offsets[s];
+        const int64_t rel_lo = std::max(vis.lo, off) - off, rel_hi = std::min(vis.hi, off + lengths[s]) - off;
+        for (int64_t rel0 = Products::tile_start(rel_lo); rel0 < rel_hi; rel0 += kBlockK) {
+          const int64_t bk = std::min(kBlockK, rel_hi - rel0), a0 = off + rel0;
+          prod.scores(s == 0, b, hk, rel0, bk);
           const bool full = tiles::tile_fully_visible(geo, i0, bq, a0, bk);
-          T* s_ptr = S.data_ptr<T>();
-          T* o_ptr = O.data_ptr<T>();
+          T* s_ptr = prod.s_ptr();
+          T* o_ptr = prod.o_ptr();
           for (int64_t r = 0; r < bq; ++r) {
             int64_t c0 = 0, c1 = bk;
             if (!full) tiles::row_columns(geo, i0 + r, a0, bk, &c0, &c1);
-            // dist0 = qpos - kpos of column 0
-            const T dist0 = static_cast<T>(P.M + i0 + r - a0);
-            const T alpha = fwd_row(s_ptr + r * kBlockK, bk, c0, c1, static_cast<T>(P.scale), slope, dist0, m[r], l[r]);
-            if (alpha != T(1)) scale_row(o_ptr + r * P.Dv, P.Dv, alpha);
+            const T dist0 = static_cast<T>(P.M + i0 + r - a0);  // qpos - kpos of column 0
+            const T alpha = fwd_row(s_ptr + r * Products::s_ld, bk, c0, c1, static_cast<T>(P.scale), slope, dist0,
+                                    m[r], l[r]);
+            if (alpha != T(1)) scale_row(o_ptr + r * prod.o_ld, P.Dv, alpha);
           }
-          Ot.addmm_(St, seg.v->narrow(0, a0 - seg.offset, bk));
+          prod.accumulate(s == 0, b, hk, rel0, bk);
         }
       }
       // Normalise and write out; every row saw at least itself (validated), so l > 0.
-      Tensor out_t = out[b][h].narrow(0, i0, bq);
-      T* o_ptr = O.data_ptr<T>();
-      auto* lse_ptr = lse[b][h].data_ptr<T>() + i0;
+      const T* o_ptr = prod.o_ptr();
       for (int64_t r = 0; r < bq; ++r) {
-        scale_row(o_ptr + r * P.Dv, P.Dv, T(1) / l[r]);
-        lse_ptr[r] = m[r] + std::log(l[r]);
+        const T inv = T(1) / l[r];
+        T* dst = out_d + ((b * P.H + h) * P.N + i0 + r) * P.Dv;
+        for (int64_t d = 0; d < P.Dv; ++d) dst[d] = o_ptr[r * prod.o_ld + d] * inv;
+        lse_d[(b * P.H + h) * P.N + i0 + r] = m[r] + std::log(l[r]);
       }
-      out_t.copy_(Ot);
     }
   });
 }
@@ -304,6 +423,16 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
 // history) and in the compute type; for float/double inputs a view, so strides are read in place.
 Tensor compute_view(const Tensor& t, at::ScalarType ct) { return t.detach().to(ct); }
 
+// bfloat16 forward through the AVX-512 BF16 kernel where the CPU has it; LONGKERNELS_CPU_BF16=0
+// forces the fp32 BLAS path (to compare the two).
+bool use_bf16_kernel(const Tensor& q) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("LONGKERNELS_CPU_BF16");
+    return has_avx512_bf16() && !(env && std::string(env) == "0");
+  }();
+  return enabled && q.scalar_type() == at::kBFloat16;
+}
+
 Tensor optional_slopes(const std::optional<Tensor>& alibi, at::ScalarType ct) {
   if (!alibi.has_value()) return Tensor();
   return alibi->to(ct).contiguous();
@@ -314,15 +443,21 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
                                                 bool causal, int64_t window, double scale) {
   const Problem P = describe(q, k, v, mem_k, causal, window, scale);
   const auto ct = compute_type(q.scalar_type());
-  const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
-  const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct);
   const Tensor slopes = optional_slopes(alibi_slopes, ct);
   Tensor out = at::empty({P.B, P.H, P.N, P.Dv}, q.options().dtype(ct));
   Tensor lse = at::empty({P.B, P.H, P.N}, q.options().dtype(ct));
-  AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_fwd_cpu", [&] {
-    forward_kernel<scalar_t>(P, qc, kc, vc, mkc, mvc, slopes.defined() ? slopes.data_ptr<scalar_t>() : nullptr, out,
-                             lse);
-  });
+  if (use_bf16_kernel(q)) {
+    const Bf16Products::Shared shared(P, q, k, v, mem_k, mem_v);
+    forward_kernel<float, Bf16Products>(P, shared, slopes.defined() ? slopes.data_ptr<float>() : nullptr, out, lse);
+  } else {
+    const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
+    const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct);
+    AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_fwd_cpu", [&] {
+      const typename BlasProducts<scalar_t>::Shared shared{qc, kc, vc, mkc, mvc};
+      forward_kernel<scalar_t, BlasProducts<scalar_t>>(
+          P, shared, slopes.defined() ? slopes.data_ptr<scalar_t>() : nullptr, out, lse);
+    });
+  }
   return {out.to(q.scalar_type()), lse};
 }
 
