@@ -32,6 +32,7 @@ CASES = [
     Case(N=38, M=19, D=16, causal=False),
     Case(N=26, M=30, D=32, causal=False, window=5, alibi=True),
     Case(B=2, N=35, M=18, D=16, strided=True, H=4, Hkv=2),
+    Case(N=29, M=40, D=15, Dv=9, H=2, Hkv=1, window=21),
 ]
 # Larger cases only the CPU kernel runs here (its tiles are 256 x 512: these cross tile edges,
 # both in memory and in the current segment, and exercise skipped and cut tiles).
@@ -60,7 +61,7 @@ def test_cpu_float64(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", [CASES[4], CASES[5], CASES[9], CASES[12], BIG_CASES[0], BIG_CASES[1]],
+@pytest.mark.parametrize("case", [CASES[4], CASES[5], CASES[9], CASES[12], CASES[13], BIG_CASES[0], BIG_CASES[1]],
                          ids=Case.describe)
 def test_cpu_low_precision(case, dtype):
     _check(case, "cpu", dtype)
