@@ -84,8 +84,13 @@ __attribute__((always_inline)) inline T fwd_row_impl(T* __restrict s, int64_t bk
                                                      T scale, T slope, T dist0, T& m, T& l) {
   // ALiBi: -slope * (qpos - kpos) = slope * (c - dist0) for column c, dist0 = qpos - kpos(c = 0).
   if (slope != T(0)) {
+    // 32-bit column index: int64 -> float vector conversion needs AVX512DQ, which the clone lacks.
+    // The distance kpos - qpos is an exact integer; one rounding, in the multiply.
+    T* __restrict sr = s + c0;
+    const int32_t d0 = static_cast<int32_t>(static_cast<int64_t>(c0) - static_cast<int64_t>(dist0));
+    const int32_t n = static_cast<int32_t>(c1 - c0);
 #pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) s[c] = s[c] * scale + slope * (static_cast<T>(c) - dist0);
+    for (int32_t c = 0; c < n; ++c) sr[c] = sr[c] * scale + slope * static_cast<T>(c + d0);
   } else {
 #pragma omp simd
     for (int64_t c = c0; c < c1; ++c) s[c] *= scale;
@@ -115,11 +120,15 @@ template <typename T>
 __attribute__((always_inline)) inline void bwd_row_impl(T* __restrict s, T* __restrict dp, int64_t bk, int64_t c0,
                                                         int64_t c1, T scale, T slope, T dist0, T lse, T delta) {
   for (int64_t c = 0; c < c0; ++c) s[c] = dp[c] = T(0);
+  T* __restrict sr = s + c0;
+  T* __restrict dpr = dp + c0;
+  const int32_t d0 = static_cast<int32_t>(static_cast<int64_t>(c0) - static_cast<int64_t>(dist0));
+  const int32_t n = static_cast<int32_t>(c1 - c0);  // 32-bit: see fwd_row_impl
 #pragma omp simd
-  for (int64_t c = c0; c < c1; ++c) {
-    const T p = exp_approx(s[c] * scale + slope * (static_cast<T>(c) - dist0) - lse);
-    s[c] = p;
-    dp[c] = p * (dp[c] - delta);
+  for (int32_t c = 0; c < n; ++c) {
+    const T p = exp_approx(sr[c] * scale + slope * static_cast<T>(c + d0) - lse);
+    sr[c] = p;
+    dpr[c] = p * (dpr[c] - delta);
   }
   for (int64_t c = c1; c < bk; ++c) s[c] = dp[c] = T(0);
 }
