@@ -1,0 +1,717 @@
+// Memory-segment causal attention on CUDA: forward and backward (docs/semantics.md §1).
+//
+// FlashAttention-2 structure on plain CUDA cores: online softmax over key tiles held in shared
+// memory, no (N x (M + N)) matrix ever stored, the backward recomputing P from the saved LSE.
+// Products accumulate in float (double for double inputs); tiles are converted once on load, so
+// half/bfloat16 inputs cost no more arithmetic than float ones.
+//
+// Keys come in two ranges, memory [0, M) then current [M, M + N). Key tiles are aligned to their
+// range's start and never straddle the two, so the kernels read mem_k/k (mem_v/v) in place, with
+// their own strides, and never concatenate. For a query tile the visible keys form one interval;
+// only key tiles meeting it are visited, and the per-element mask runs only on tiles that the causal
+// diagonal, the window edge or a range end cuts. The schedule lives in memory_attention_tiles.h,
+// host-includable so it can be checked without a GPU.
+//
+// Backward = two kernels, both free of atomics and hence deterministic:
+//   dkdv_kernel  one block per key tile: dk, dv summed over the GQA group in registers;
+//   dq_kernel    one block per query tile (the forward's schedule): dq in registers.
+// The dq pass recomputes S and dP once more (7 tile products instead of 5), which buys
+// determinism and no float32 dq buffer.
+
+// c10/cuda headers only, not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS/cuSPARSE headers,
+// and this file must also compile (.ci/compile_cuda.sh) with a bare toolkit and a CPU torch.
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "memory_attention_tiles.h"
+
+namespace longkernels::gpu {
+namespace {
+
+using at::Tensor;
+
+constexpr int kWarp = 32;
+constexpr int kMaxHeadDim = 256;
+
+// Forward and dq: 4 warps x 8 query rows; key tiles of 32, one key column per lane, so a row's
+// softmax statistics are warp reductions and never cross warps.
+constexpr int kRows = 8;
+constexpr int kQWarps = 4;
+constexpr int kBQ = kQWarps * kRows;
+constexpr int kBK = kWarp;
+
+// dk/dv: 8 warps x 4 key rows; query tiles of 32, one query per lane. Four rows keep the dk and dv
+// accumulators (4 x 8 each at head dim 256) within the register file. Double uses 4 warps (key
+// tiles of 16): at head dim 256 its 32-key tiles would need 272 KiB of shared memory.
+constexpr int kKRows = 4;
+constexpr int kBQkv = kWarp;
+template <typename scalar_t>
+constexpr int kv_warps() {
+  return sizeof(at::acc_type<scalar_t, true>) == 8 ? 4 : 8;
+}
+
+// Blocks per SM promised to ptxas for dkdv_kernel, which sets its register budget: left to itself,
+// ptxas squeezes the 256-thread float variants into 64 registers and spills; with two blocks
+// (<= 128 registers) they spill 16 bytes at most. Double accumulators take the whole budget. The
+// 128-thread kernels hardly spill under ptxas's own choice (ptxas -v, sm_80 and sm_90).
+template <typename scalar_t>
+constexpr int kv_min_blocks() {
+  return sizeof(at::acc_type<scalar_t, true>) == 8 ? 1 : 2;
+}
+
+__host__ __device__ constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
+
+// Row stride of a shared tile read column-wise by the lanes (lane c reads row c): an odd stride
+// puts the 32 rows in 32 different banks (for 8-byte doubles, within each half-warp phase).
+__host__ __device__ constexpr int odd_ld(int d) { return d | 1; }
+
+// A (B, heads, L, D) tensor read through its own strides, so transposed layouts need no copy.
+template <typename T>
+struct View4 {
+  T* ptr;
+  int64_t sb, sh, sl, sd;
+  __device__ T* row(int64_t b, int64_t h, int64_t l) const { return ptr + b * sb + h * sh + l * sl; }
+};
+
+template <typename T>
+View4<T> view4(const Tensor& t) {
+  return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+template <typename scalar_t>
+struct Params {
+  using acc_t = at::acc_type<scalar_t, true>;
+  View4<const scalar_t> q, k, v, mk, mv, dout;
+  View4<scalar_t> out, dq, dk, dv, dmk, dmv;
+  acc_t* lse;            // (B, H, N) contiguous: written by the forward, read by the backward
+  const acc_t* delta;    // (B, H, N) contiguous
+  const acc_t* slopes;   // (H,) or nullptr
+  int H, Hkv, group, D, Dv;
+  int64_t N, M, window;  // window 0: none
+  bool causal;
+  acc_t scale;
+  __device__ tiles::Geometry geometry() const { return {N, M, causal, window}; }
+};
+
+// Copies rows [0, rows) x columns [0, cols) of a strided (L, D) slice into shared memory with row
+// stride ld, converting to the accumulation type. Rows at or past `valid` are zeros: products
+// they feed stay finite, and they are either masked or never written.
+template <typename acc_t, typename scalar_t>
+__device__ void load_tile(acc_t* dst, int ld, const scalar_t* src, int64_t sl, int64_t sd, int rows, int valid,
+                          int cols) {
+  const int lane = threadIdx.x % kWarp, nwarps = blockDim.x / kWarp;
+  for (int r = threadIdx.x / kWarp; r < rows; r += nwarps)
+    for (int c = lane; c < cols; c += kWarp)
+      dst[r * ld + c] = r < valid ? static_cast<acc_t>(src[r * sl + c * sd]) : acc_t(0);
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T x) {
+  for (int o = kWarp / 2; o > 0; o /= 2) {
+    const T y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = x > y ? x : y;
+  }
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+  for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+template <typename T>
+__host__ __device__ constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Shared-memory layouts (element offsets in acc_t), one definition for the kernel and its launch.
+struct FwdSmem {
+  int q, kv, p, total;
+  __host__ __device__ FwdSmem(int D, int Dv)
+      : q(0), kv(kBQ * D), p(kv + kBK * imax(odd_ld(D), Dv)), total(p + kBQ * kBK) {}
+};
+struct DqSmem {
+  int q, dout, kv, ds, total;
+  __host__ __device__ DqSmem(int D, int Dv)
+      : q(0), dout(kBQ * D), kv(dout + kBQ * Dv), ds(kv + kBK * imax(odd_ld(D), odd_ld(Dv))), total(ds + kBQ * kBK) {}
+};
+struct DkdvSmem {
+  int k, v, q, dout, p, ds, total;
+  __host__ __device__ DkdvSmem(int D, int Dv, int bk)
+      : k(0),
+        v(bk * D),
+        q(v + bk * Dv),
+        dout(q + kBQkv * odd_ld(D)),
+        p(dout + kBQkv * odd_ld(Dv)),
+        ds(p + bk * kBQkv),
+        total(ds + bk * kBQkv) {}
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+// Grid: 1-D, one block per (query tile of kBQ = 32 rows, b * H + h); within a head the last query
+// tiles (the most keys under causality) are issued first.
+// Block: 4 warps; warp w owns query rows [8w, 8w + 8) of the tile; lane c owns key column c of
+// every key tile and output columns c, c + 32, ... (kVC of them) of its warp's rows.
+// Tiles: Q (32 x D) stays in shared memory; per key tile (32 keys, memory tiles then current
+// ones, only those in key_tiles()) K is loaded, S and the online-softmax update are formed in
+// registers, P goes to shared memory, and V is loaded into K's buffer for O += P V.
+// Masks: elementwise (causal, window, columns past a range end) only where
+// query_owner_needs_mask(); query rows past N are computed on zeros and not written.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, int kVC>
+__global__ void __launch_bounds__(kQWarps * kWarp) fwd_kernel(const Params<scalar_t> p) {
+  using acc_t = at::acc_type<scalar_t, true>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const FwdSmem lay(p.D, p.Dv);
+  acc_t* q_s = smem + lay.q;
+  acc_t* kv_s = smem + lay.kv;
+  acc_t* p_s = smem + lay.p;
+
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t n_qt = tiles::ceil_div(p.N, kBQ);
+  const int64_t bh = blockIdx.x / n_qt, qt = n_qt - 1 - blockIdx.x % n_qt;
+  const int64_t b = bh / p.H;
+  const int h = static_cast<int>(bh % p.H), hk = h / p.group;
+  const int64_t i0 = qt * kBQ;
+  const int bq = static_cast<int>(imin(kBQ, p.N - i0));
+  const tiles::Geometry g = p.geometry();
+  const acc_t slope = p.slopes ? p.slopes[h] : acc_t(0);
+  const int k_ld = odd_ld(p.D);
+
+  load_tile(q_s, p.D, p.q.row(b, h, i0), p.q.sl, p.q.sd, kBQ, bq, p.D);
+
+  // l is kept per lane (each lane's share of the row sum) and reduced once at the end: the
+  // rescale factor is uniform across the row, so the partial sums rescale consistently.
+  acc_t m[kRows], l[kRows], o[kRows][kVC];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    m[r] = neg_inf<acc_t>();
+    l[r] = 0;
+#pragma unroll
+    for (int c = 0; c < kVC; ++c) o[r][c] = 0;
+  }
+
+  for (int seg = 0; seg < 2; ++seg) {
+    const int64_t off = seg ? p.M : 0, len = seg ? p.N : p.M;
+    const View4<const scalar_t> kx = seg ? p.k : p.mk;
+    const View4<const scalar_t> vx = seg ? p.v : p.mv;
+    const tiles::TileSpan span = tiles::key_tiles(g, i0, bq, off, len, kBK);
+    for (int64_t t = span.first; t < span.last; ++t) {
+      const int64_t a0 = off + t * kBK;
+      const int bk = static_cast<int>(imin(kBK, off + len - a0));
+      const bool masked = tiles::query_owner_needs_mask(g, i0, bq, a0, bk, kBK);
+      __syncthreads();  // the previous tile's V is no longer read
+      load_tile(kv_s, k_ld, kx.row(b, hk, a0 - off), kx.sl, kx.sd, kBK, bk, p.D);
+      __syncthreads();
+
+      acc_t s[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) s[r] = 0;
+      const acc_t* k_row = kv_s + lane * k_ld;
+      const acc_t* q_rows = q_s + warp * kRows * p.D;
+      for (int d = 0; d < p.D; ++d) {
+        const acc_t kd = k_row[d];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) s[r] += q_rows[r * p.D + d] * kd;
+      }
+
+      const int64_t j = a0 + lane;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t i = i0 + warp * kRows + r;
+        acc_t x = s[r] * p.scale - slope * static_cast<acc_t>(p.M + i - j);
+        if (masked && !(lane < bk && tiles::visible(g, i, j))) x = neg_inf<acc_t>();
+        const acc_t x_max = warp_max(x);
+        const acc_t m_new = m[r] > x_max ? m[r] : x_max;
+        // A row that has seen nothing yet (m_new = -inf) gets p = 0 and keeps o = l = 0,
+        // instead of exp(-inf - -inf) = NaN.
+        const acc_t m_use = m_new == neg_inf<acc_t>() ? acc_t(0) : m_new;
+        const acc_t pr = exp_acc(x - m_use);
+        const acc_t alpha = exp_acc(m[r] - m_use);
+        l[r] = l[r] * alpha + pr;
+#pragma unroll
+        for (int c = 0; c < kVC; ++c) o[r][c] *= alpha;
+        m[r] = m_new;
+        p_s[(warp * kRows + r) * kBK + lane] = pr;
+      }
+
+      __syncthreads();  // every warp is done with K
+      load_tile(kv_s, p.Dv, vx.row(b, hk, a0 - off), vx.sl, vx.sd, kBK, bk, p.Dv);
+      __syncthreads();
+
+      for (int c = 0; c < bk; ++c) {
+        acc_t v_c[kVC];
+#pragma unroll
+        for (int cc = 0; cc < kVC; ++cc) {
+          const int col = lane + cc * kWarp;
+          v_c[cc] = col < p.Dv ? kv_s[c * p.Dv + col] : acc_t(0);
+        }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const acc_t pr = p_s[(warp * kRows + r) * kBK + c];
+#pragma unroll
+          for (int cc = 0; cc < kVC; ++cc) o[r][cc] += pr * v_c[cc];
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t i = i0 + warp * kRows + r;
+    const acc_t sum = warp_sum(l[r]);
+    if (i >= p.N) continue;
+    // Every valid row sees at least one key (validated in Python), so sum > 0.
+    const acc_t inv = acc_t(1) / sum;
+    scalar_t* out_row = p.out.row(b, h, i);
+#pragma unroll
+    for (int cc = 0; cc < kVC; ++cc) {
+      const int col = lane + cc * kWarp;
+      if (col < p.Dv) out_row[col * p.out.sd] = static_cast<scalar_t>(o[r][cc] * inv);
+    }
+    if (lane == 0) p.lse[(b * p.H + h) * p.N + i] = m[r] + log_acc(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, dq pass.
+// Grid, block and key-tile walk as the forward (one block per (query tile, b * H + h); warp w
+// owns 8 query rows; lane c owns key column c and dq columns c, c + 32, ... (kDC of them)).
+// Tiles: Q (32 x D) and dO (32 x Dv) stay in shared memory. Per key tile V is loaded first for
+// dP = dO V^T, then K into the same buffer for S, P = exp(S - lse), dS = P (dP - delta), and
+// dq += dS K, which keeps one key buffer. dS goes through shared memory (per warp).
+// Masks: as the forward (query_owner_needs_mask); masked pairs get P = 0, hence dS = 0.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, int kDC>
+__global__ void __launch_bounds__(kQWarps * kWarp) dq_kernel(const Params<scalar_t> p) {
+  using acc_t = at::acc_type<scalar_t, true>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const DqSmem lay(p.D, p.Dv);
+  acc_t* q_s = smem + lay.q;
+  acc_t* do_s = smem + lay.dout;
+  acc_t* kv_s = smem + lay.kv;
+  acc_t* ds_s = smem + lay.ds;
+
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t n_qt = tiles::ceil_div(p.N, kBQ);
+  const int64_t bh = blockIdx.x / n_qt, qt = n_qt - 1 - blockIdx.x % n_qt;
+  const int64_t b = bh / p.H;
+  const int h = static_cast<int>(bh % p.H), hk = h / p.group;
+  const int64_t i0 = qt * kBQ;
+  const int bq = static_cast<int>(imin(kBQ, p.N - i0));
+  const tiles::Geometry g = p.geometry();
+  const acc_t slope = p.slopes ? p.slopes[h] : acc_t(0);
+  const int k_ld = odd_ld(p.D), v_ld = odd_ld(p.Dv);
+
+  load_tile(q_s, p.D, p.q.row(b, h, i0), p.q.sl, p.q.sd, kBQ, bq, p.D);
+  load_tile(do_s, p.Dv, p.dout.row(b, h, i0), p.dout.sl, p.dout.sd, kBQ, bq, p.Dv);
+
+  acc_t lse_r[kRows], delta_r[kRows], dq[kRows][kDC];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t i = i0 + warp * kRows + r;
+    lse_r[r] = i < p.N ? p.lse[(b * p.H + h) * p.N + i] : acc_t(0);
+    delta_r[r] = i < p.N ? p.delta[(b * p.H + h) * p.N + i] : acc_t(0);
+#pragma unroll
+    for (int c = 0; c < kDC; ++c) dq[r][c] = 0;
+  }
+  const acc_t* q_rows = q_s + warp * kRows * p.D;
+  const acc_t* do_rows = do_s + warp * kRows * p.Dv;
+  acc_t* ds_rows = ds_s + warp * kRows * kBK;
+
+  for (int seg = 0; seg < 2; ++seg) {
+    const int64_t off = seg ? p.M : 0, len = seg ? p.N : p.M;
+    const View4<const scalar_t> kx = seg ? p.k : p.mk;
+    const View4<const scalar_t> vx = seg ? p.v : p.mv;
+    const tiles::TileSpan span = tiles::key_tiles(g, i0, bq, off, len, kBK);
+    for (int64_t t = span.first; t < span.last; ++t) {
+      const int64_t a0 = off + t * kBK;
+      const int bk = static_cast<int>(imin(kBK, off + len - a0));
+      const bool masked = tiles::query_owner_needs_mask(g, i0, bq, a0, bk, kBK);
+
+      __syncthreads();  // the previous tile's K is no longer read (Q, dO loads too, first time)
+      load_tile(kv_s, v_ld, vx.row(b, hk, a0 - off), vx.sl, vx.sd, kBK, bk, p.Dv);
+      __syncthreads();
+      acc_t dp[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) dp[r] = 0;
+      const acc_t* v_row = kv_s + lane * v_ld;
+      for (int d = 0; d < p.Dv; ++d) {
+        const acc_t vd = v_row[d];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) dp[r] += do_rows[r * p.Dv + d] * vd;
+      }
+
+      __syncthreads();  // every warp is done with V
+      load_tile(kv_s, k_ld, kx.row(b, hk, a0 - off), kx.sl, kx.sd, kBK, bk, p.D);
+      __syncthreads();
+      acc_t s[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) s[r] = 0;
+      const acc_t* k_row = kv_s + lane * k_ld;
+      for (int d = 0; d < p.D; ++d) {
+        const acc_t kd = k_row[d];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) s[r] += q_rows[r * p.D + d] * kd;
+      }
+
+      const int64_t j = a0 + lane;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t i = i0 + warp * kRows + r;
+        const acc_t x = s[r] * p.scale - slope * static_cast<acc_t>(p.M + i - j);
+        acc_t pr = exp_acc(x - lse_r[r]);
+        if (masked && !(lane < bk && tiles::visible(g, i, j))) pr = 0;
+        ds_rows[r * kBK + lane] = pr * (dp[r] - delta_r[r]);
+      }
+      __syncwarp();  // dS rows are private to the warp
+
+      for (int c = 0; c < bk; ++c) {
+        acc_t k_c[kDC];
+#pragma unroll
+        for (int cc = 0; cc < kDC; ++cc) {
+          const int col = lane + cc * kWarp;
+          k_c[cc] = col < p.D ? kv_s[c * k_ld + col] : acc_t(0);
+        }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const acc_t ds = ds_rows[r * kBK + c];
+#pragma unroll
+          for (int cc = 0; cc < kDC; ++cc) dq[r][cc] += ds * k_c[cc];
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t i = i0 + warp * kRows + r;
+    if (i >= p.N) continue;
+    scalar_t* dq_row = p.dq.row(b, h, i);
+#pragma unroll
+    for (int cc = 0; cc < kDC; ++cc) {
+      const int col = lane + cc * kWarp;
+      if (col < p.D) dq_row[col * p.dq.sd] = static_cast<scalar_t>(dq[r][cc] * p.scale);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, dk/dv pass.
+// Grid: 1-D, one block per (key tile of kBKkv keys, b * Hkv + hk), kBKkv = 32 (16 for double);
+// per kv head the memory tiles come first, then the current ones.
+// Block: kBKkv / 4 warps; warp w owns key rows [4w, 4w + 4) of the tile; lane c owns query c of
+// every query tile and gradient columns c, c + 32, ... (kC of them) of its warp's key rows.
+// Tiles: K (kBKkv x D) and V (kBKkv x Dv) stay in shared memory. For each query head of the GQA
+// group and each query tile of 32 that sees the key tile (query_tiles()), Q and dO are loaded, P^T
+// and dS^T (key rows x queries) are formed in registers and passed through shared memory (per
+// warp), and dv += P^T dO, dk += dS^T Q accumulate in registers: the group sum needs no atomics.
+// Masks: elementwise only where key_owner_needs_mask(): causal, window, or queries past N (which
+// would otherwise leak into valid keys); key rows past the range end are not written.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, int kC>
+__global__ void __launch_bounds__(kv_warps<scalar_t>() * kWarp, kv_min_blocks<scalar_t>())
+    dkdv_kernel(const Params<scalar_t> p) {
+  constexpr int kBKkv = kv_warps<scalar_t>() * kKRows;
+  using acc_t = at::acc_type<scalar_t, true>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const DkdvSmem lay(p.D, p.Dv, kBKkv);
+  acc_t* k_s = smem + lay.k;
+  acc_t* v_s = smem + lay.v;
+  acc_t* q_s = smem + lay.q;
+  acc_t* do_s = smem + lay.dout;
+  acc_t* p_s = smem + lay.p;
+  acc_t* ds_s = smem + lay.ds;
+
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t n_mt = tiles::ceil_div(p.M, kBKkv), n_kt = n_mt + tiles::ceil_div(p.N, kBKkv);
+  const int64_t bhk = blockIdx.x / n_kt, kt = blockIdx.x % n_kt;
+  const int64_t b = bhk / p.Hkv;
+  const int hk = static_cast<int>(bhk % p.Hkv);
+  const bool cur = kt >= n_mt;
+  const int64_t off = cur ? p.M : 0, len = cur ? p.N : p.M;
+  const int64_t a0 = off + (cur ? kt - n_mt : kt) * kBKkv;
+  const int bk = static_cast<int>(imin(kBKkv, off + len - a0));
+  const View4<const scalar_t> kx = cur ? p.k : p.mk;
+  const View4<const scalar_t> vx = cur ? p.v : p.mv;
+  const tiles::Geometry g = p.geometry();
+  const int q_ld = odd_ld(p.D), do_ld = odd_ld(p.Dv);
+
+  load_tile(k_s, p.D, kx.row(b, hk, a0 - off), kx.sl, kx.sd, kBKkv, bk, p.D);
+  load_tile(v_s, p.Dv, vx.row(b, hk, a0 - off), vx.sl, vx.sd, kBKkv, bk, p.Dv);
+
+  acc_t dk[kKRows][kC], dv[kKRows][kC];
+#pragma unroll
+  for (int r = 0; r < kKRows; ++r)
+#pragma unroll
+    for (int c = 0; c < kC; ++c) dk[r][c] = dv[r][c] = 0;
+
+  const acc_t* k_rows = k_s + warp * kKRows * p.D;
+  const acc_t* v_rows = v_s + warp * kKRows * p.Dv;
+  acc_t* p_rows = p_s + warp * kKRows * kBQkv;
+  acc_t* ds_rows = ds_s + warp * kKRows * kBQkv;
+  const tiles::TileSpan span = tiles::query_tiles(g, a0, bk, kBQkv);
+
+  for (int gi = 0; gi < p.group; ++gi) {
+    const int h = hk * p.group + gi;
+    const acc_t slope = p.slopes ? p.slopes[h] : acc_t(0);
+    for (int64_t qt = span.first; qt < span.last; ++qt) {
+      const int64_t i0 = qt * kBQkv;
+      const int bq = static_cast<int>(imin(kBQkv, p.N - i0));
+      const bool masked = tiles::key_owner_needs_mask(g, i0, bq, kBQkv, a0, bk);
+      const int64_t i = i0 + lane;
+      const acc_t lse_i = lane < bq ? p.lse[(b * p.H + h) * p.N + i] : acc_t(0);
+      const acc_t delta_i = lane < bq ? p.delta[(b * p.H + h) * p.N + i] : acc_t(0);
+
+      __syncthreads();  // the previous query tile is no longer read (K, V loads too, first time)
+      load_tile(q_s, q_ld, p.q.row(b, h, i0), p.q.sl, p.q.sd, kBQkv, bq, p.D);
+      load_tile(do_s, do_ld, p.dout.row(b, h, i0), p.dout.sl, p.dout.sd, kBQkv, bq, p.Dv);
+      __syncthreads();
+
+      acc_t s[kKRows], dp[kKRows];
+#pragma unroll
+      for (int r = 0; r < kKRows; ++r) s[r] = dp[r] = 0;
+      const acc_t* q_row = q_s + lane * q_ld;
+      for (int d = 0; d < p.D; ++d) {
+        const acc_t qd = q_row[d];
+#pragma unroll
+        for (int r = 0; r < kKRows; ++r) s[r] += k_rows[r * p.D + d] * qd;
+      }
+      const acc_t* do_row = do_s + lane * do_ld;
+      for (int d = 0; d < p.Dv; ++d) {
+        const acc_t od = do_row[d];
+#pragma unroll
+        for (int r = 0; r < kKRows; ++r) dp[r] += v_rows[r * p.Dv + d] * od;
+      }
+
+#pragma unroll
+      for (int r = 0; r < kKRows; ++r) {
+        const int64_t j = a0 + warp * kKRows + r;
+        const acc_t x = s[r] * p.scale - slope * static_cast<acc_t>(p.M + i - j);
+        acc_t pr = exp_acc(x - lse_i);
+        if (masked && !(lane < bq && tiles::visible(g, i, j))) pr = 0;
+        p_rows[r * kBQkv + lane] = pr;
+        ds_rows[r * kBQkv + lane] = pr * (dp[r] - delta_i);
+      }
+      __syncwarp();  // P^T and dS^T rows are private to the warp
+
+      for (int c = 0; c < bq; ++c) {
+        acc_t q_c[kC], do_c[kC];
+#pragma unroll
+        for (int cc = 0; cc < kC; ++cc) {
+          const int col = lane + cc * kWarp;
+          q_c[cc] = col < p.D ? q_s[c * q_ld + col] : acc_t(0);
+          do_c[cc] = col < p.Dv ? do_s[c * do_ld + col] : acc_t(0);
+        }
+#pragma unroll
+        for (int r = 0; r < kKRows; ++r) {
+          const acc_t pr = p_rows[r * kBQkv + c], ds = ds_rows[r * kBQkv + c];
+#pragma unroll
+          for (int cc = 0; cc < kC; ++cc) {
+            dv[r][cc] += pr * do_c[cc];
+            dk[r][cc] += ds * q_c[cc];
+          }
+        }
+      }
+    }
+  }
+
+  const View4<scalar_t> dkx = cur ? p.dk : p.dmk;
+  const View4<scalar_t> dvx = cur ? p.dv : p.dmv;
+#pragma unroll
+  for (int r = 0; r < kKRows; ++r) {
+    const int row = warp * kKRows + r;
+    if (row >= bk) continue;
+    scalar_t* dk_row = dkx.row(b, hk, a0 - off + row);
+    scalar_t* dv_row = dvx.row(b, hk, a0 - off + row);
+#pragma unroll
+    for (int cc = 0; cc < kC; ++cc) {
+      const int col = lane + cc * kWarp;
+      if (col < p.D) dk_row[col * dkx.sd] = static_cast<scalar_t>(dk[r][cc] * p.scale);
+      if (col < p.Dv) dv_row[col * dvx.sd] = static_cast<scalar_t>(dv[r][cc]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+// ---------------------------------------------------------------------------------------------
+
+// Register arrays are sized at compile time: per-lane column chunks of 32 for a head dim <= 64,
+// 128 or 256 (three instantiations per kernel and dtype instead of one per head dim).
+template <typename F>
+void with_chunks(int64_t dim, F&& f) {
+  if (dim <= 64) {
+    f(std::integral_constant<int, 2>{});
+  } else if (dim <= 128) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
+}
+
+template <typename Kernel, typename P>
+void launch(Kernel kernel, int64_t blocks, int threads, int64_t smem_bytes, const P& params, int device) {
+  if (blocks == 0) return;
+  TORCH_CHECK(blocks <= INT_MAX, "memory_attention (CUDA): ", blocks, " thread blocks exceed the grid limit");
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(smem_bytes <= optin, "memory_attention (CUDA): head dims D=", params.D, ", Dv=", params.Dv,
+              " need ", smem_bytes, " bytes of shared memory per block in this dtype; this GPU allows ", optin);
+  // Above 48 KiB a kernel must opt in to dynamic shared memory.
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
+  kernel<<<static_cast<unsigned>(blocks), threads, smem_bytes, at::cuda::getCurrentCUDAStream(device)>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, const Tensor& mem_v) {
+  for (const Tensor* t : {&q, &k, &v, &mem_k, &mem_v}) {
+    TORCH_CHECK(t->is_cuda() && t->device() == q.device(), "memory_attention (CUDA): all tensors must be on ",
+                q.device());
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == q.scalar_type(),
+                "memory_attention (CUDA): q, k, v, mem_k, mem_v must be 4-D tensors of one dtype");
+  }
+  const int64_t D = q.size(3), Dv = v.size(3);
+  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim && Dv >= 1 && Dv <= kMaxHeadDim,
+              "memory_attention (CUDA): head dims must be in [1, ", kMaxHeadDim, "], got D=", D, ", Dv=", Dv);
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+              "memory_attention (CUDA): query heads must be a multiple of kv heads");
+}
+
+template <typename scalar_t>
+Params<scalar_t> make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k,
+                             const Tensor& mem_v, const Tensor& slopes, bool causal, int64_t window, double scale) {
+  using acc_t = typename Params<scalar_t>::acc_t;
+  Params<scalar_t> p{};
+  p.q = view4<const scalar_t>(q);
+  p.k = view4<const scalar_t>(k);
+  p.v = view4<const scalar_t>(v);
+  p.mk = view4<const scalar_t>(mem_k);
+  p.mv = view4<const scalar_t>(mem_v);
+  p.slopes = slopes.defined() ? slopes.data_ptr<acc_t>() : nullptr;
+  p.H = static_cast<int>(q.size(1));
+  p.Hkv = static_cast<int>(k.size(1));
+  p.group = p.H / p.Hkv;
+  p.D = static_cast<int>(q.size(3));
+  p.Dv = static_cast<int>(v.size(3));
+  p.N = q.size(2);
+  p.M = mem_k.size(2);
+  p.window = window;
+  p.causal = causal;
+  p.scale = static_cast<acc_t>(scale);
+  return p;
+}
+
+Tensor slopes_for(const std::optional<Tensor>& alibi, const Tensor& q, at::ScalarType acc) {
+  if (!alibi.has_value()) return Tensor();
+  TORCH_CHECK(alibi->device() == q.device() && alibi->numel() == q.size(1),
+              "memory_attention (CUDA): alibi_slopes must have shape (H,) on ", q.device());
+  return alibi->to(acc).contiguous();
+}
+
+std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k,
+                                                const Tensor& mem_v, const std::optional<Tensor>& alibi_slopes,
+                                                bool causal, int64_t window, double scale) {
+  check_inputs(q, k, v, mem_k, mem_v);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dv = v.size(3);
+  const auto acc = acc_dtype(q.scalar_type());
+  const Tensor slopes = slopes_for(alibi_slopes, q, acc);
+  Tensor out = at::empty({B, H, N, Dv}, q.options());
+  Tensor lse = at::empty({B, H, N}, q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "memory_attention_fwd_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    Params<scalar_t> p = make_params<scalar_t>(q, k, v, mem_k, mem_v, slopes, causal, window, scale);
+    p.out = view4<scalar_t>(out);
+    p.lse = lse.data_ptr<acc_t>();
+    const int64_t blocks = tiles::ceil_div(N, kBQ) * B * H;
+    const int64_t smem = int64_t(FwdSmem(p.D, p.Dv).total) * sizeof(acc_t);
+    with_chunks(Dv, [&](auto vc) {
+      launch(fwd_kernel<scalar_t, decltype(vc)::value>, blocks, kQWarps * kWarp, smem, p, q.get_device());
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, const Tensor& mem_v,
+    const std::optional<Tensor>& alibi_slopes, const Tensor& lse, const Tensor& delta, bool causal, int64_t window,
+    double scale) {
+  check_inputs(q, k, v, mem_k, mem_v);
+  TORCH_CHECK(dout.is_cuda() && dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}),
+              "memory_attention (CUDA): dout must be a CUDA tensor of shape (B, H, N, Dv)");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Hkv = k.size(1), M = mem_k.size(2);
+  const auto acc = acc_dtype(q.scalar_type());
+  const Tensor slopes = slopes_for(alibi_slopes, q, acc);
+  // (B, H, N) each: small enough to normalise; the big tensors are read in place.
+  const Tensor lse_c = lse.to(acc).contiguous(), delta_c = delta.to(acc).contiguous();
+  const Tensor dout_c = dout.to(q.scalar_type());
+  Tensor dq = at::empty(q.sizes(), q.options());
+  Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
+  Tensor dmk = at::empty(mem_k.sizes(), mem_k.options()), dmv = at::empty(mem_v.sizes(), mem_v.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "memory_attention_bwd_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    Params<scalar_t> p = make_params<scalar_t>(q, k, v, mem_k, mem_v, slopes, causal, window, scale);
+    p.dout = view4<const scalar_t>(dout_c);
+    p.lse = lse_c.data_ptr<acc_t>();  // read only in the backward kernels
+    p.delta = delta_c.data_ptr<acc_t>();
+    p.dq = view4<scalar_t>(dq);
+    p.dk = view4<scalar_t>(dk);
+    p.dv = view4<scalar_t>(dv);
+    p.dmk = view4<scalar_t>(dmk);
+    p.dmv = view4<scalar_t>(dmv);
+    const int device = q.get_device();
+
+    // Every key row gets a block (zeros where no query sees it), so dk/dv need no zero-fill.
+    constexpr int kBKkv = kv_warps<scalar_t>() * kKRows;
+    const int64_t kv_blocks = (tiles::ceil_div(M, kBKkv) + tiles::ceil_div(N, kBKkv)) * B * Hkv;
+    const int64_t kv_smem = int64_t(DkdvSmem(p.D, p.Dv, kBKkv).total) * sizeof(acc_t);
+    with_chunks(std::max(p.D, p.Dv), [&](auto c) {
+      launch(dkdv_kernel<scalar_t, decltype(c)::value>, kv_blocks, kv_warps<scalar_t>() * kWarp, kv_smem, p, device);
+    });
+
+    const int64_t q_blocks = tiles::ceil_div(N, kBQ) * B * H;
+    const int64_t q_smem = int64_t(DqSmem(p.D, p.Dv).total) * sizeof(acc_t);
+    with_chunks(p.D, [&](auto dc) {
+      launch(dq_kernel<scalar_t, decltype(dc)::value>, q_blocks, kQWarps * kWarp, q_smem, p, device);
+    });
+  });
+  return {dq, dk, dv, dmk, dmv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longkernels, CUDA, m) {
+  m.impl("memory_attention_fwd", &memory_attention_fwd);
+  m.impl("memory_attention_bwd", &memory_attention_bwd);
+}
+
+}  // namespace longkernels::gpu
