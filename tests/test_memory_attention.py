@@ -67,6 +67,15 @@ def test_cpu_low_precision(case, dtype):
     _check(case, "cpu", dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CASES[5], CASES[9], CASES[13], BIG_CASES[1]], ids=Case.describe)
+def test_cpu_blas_tiles(case, dtype, monkeypatch):
+    # On AVX-512 machines float32/bfloat16 forwards use our packed micro-kernels; the BLAS path
+    # (what other CPUs get) must stay right too.
+    monkeypatch.setenv("LONGKERNELS_CPU_TILES", "blas")
+    _check(case, "cpu", dtype)
+
+
 @pytest.mark.parametrize("case", CASES, ids=Case.describe)
 def test_triton_interpreter_float64(case):
     _check(case, "triton", torch.float64)

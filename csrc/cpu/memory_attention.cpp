@@ -21,11 +21,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
 #include "common/memory_attention_tiles.h"
-#include "cpu/bf16_gemm.h"
+#include "cpu/tile_gemm.h"
 #include "cpu/cpu_features.h"
 
 namespace longkernels::cpu {
@@ -195,7 +196,8 @@ struct Segment {
 // Forward tile products. A policy gives the forward loop two products per tile, S = Q K^T into an
 // fp32/fp64 score tile and O += P V, plus where key tiles may start. One loop, two policies:
 //   BlasProducts<T>: float/double through at::mm (MKL), reading strided inputs in place.
-//   Bf16Products:    bfloat16 inputs on CPUs with AVX-512 BF16: operands pre-packed in pairs, fp32
+//   PackedProducts<E>: float32 (AVX-512F) and bfloat16 (AVX-512 BF16) on CPUs that have them:
+//                    operands pre-packed once per call, our micro-kernels (tile_gemm.h), fp32
 //                    accumulation, P rounded to bf16 for P V (as FlashAttention does on GPUs).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
@@ -231,58 +233,67 @@ struct BlasProducts {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-struct Bf16Products {
-  // Keys packed as pairs along D, values as pairs along the sequence (bf16_gemm.h), once per call,
-  // zero-padded so that tiles may read up to 15 columns past their end.
+// Packed products: keys and values packed once per call into the panels of tile_gemm.h (E = float,
+// or uint16_t holding bfloat16 bits, with K grouped in pairs), zero-padded so a tile may read up to
+// 15 columns past its end. Q tiles are copied contiguous (any input strides).
+template <typename E>
+struct PackedProducts {
+  using Src = std::conditional_t<std::is_same_v<E, float>, float, at::BFloat16>;
+  static constexpr int64_t kp = std::is_same_v<E, float> ? 1 : 2;
+
   struct Shared {
     const Tensor& q;
-    Tensor kp[2], vp[2];  // [mem, cur]: (B, Hkv, Dp/2, Lp, 2) and (B, Hkv, Lp/2, Dvp, 2), raw bf16 bits
+    Tensor kp_[2], vp_[2];  // [mem, cur]: (B, Hkv, Dp/kp, Lp, kp) and (B, Hkv, Lp/kp, Dvp, kp)
     int64_t Dp, Dvp, Lp[2];
     Shared(const Problem& P, const Tensor& q_, const Tensor& k, const Tensor& v, const Tensor& mk, const Tensor& mv)
-        : q(q_), Dp(round_up(P.D, 2)), Dvp(round_up(P.Dv, 16)) {
+        : q(q_), Dp(round_up(P.D, kp)), Dvp(round_up(P.Dv, 16)) {
       const Tensor* ks[2] = {&mk, &k};
       const Tensor* vs[2] = {&mv, &v};
+      const auto opts = q.options().dtype(std::is_same_v<E, float> ? at::kFloat : at::kShort);
       for (int s = 0; s < 2; ++s) {
         const int64_t L = ks[s]->size(2);
         Lp[s] = round_up(L, 16) + 16;
-        kp[s] = at::zeros({P.B, P.Hkv, Dp / 2, Lp[s], 2}, q.options().dtype(at::kShort));
-        vp[s] = at::zeros({P.B, P.Hkv, Lp[s] / 2, Dvp, 2}, q.options().dtype(at::kShort));
-        pack(P, *ks[s], *vs[s], kp[s], vp[s], L);
+        kp_[s] = at::zeros({P.B, P.Hkv, Dp / kp, Lp[s], kp}, opts);
+        vp_[s] = at::zeros({P.B, P.Hkv, Lp[s] / kp, Dvp, kp}, opts);
+        pack(P, *ks[s], *vs[s], kp_[s], vp_[s], L);
       }
     }
-    static void pack(const Problem& P, const Tensor& k, const Tensor& v, Tensor& kp, Tensor& vp, int64_t L) {
-      const auto* kd = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
-      const auto* vd = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
-      auto* kpd = reinterpret_cast<uint16_t*>(kp.data_ptr<int16_t>());
-      auto* vpd = reinterpret_cast<uint16_t*>(vp.data_ptr<int16_t>());
-      const int64_t Dp = kp.size(2) * 2, Lp = kp.size(3), Dvp = vp.size(3);
+    static const E* raw(const Tensor& t) { return reinterpret_cast<const E*>(t.data_ptr<Src>()); }
+    static E* raw_packed(Tensor& t) { return reinterpret_cast<E*>(t.data_ptr()); }
+    static void pack(const Problem& P, const Tensor& k, const Tensor& v, Tensor& kpk, Tensor& vpk, int64_t L) {
+      const E* kd = raw(k);
+      const E* vd = raw(v);
+      E* kpd = raw_packed(kpk);
+      E* vpd = raw_packed(vpk);
+      const int64_t Dp = kpk.size(2) * kp, Lp = kpk.size(3), Dvp = vpk.size(3);
       at::parallel_for(0, P.B * P.Hkv, 1, [&](int64_t begin, int64_t end) {
         for (int64_t bh = begin; bh < end; ++bh) {
           const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
-          const uint16_t* kb = kd + b * k.stride(0) + h * k.stride(1);
-          const uint16_t* vb = vd + b * v.stride(0) + h * v.stride(1);
-          uint16_t* kpb = kpd + bh * (Dp / 2) * Lp * 2;
-          uint16_t* vpb = vpd + bh * (Lp / 2) * Dvp * 2;
+          const E* kb = kd + b * k.stride(0) + h * k.stride(1);
+          const E* vb = vd + b * v.stride(0) + h * v.stride(1);
+          E* kpb = kpd + bh * Dp * Lp;
+          E* vpb = vpd + bh * Lp * Dvp;
           for (int64_t j = 0; j < L; ++j)
-            for (int64_t d = 0; d < P.D; ++d) kpb[((d / 2) * Lp + j) * 2 + d % 2] = kb[j * k.stride(2) + d * k.stride(3)];
+            for (int64_t d = 0; d < P.D; ++d)
+              kpb[((d / kp) * Lp + j) * kp + d % kp] = kb[j * k.stride(2) + d * k.stride(3)];
           for (int64_t j = 0; j < L; ++j)
             for (int64_t d = 0; d < P.Dv; ++d)
-              vpb[((j / 2) * Dvp + d) * 2 + j % 2] = vb[j * v.stride(2) + d * v.stride(3)];
+              vpb[((j / kp) * Dvp + d) * kp + j % kp] = vb[j * v.stride(2) + d * v.stride(3)];
         }
       });
     }
   };
   const Shared& in;
   const Problem& P;
-  std::vector<uint16_t> Qb, Pb;
+  std::vector<E> Qb, Pb;
   std::vector<float> S, O;
-  int64_t bq = 0, b_ = 0, hk_ = 0;
+  int64_t bq = 0;
   static constexpr int64_t s_ld = kBlockK;
   int64_t o_ld;
 
-  Bf16Products(const Shared& shared, const Problem& problem)
-      : in(shared), P(problem), Qb(kBlockQ * shared.Dp), Pb(kBlockQ * kBlockK), S(kBlockQ * kBlockK),
-        O(kBlockQ * shared.Dvp), o_ld(shared.Dvp) {}
+  PackedProducts(const Shared& shared, const Problem& problem)
+      : in(shared), P(problem), Qb(kBlockQ * shared.Dp), Pb(std::is_same_v<E, float> ? 0 : kBlockQ * kBlockK),
+        S(kBlockQ * kBlockK), O(kBlockQ * shared.Dvp), o_ld(shared.Dvp) {}
   // Tiles start on multiples of 16 within their segment: value pairs and 64-byte panels align.
   static int64_t tile_start(int64_t rel) { return rel & ~int64_t(15); }
   float* s_ptr() { return S.data(); }
@@ -290,29 +301,43 @@ struct Bf16Products {
   void begin_queries(int64_t b, int64_t h, int64_t i0, int64_t rows) {
     bq = rows;
     const Tensor& q = in.q;
-    const auto* qd = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()) + b * q.stride(0) +
-                     h * q.stride(1) + i0 * q.stride(2);
-    std::fill(Qb.begin(), Qb.end(), uint16_t(0));
+    const E* qd = Shared::raw(q) + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2);
+    std::fill(Qb.begin(), Qb.end(), E(0));
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t d = 0; d < P.D; ++d) Qb[r * in.Dp + d] = qd[r * q.stride(2) + d * q.stride(3)];
     std::fill(O.begin(), O.end(), 0.0f);
   }
   void scores(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk) {
     const int s = mem ? 0 : 1;
-    const auto* kp = reinterpret_cast<const uint16_t*>(in.kp[s].data_ptr<int16_t>()) +
-                     (b * P.Hkv + hk) * (in.Dp / 2) * in.Lp[s] * 2 + 2 * rel0;
-    bf16::gemm(bq, round_up(bk, 16), in.Dp / 2, Qb.data(), in.Dp, kp, 2 * in.Lp[s], S.data(), kBlockK, false);
+    const E* kpk = Shared::raw_packed(const_cast<Tensor&>(in.kp_[s])) + (b * P.Hkv + hk) * in.Dp * in.Lp[s] +
+                   kp * rel0;
+    gemm(bq, round_up(bk, 16), in.Dp / kp, Qb.data(), in.Dp, kpk, kp * in.Lp[s], S.data(), kBlockK, false);
   }
   void accumulate(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk) {
     const int s = mem ? 0 : 1;
     const int64_t bkp = round_up(bk, 16);
-    for (int64_t r = 0; r < bq; ++r) {
-      bf16::convert(S.data() + r * kBlockK, Pb.data() + r * kBlockK, bk);
-      std::fill(Pb.data() + r * kBlockK + bk, Pb.data() + r * kBlockK + bkp, uint16_t(0));
+    const E* A;
+    if constexpr (std::is_same_v<E, float>) {
+      for (int64_t r = 0; r < bq; ++r) std::fill(S.data() + r * kBlockK + bk, S.data() + r * kBlockK + bkp, 0.0f);
+      A = S.data();
+    } else {  // P rounded to bf16 for P V, as FlashAttention does
+      for (int64_t r = 0; r < bq; ++r) {
+        tile::to_bf16(S.data() + r * kBlockK, Pb.data() + r * kBlockK, bk);
+        std::fill(Pb.data() + r * kBlockK + bk, Pb.data() + r * kBlockK + bkp, E(0));
+      }
+      A = Pb.data();
     }
-    const auto* vp = reinterpret_cast<const uint16_t*>(in.vp[s].data_ptr<int16_t>()) +
-                     (b * P.Hkv + hk) * (in.Lp[s] / 2) * in.Dvp * 2 + rel0 * in.Dvp;
-    bf16::gemm(bq, in.Dvp, bkp / 2, Pb.data(), kBlockK, vp, 2 * in.Dvp, O.data(), in.Dvp, true);
+    const E* vpk = Shared::raw_packed(const_cast<Tensor&>(in.vp_[s])) + (b * P.Hkv + hk) * in.Lp[s] * in.Dvp +
+                   rel0 * in.Dvp;
+    gemm(bq, in.Dvp, bkp / kp, A, kBlockK, vpk, kp * in.Dvp, O.data(), in.Dvp, true);
+  }
+  static void gemm(int64_t M, int64_t N, int64_t K, const E* A, int64_t lda, const E* Bp, int64_t ldb, float* C,
+                   int64_t ldc, bool acc) {
+    if constexpr (std::is_same_v<E, float>) {
+      tile::gemm_f32(M, N, K, A, lda, Bp, ldb, C, ldc, acc);
+    } else {
+      tile::gemm_bf16(M, N, K, A, lda, Bp, ldb, C, ldc, acc);
+    }
   }
 };
 
@@ -432,14 +457,16 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
 // history) and in the compute type; for float/double inputs a view, so strides are read in place.
 Tensor compute_view(const Tensor& t, at::ScalarType ct) { return t.detach().to(ct); }
 
-// bfloat16 forward through the AVX-512 BF16 kernel where the CPU has it; LONGKERNELS_CPU_BF16=0
-// forces the fp32 BLAS path (to compare the two).
-bool use_bf16_kernel(const Tensor& q) {
-  static const bool enabled = [] {
-    const char* env = std::getenv("LONGKERNELS_CPU_BF16");
-    return has_avx512_bf16() && !(env && std::string(env) == "0");
-  }();
-  return enabled && q.scalar_type() == at::kBFloat16;
+// Forward tile products through our AVX-512 kernels where the CPU has them (float32: AVX-512F;
+// bfloat16: AVX-512 BF16), else through the BLAS. LONGKERNELS_CPU_TILES=blas forces the BLAS path
+// (to compare the two, and to test it on machines that have AVX-512).
+enum class Tiles { Blas, F32, Bf16 };
+Tiles forward_tiles(const Tensor& q) {
+  const char* env = std::getenv("LONGKERNELS_CPU_TILES");  // read per call: tests switch it
+  if (env && std::string(env) == "blas") return Tiles::Blas;
+  if (q.scalar_type() == at::kBFloat16 && has_avx512_bf16()) return Tiles::Bf16;
+  if (q.scalar_type() == at::kFloat && has_avx512f()) return Tiles::F32;
+  return Tiles::Blas;
 }
 
 Tensor optional_slopes(const std::optional<Tensor>& alibi, at::ScalarType ct) {
@@ -455,9 +482,15 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
   const Tensor slopes = optional_slopes(alibi_slopes, ct);
   Tensor out = at::empty({P.B, P.H, P.N, P.Dv}, q.options().dtype(ct));
   Tensor lse = at::empty({P.B, P.H, P.N}, q.options().dtype(ct));
-  if (use_bf16_kernel(q)) {
-    const Bf16Products::Shared shared(P, q, k, v, mem_k, mem_v);
-    forward_kernel<float, Bf16Products>(P, shared, slopes.defined() ? slopes.data_ptr<float>() : nullptr, out, lse);
+  const Tiles tiles_kind = forward_tiles(q);
+  if (tiles_kind == Tiles::Bf16) {
+    const PackedProducts<uint16_t>::Shared shared(P, q, k, v, mem_k, mem_v);
+    forward_kernel<float, PackedProducts<uint16_t>>(P, shared, slopes.defined() ? slopes.data_ptr<float>() : nullptr,
+                                                    out, lse);
+  } else if (tiles_kind == Tiles::F32) {
+    const PackedProducts<float>::Shared shared(P, q, k, v, mem_k, mem_v);
+    forward_kernel<float, PackedProducts<float>>(P, shared, slopes.defined() ? slopes.data_ptr<float>() : nullptr,
+                                                 out, lse);
   } else {
     const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
     const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct);
