@@ -51,15 +51,7 @@ AGREE_TOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torc
 # --------------------------------------------------------------------------------------------
 # Machine
 # --------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from longkernels._machine import cpu_model  # noqa: E402  (one definition, shared with the CLI)
 
 
 def slug(text: str) -> str:

@@ -8,16 +8,7 @@ import sys
 
 import torch
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from ._machine import cpu_model
 
 
 def _probe(device: str) -> torch.Tensor:
@@ -39,7 +30,7 @@ def cmd_info(args) -> int:
         print(f"triton {triton.__version__}   TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
     except ImportError as exc:
         print(f"triton: not installed ({exc})")
-    print(f"cpu: {_cpu_name()}, {torch.get_num_threads()} threads")
+    print(f"cpu: {cpu_model()}, {torch.get_num_threads()} threads")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"cuda:{i}: {torch.cuda.get_device_name(i)}")

@@ -46,16 +46,20 @@ def _check_tensor(name, t, *, ndim):
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def _check_like_q(q, **named):
+    for name, t in named.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+
+
 def validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes):
     """Checks every argument; returns (mem_k, mem_v, window, scale, alibi_slopes) normalised."""
     _check_tensor("q", q, ndim=4)
     _check_tensor("k", k, ndim=4)
     _check_tensor("v", v, ndim=4)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    _check_like_q(q, k=k, v=v)
     B, H, N, D = q.shape
     if k.shape[0] != B or k.shape[2] != N or k.shape[3] != D:
         raise ValueError(f"k must have shape (B={B}, Hkv, N={N}, D={D}) to match q, got {tuple(k.shape)}")
@@ -78,11 +82,7 @@ def validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes):
     else:
         _check_tensor("mem_k", mem_k, ndim=4)
         _check_tensor("mem_v", mem_v, ndim=4)
-        for name, t in (("mem_k", mem_k), ("mem_v", mem_v)):
-            if t.dtype != q.dtype:
-                raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-            if t.device != q.device:
-                raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+        _check_like_q(q, mem_k=mem_k, mem_v=mem_v)
         M = mem_k.shape[2]
         if tuple(mem_k.shape) != (B, Hkv, M, D):
             raise ValueError(f"mem_k must have shape (B={B}, Hkv={Hkv}, M, D={D}), got {tuple(mem_k.shape)}")
