@@ -6,18 +6,22 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 CMAKE_BUILD := build/cmake
 
-.PHONY: setup setup-test setup-bench test test-python test-cpp cuda-check check bench clean
+.PHONY: setup-build setup setup-test setup-bench test test-python test-cpp cuda-check check bench clean
 
-# torch is installed only when none is: a CUDA build already present is kept as it is.
-setup:
+# torch is installed only when none is: a CUDA build already present is kept as it is. The build
+# runs without isolation, against that torch (isolation would fetch another one).
+setup-build:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
 	$(PIP) install -q setuptools wheel ninja pybind11 numpy
+
+# Each builds the extension once, with the extras it needs.
+setup: setup-build
 	$(PIP) install -q --no-build-isolation -e .
 
-setup-test: setup
+setup-test: setup-build
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 
-setup-bench: setup
+setup-bench: setup-build
 	$(PIP) install -q --no-build-isolation -e ".[bench]"
 
 test-cpp:
