@@ -14,4 +14,26 @@ TORCH_LIBRARY(longkernels, m) {
       "memory_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor mem_k, Tensor mem_v, "
       "Tensor? alibi_slopes, Tensor lse, Tensor delta, bool causal, int window, float scale) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // LSH attention (docs/semantics.md §2). Hash and sort: buckets (B, H, n_hashes, Lp) int32 in
+  // [0, n_buckets] (padding, i.e. key_padding_mask or position >= L, gets n_buckets) and perm
+  // (B, H, n_hashes, Lp) int32, the original positions in sorted order: round r's items sorted by
+  // (bucket, position), stable. rotations: (H, D, n_hashes, n_buckets / 2) float32.
+  m.def(
+      "lsh_hash_sort(Tensor qk, Tensor rotations, Tensor? key_padding_mask, int n_buckets, int padded_len) "
+      "-> (Tensor, Tensor)");
+  // Attend over chunks of the sorted sequence perm.flatten(2) with look-around, and combine the
+  // rounds. Returns (out (B, H, L, Dv) in v's dtype, lse_max, lse_log), the last two (B, H, L) in
+  // the compute dtype (float64 for float64, else float32): lse = lse_max + lse_log, kept apart so
+  // that rows whose logits sit near the -1e5 self-mask value keep float32 precision.
+  m.def(
+      "lsh_attention_fwd(Tensor qk, Tensor v, Tensor perm, Tensor? key_padding_mask, int chunk_size, "
+      "int n_chunks_before, int n_chunks_after, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  // delta = rowsum(dout * out) - dlse. Returns (dq, dk, dv) in the compute dtype: dq the gradient
+  // through qk as queries, dk through the normalised keys (chain through the normalisation is the
+  // caller's), dv; all at original positions, summed over rounds.
+  m.def(
+      "lsh_attention_bwd(Tensor dout, Tensor qk, Tensor v, Tensor perm, Tensor? key_padding_mask, "
+      "Tensor lse_max, Tensor lse_log, Tensor delta, int chunk_size, int n_chunks_before, "
+      "int n_chunks_after, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -2,7 +2,9 @@
 
     >>> import longkernels.nn
     >>> layer = longkernels.nn.MemoryAttention(512, 8, mem_len=256)
+    >>> layer = longkernels.nn.LSHSelfAttention(512, 8, chunk_size=64, n_hashes=2, causal=True)
 """
+from .lsh_attention import LSHSelfAttention
 from .memory_attention import MemoryAttention, MemoryCache, RotaryEmbedding
 
-__all__ = ["MemoryAttention", "MemoryCache", "RotaryEmbedding"]
+__all__ = ["LSHSelfAttention", "MemoryAttention", "MemoryCache", "RotaryEmbedding"]

@@ -1,0 +1,572 @@
+// LSH attention on the CPU: hash and sort, forward and backward (docs/semantics.md §2).
+//
+// Hash and sort. Work item (b, h): the float32 projections x R of a block of rows come from the BLAS
+// (at::mm, as the reference's matmul does, so both see the same float32 products), the argmax over
+// [xR ; -xR] is taken on the fly, and each round's items are then ordered by a counting sort over
+// the n_buckets (+1 for padding) buckets: O(L) instead of argsort's O(L log L), and stable by
+// construction (positions are scattered in increasing order), which is the unique-key order.
+//
+// Attention. The sorted sequence (n_hashes * Lp items) is cut into T chunks of C; a query chunk
+// attends to W = (before + 1 + after) * C keys: its own chunk and its neighbours, circularly. Per
+// chunk, the window's rows are gathered from qk and v by position (the keys normalised on the way)
+// into packed panels, so there is never a sorted copy of qk or v: S = Q K^T and O = P V run on
+// those panels through our AVX-512 micro-kernels (tile_gemm.h) in float, or a plain loop in double
+// and on CPUs without AVX-512. Chunks are independent in the forward, so threads split them.
+// Rounds land in per-round buffers at original positions and are combined at the end.
+//
+// Backward, per chunk: recompute S and dP = dO V^T, P from the saved statistics, dS = P (dP - delta)
+// (zero on the self entry, whose logit is a constant), then dV += P^T dO, dK += dS^T Q, dQ = dS K.
+// dK and dV of a window belong to neighbouring chunks, so the chunks of a head are cut into an even
+// number of segments of at least (before + after) chunks, and even and odd segments run in two
+// phases: two segments running at once never touch the same key chunk, no atomics, no per-thread
+// copies, and the sums are deterministic. Gradients accumulate in sorted order and are gathered back
+// to positions (summing the rounds) at the end.
+//
+// Masks by original position: padded keys (key_padding_mask, or past L) and, if causal, later keys
+// are excluded (-1e9 in the semantics; exp underflows to exactly 0 since every row holds its self
+// entry at -1e5 or more); the self entry is the constant -1e5. The row statistics are kept as a max
+// M and log(sum), never added: a row that sees only itself has M = -1e5, where float32 has a
+// spacing of 0.008 and M + log(sum) would lose the weight's first three digits.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/tile_gemm.h"
+#include "cpu/vec_math.h"
+
+namespace longkernels::cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr double kSelfMask = -1e5;
+constexpr double kNormEps = 1e-6;
+
+inline int64_t round_up16(int64_t x) { return (x + 15) / 16 * 16; }
+
+// ---------------------------------------------------------------------------------------------
+// Hash and sort.
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> lsh_hash_sort(const Tensor& qk, const Tensor& rotations,
+                                         const std::optional<Tensor>& key_padding_mask, int64_t n_buckets,
+                                         int64_t padded_len) {
+  const int64_t B = qk.size(0), H = qk.size(1), L = qk.size(2), D = qk.size(3);
+  const int64_t nh = rotations.size(2), K = n_buckets / 2, Lp = padded_len;
+  TORCH_CHECK(rotations.size(3) == K && Lp >= L, "lsh_hash_sort: inconsistent sizes");
+  const Tensor x = qk.detach().to(at::kFloat);
+  const Tensor rot = rotations.detach().to(at::kFloat).contiguous().view({H, D, nh * K});
+  Tensor kpm;
+  if (key_padding_mask.has_value()) kpm = key_padding_mask->to(at::kBool).contiguous();
+  const bool* pad = kpm.defined() ? kpm.data_ptr<bool>() : nullptr;
+  Tensor buckets = at::empty({B, H, nh, Lp}, qk.options().dtype(at::kInt));
+  Tensor perm = at::empty({B, H, nh, Lp}, qk.options().dtype(at::kInt));
+  int32_t* bk_d = buckets.data_ptr<int32_t>();
+  int32_t* perm_d = perm.data_ptr<int32_t>();
+  constexpr int64_t kRows = 256;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    Tensor Y = at::empty({kRows, nh * K}, x.options());
+    std::vector<int64_t> next(n_buckets + 1);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      int32_t* bk = bk_d + bh * nh * Lp;
+      for (int64_t i0 = 0; i0 < L; i0 += kRows) {
+        const int64_t rows = std::min(kRows, L - i0);
+        Tensor Yt = Y.narrow(0, 0, rows);
+        at::mm_out(Yt, x[b][h].narrow(0, i0, rows), rot[h]);
+        const float* y_d = Y.data_ptr<float>();
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int64_t r = 0; r < nh; ++r) {
+            const float* y = y_d + i * nh * K + r * K;
+            // argmax over [y ; -y], first index on ties (strict >, in that order).
+            float best = y[0];
+            int32_t arg = 0;
+            for (int64_t k = 1; k < K; ++k)
+              if (y[k] > best) best = y[k], arg = static_cast<int32_t>(k);
+            for (int64_t k = 0; k < K; ++k)
+              if (-y[k] > best) best = -y[k], arg = static_cast<int32_t>(K + k);
+            bk[r * Lp + i0 + i] = arg;
+          }
+        }
+      }
+      for (int64_t r = 0; r < nh; ++r) {
+        int32_t* br = bk + r * Lp;
+        for (int64_t p = 0; p < Lp; ++p)
+          if (p >= L || (pad && pad[b * L + p])) br[p] = static_cast<int32_t>(n_buckets);
+        // Counting sort: histogram, exclusive scan, scatter in position order (stable).
+        std::fill(next.begin(), next.end(), 0);
+        for (int64_t p = 0; p < Lp; ++p) ++next[br[p]];
+        int64_t run = 0;
+        for (auto& c : next) {
+          const int64_t n = c;
+          c = run;
+          run += n;
+        }
+        int32_t* out = perm_d + (bh * nh + r) * Lp;
+        for (int64_t p = 0; p < Lp; ++p) out[next[br[p]]++] = static_cast<int32_t>(p);
+      }
+    }
+  });
+  return {buckets, perm};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention: shared description, gathers and products.
+// ---------------------------------------------------------------------------------------------
+struct Problem {
+  int64_t B, H, L, D, Dv, nh, Lp, C, T, before, after, nw, W;
+  bool causal;
+  double scale;
+  int64_t Dp, Dvp, Wp;  // padded to 16 columns for the micro-kernels
+};
+
+Problem describe(const Tensor& qk, const Tensor& v, const Tensor& perm, int64_t C, int64_t before, int64_t after,
+                 bool causal, double scale) {
+  Problem P{};
+  P.B = qk.size(0), P.H = qk.size(1), P.L = qk.size(2), P.D = qk.size(3), P.Dv = v.size(3);
+  P.nh = perm.size(2), P.Lp = perm.size(3), P.C = C, P.T = P.nh * P.Lp / C;
+  P.before = before, P.after = after, P.nw = before + 1 + after, P.W = P.nw * C;
+  P.causal = causal, P.scale = scale;
+  P.Dp = round_up16(P.D), P.Dvp = round_up16(P.Dv), P.Wp = round_up16(P.W);
+  return P;
+}
+
+template <typename T>
+struct Rows {  // strided (B, H, L, d) tensor in the compute type
+  const T* p;
+  int64_t s0, s1, s2, s3;
+  explicit Rows(const Tensor& t)
+      : p(t.data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
+  const T* row(int64_t b, int64_t h, int64_t i) const { return p + b * s0 + h * s1 + i * s2; }
+};
+
+// C[M x N] (=|+=) A[M x K] B[K x N]; A row-major (lda), B row-major (ldb), N a multiple of 16 when
+// `fast` (the AVX-512 micro-kernel's contract; callers zero-pad).
+void gemm_loop(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bm, int64_t ldb,
+               double* Cm, int64_t ldc, bool acc) {
+  for (int64_t i = 0; i < M; ++i) {
+    double* c = Cm + i * ldc;
+    if (!acc) std::fill(c, c + N, 0.0);
+    for (int64_t t = 0; t < K; ++t) {
+      const double a = A[i * lda + t];
+      const double* bt = Bm + t * ldb;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) c[n] += a * bt[n];
+    }
+  }
+}
+LK_CLONES void gemm_loop(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bm,
+                         int64_t ldb, float* Cm, int64_t ldc, bool acc) {
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = Cm + i * ldc;
+    if (!acc) std::fill(c, c + N, 0.0f);
+    for (int64_t t = 0; t < K; ++t) {
+      const float a = A[i * lda + t];
+      const float* bt = Bm + t * ldb;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) c[n] += a * bt[n];
+    }
+  }
+}
+template <typename T>
+void gemm(bool fast, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb, T* Cm,
+          int64_t ldc, bool acc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (fast) return tile::gemm_f32(M, N, K, A, lda, Bm, ldb, Cm, ldc, acc);
+  }
+  gemm_loop(M, N, K, A, lda, Bm, ldb, Cm, ldc, acc);
+}
+
+// Per-thread scratch for one chunk and its window. Padding columns/rows stay zero.
+template <typename T>
+struct Window {
+  std::vector<int32_t> pk;    // W key positions
+  std::vector<uint8_t> kpad;  // W: key is padding
+  std::vector<T> kt;          // D x Wp: normalised keys, transposed (S = Q K^T)
+  std::vector<T> krows;       // W x Dp: normalised keys, rows (dQ = dS K)
+  std::vector<T> vrows;       // W x Dvp (O = P V)
+  std::vector<T> vt;          // Dv x Wp (dP = dO V^T)
+  std::vector<T> q;           // C x Dp
+  std::vector<T> s, dp;       // C x Wp
+  std::vector<T> pt, dst;     // W x C (P^T, dS^T)
+  std::vector<T> o;           // C x Dvp
+  std::vector<T> dout;        // C x Dvp
+  std::vector<T> key;         // D: one normalised key
+  Window(const Problem& P, bool backward)
+      : pk(P.W), kpad(P.W), kt(P.D * P.Wp, T(0)), q(P.C * P.Dp, T(0)), s(P.C * P.Wp, T(0)), key(P.D) {
+    if (backward) {
+      krows.assign(P.W * P.Dp, T(0));
+      vt.assign(P.Dv * P.Wp, T(0));
+      dp.assign(P.C * P.Wp, T(0));
+      pt.assign(P.W * P.C, T(0));
+      dst.assign(P.W * P.C, T(0));
+      dout.assign(P.C * P.Dvp, T(0));
+    } else {
+      vrows.assign(P.W * P.Dvp, T(0));
+      o.assign(P.C * P.Dvp, T(0));
+    }
+  }
+};
+
+template <typename T>
+struct Inputs {
+  Rows<T> qk, v;
+  const int32_t* perm;  // (B, H, nh * Lp) in sorted order
+  const bool* pad;      // (B, L) or null
+};
+
+// Gathers chunk c's window: key positions, padding flags, normalised keys (transposed, and as rows
+// when `rows`), values (as rows for the forward, transposed for the backward).
+template <typename T>
+void gather_window(const Problem& P, const Inputs<T>& in, int64_t b, int64_t h, int64_t c, Window<T>& w,
+                   bool backward) {
+  const int32_t* perm = in.perm + (b * P.H + h) * P.nh * P.Lp;
+  const T inv_sqrt_d = T(1) / std::sqrt(static_cast<T>(P.D));
+  for (int64_t j = 0; j < P.nw; ++j) {
+    const int64_t cj = ((c + j - P.before) % P.T + P.T) % P.T;
+    for (int64_t i = 0; i < P.C; ++i) {
+      const int64_t n = j * P.C + i;
+      const int32_t pos = perm[cj * P.C + i];
+      w.pk[n] = pos;
+      const bool beyond = pos >= P.L;
+      w.kpad[n] = beyond || (in.pad && in.pad[b * P.L + pos]);
+      if (beyond) {  // internal padding: zero rows (never weighted)
+        for (int64_t d = 0; d < P.D; ++d) w.kt[d * P.Wp + n] = T(0);
+        if (backward) {
+          std::fill(&w.krows[n * P.Dp], &w.krows[n * P.Dp] + P.D, T(0));
+          for (int64_t d = 0; d < P.Dv; ++d) w.vt[d * P.Wp + n] = T(0);
+        } else {
+          std::fill(&w.vrows[n * P.Dvp], &w.vrows[n * P.Dvp] + P.Dv, T(0));
+        }
+        continue;
+      }
+      const T* x = in.qk.row(b, h, pos);
+      T ss = 0;
+      for (int64_t d = 0; d < P.D; ++d) {
+        const T xd = x[d * in.qk.s3];
+        w.key[d] = xd;
+        ss += xd * xd;
+      }
+      const T norm = T(1) / std::sqrt(ss / static_cast<T>(P.D) + static_cast<T>(kNormEps));
+      for (int64_t d = 0; d < P.D; ++d) {
+        const T kd = w.key[d] * norm * inv_sqrt_d;
+        w.kt[d * P.Wp + n] = kd;
+        if (backward) w.krows[n * P.Dp + d] = kd;
+      }
+      const T* vr = in.v.row(b, h, pos);
+      if (backward) {
+        for (int64_t d = 0; d < P.Dv; ++d) w.vt[d * P.Wp + n] = vr[d * in.v.s3];
+      } else {
+        for (int64_t d = 0; d < P.Dv; ++d) w.vrows[n * P.Dvp + d] = vr[d * in.v.s3];
+      }
+    }
+  }
+}
+
+// Chunk c's query rows (qk at their positions; zero rows past L).
+template <typename T>
+void gather_rows(const Problem& P, const Rows<T>& src, const int32_t* perm_bh, int64_t b, int64_t h, int64_t c,
+                 int64_t d_len, int64_t ld, T* dst) {
+  for (int64_t i = 0; i < P.C; ++i) {
+    const int32_t pos = perm_bh[c * P.C + i];
+    T* out = dst + i * ld;
+    if (pos >= P.L) {
+      std::fill(out, out + d_len, T(0));
+      continue;
+    }
+    const T* x = src.row(b, h, pos);
+    for (int64_t d = 0; d < d_len; ++d) out[d] = x[d * src.s3];
+  }
+}
+
+// Forward row: raw q.k -> probabilities in place over the W window columns; returns max and sum.
+template <typename T>
+__attribute__((always_inline)) inline void fwd_row_impl(T* __restrict s, const int32_t* __restrict pk,
+                                                        const uint8_t* __restrict kpad, int64_t W, int32_t pq,
+                                                        bool causal, T scale, T& m_out, T& l_out) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  T mx = neg_inf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t n = 0; n < W; ++n) {
+    const bool self = pk[n] == pq;
+    const bool hidden = !self && (kpad[n] || (causal && pk[n] > pq));
+    const T x = self ? static_cast<T>(kSelfMask) : (hidden ? neg_inf : s[n] * scale);
+    s[n] = x;
+    mx = mx > x ? mx : x;
+  }
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t n = 0; n < W; ++n) {
+    const T p = exp_approx(s[n] - mx);
+    s[n] = p;
+    sum += p;
+  }
+  m_out = mx;
+  l_out = sum;
+}
+LK_CLONES void fwd_row(float* s, const int32_t* pk, const uint8_t* kpad, int64_t W, int32_t pq, bool causal,
+                       float scale, float& m, float& l) {
+  fwd_row_impl<float>(s, pk, kpad, W, pq, causal, scale, m, l);
+}
+void fwd_row(double* s, const int32_t* pk, const uint8_t* kpad, int64_t W, int32_t pq, bool causal, double scale,
+             double& m, double& l) {
+  fwd_row_impl<double>(s, pk, kpad, W, pq, causal, scale, m, l);
+}
+
+// Backward row: s (raw q.k) -> p = exp((logit - M) - log_sum); dp -> ds = p (dp - delta), zero on
+// the self entry (a constant logit) and on hidden keys.
+template <typename T>
+__attribute__((always_inline)) inline void bwd_row_impl(T* __restrict s, T* __restrict dp,
+                                                        const int32_t* __restrict pk,
+                                                        const uint8_t* __restrict kpad, int64_t W, int32_t pq,
+                                                        bool causal, T scale, T mx, T log_sum, T delta) {
+#pragma omp simd
+  for (int64_t n = 0; n < W; ++n) {
+    const bool self = pk[n] == pq;
+    const bool hidden = !self && (kpad[n] || (causal && pk[n] > pq));
+    const T x = self ? static_cast<T>(kSelfMask) : s[n] * scale;
+    const T p = hidden ? T(0) : exp_approx((x - mx) - log_sum);
+    s[n] = p;
+    dp[n] = (self || hidden) ? T(0) : p * (dp[n] - delta);
+  }
+}
+LK_CLONES void bwd_row(float* s, float* dp, const int32_t* pk, const uint8_t* kpad, int64_t W, int32_t pq,
+                       bool causal, float scale, float mx, float log_sum, float delta) {
+  bwd_row_impl<float>(s, dp, pk, kpad, W, pq, causal, scale, mx, log_sum, delta);
+}
+void bwd_row(double* s, double* dp, const int32_t* pk, const uint8_t* kpad, int64_t W, int32_t pq, bool causal,
+             double scale, double mx, double log_sum, double delta) {
+  bwd_row_impl<double>(s, dp, pk, kpad, W, pq, causal, scale, mx, log_sum, delta);
+}
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+// Detached and in the compute type: for float/double inputs a view, so strides are read in place.
+Tensor compute_view(const Tensor& t, at::ScalarType ct) { return t.detach().to(ct); }
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void forward_kernel(const Problem& P, const Inputs<T>& in, bool fast, T* out, T* lse_max, T* lse_log) {
+  // Per-round results of one head at original positions: o (nh, L, Dv), max and sum (nh, L).
+  std::vector<T> o_r(P.nh * P.L * P.Dv), m_r(P.nh * P.L), l_r(P.nh * P.L);
+  const int64_t rounds_chunks = P.Lp / P.C;
+  for (int64_t bh = 0; bh < P.B * P.H; ++bh) {
+    const int64_t b = bh / P.H, h = bh % P.H;
+    const int32_t* perm = in.perm + bh * P.nh * P.Lp;
+    at::parallel_for(0, P.T, 1, [&](int64_t begin, int64_t end) {
+      Window<T> w(P, false);
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t r = c / rounds_chunks;
+        gather_window(P, in, b, h, c, w, false);
+        gather_rows(P, in.qk, perm, b, h, c, P.D, P.Dp, w.q.data());
+        gemm(fast, P.C, P.Wp, P.D, w.q.data(), P.Dp, w.kt.data(), P.Wp, w.s.data(), P.Wp, false);
+        for (int64_t i = 0; i < P.C; ++i) {
+          const int32_t pq = perm[c * P.C + i];
+          T* srow = w.s.data() + i * P.Wp;
+          if (pq >= P.L) {  // internal padding: no output
+            std::fill(srow, srow + P.W, T(0));
+            continue;
+          }
+          T m, l;
+          fwd_row(srow, w.pk.data(), w.kpad.data(), P.W, pq, P.causal, static_cast<T>(P.scale), m, l);
+          m_r[r * P.L + pq] = m;
+          l_r[r * P.L + pq] = l;
+        }
+        gemm(fast, P.C, P.Dvp, P.W, w.s.data(), P.Wp, w.vrows.data(), P.Dvp, w.o.data(), P.Dvp, false);
+        for (int64_t i = 0; i < P.C; ++i) {
+          const int32_t pq = perm[c * P.C + i];
+          if (pq >= P.L) continue;
+          const T inv = T(1) / l_r[r * P.L + pq];
+          T* dst = o_r.data() + (r * P.L + pq) * P.Dv;
+          for (int64_t d = 0; d < P.Dv; ++d) dst[d] = w.o[i * P.Dvp + d] * inv;
+        }
+      }
+    });
+    // Combine the rounds: weights exp(m_r - M) l_r, normalised.
+    at::parallel_for(0, P.L, 256, [&](int64_t begin, int64_t end) {
+      std::vector<T> wts(P.nh);
+      for (int64_t i = begin; i < end; ++i) {
+        T M = -std::numeric_limits<T>::infinity();
+        for (int64_t r = 0; r < P.nh; ++r) M = std::max(M, m_r[r * P.L + i]);
+        T den = 0;
+        for (int64_t r = 0; r < P.nh; ++r) den += wts[r] = std::exp(m_r[r * P.L + i] - M) * l_r[r * P.L + i];
+        T* dst = out + (bh * P.L + i) * P.Dv;
+        std::fill(dst, dst + P.Dv, T(0));
+        for (int64_t r = 0; r < P.nh; ++r) {
+          const T a = wts[r] / den;
+          const T* src = o_r.data() + (r * P.L + i) * P.Dv;
+          for (int64_t d = 0; d < P.Dv; ++d) dst[d] += a * src[d];
+        }
+        lse_max[bh * P.L + i] = M;
+        lse_log[bh * P.L + i] = std::log(den);
+      }
+    });
+  }
+}
+
+bool use_fast_tiles(at::ScalarType ct) { return ct == at::kFloat && has_avx512f(); }
+
+std::tuple<Tensor, Tensor, Tensor> lsh_attention_fwd(const Tensor& qk, const Tensor& v, const Tensor& perm,
+                                                     const std::optional<Tensor>& key_padding_mask,
+                                                     int64_t chunk_size, int64_t n_chunks_before,
+                                                     int64_t n_chunks_after, bool causal, double scale) {
+  const Problem P = describe(qk, v, perm, chunk_size, n_chunks_before, n_chunks_after, causal, scale);
+  const auto ct = compute_type(v.scalar_type());
+  const Tensor qkc = compute_view(qk, ct), vc = compute_view(v, ct);
+  const Tensor permc = perm.to(at::kInt).contiguous();
+  Tensor kpm;
+  if (key_padding_mask.has_value()) kpm = key_padding_mask->to(at::kBool).contiguous();
+  Tensor out = at::empty({P.B, P.H, P.L, P.Dv}, v.options().dtype(ct));
+  Tensor lse_max = at::empty({P.B, P.H, P.L}, v.options().dtype(ct));
+  Tensor lse_log = at::empty({P.B, P.H, P.L}, v.options().dtype(ct));
+  AT_DISPATCH_FLOATING_TYPES(ct, "lsh_attention_fwd_cpu", [&] {
+    const Inputs<scalar_t> in{Rows<scalar_t>(qkc), Rows<scalar_t>(vc), permc.data_ptr<int32_t>(),
+                              kpm.defined() ? kpm.data_ptr<bool>() : nullptr};
+    forward_kernel<scalar_t>(P, in, use_fast_tiles(ct), out.data_ptr<scalar_t>(), lse_max.data_ptr<scalar_t>(),
+                             lse_log.data_ptr<scalar_t>());
+  });
+  return {out.to(v.scalar_type()), lse_max, lse_log};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+// ---------------------------------------------------------------------------------------------
+// Even count of segments of >= (before + after) chunks each (so same-parity segments never share a
+// key chunk), enough to give every thread work; 1 when the head is too short to split.
+int64_t segment_count(const Problem& P) {
+  const int64_t reach = std::max<int64_t>(1, P.before + P.after);
+  int64_t n = std::min<int64_t>(2 * at::get_num_threads(), P.T / reach);
+  n -= n % 2;
+  return n >= 2 ? n : 1;
+}
+
+template <typename T>
+void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout, const T* lse_max, const T* lse_log,
+                     const T* delta, bool fast, T* dq, T* dk, T* dv) {
+  const int64_t S = P.nh * P.Lp;  // sorted items per head
+  // Sorted-order accumulators of one head, and each (round, position)'s sorted slot.
+  std::vector<T> dq_s(S * P.Dp), dk_s(S * P.Dp), dv_s(S * P.Dvp);
+  std::vector<int32_t> slot(S);
+  const int64_t n_seg = segment_count(P);
+  for (int64_t bh = 0; bh < P.B * P.H; ++bh) {
+    const int64_t b = bh / P.H, h = bh % P.H;
+    const int32_t* perm = in.perm + bh * S;
+    std::fill(dk_s.begin(), dk_s.end(), T(0));
+    std::fill(dv_s.begin(), dv_s.end(), T(0));
+    const T* lm = lse_max + bh * P.L;
+    const T* ll = lse_log + bh * P.L;
+    const T* dl = delta + bh * P.L;
+    for (int64_t phase = 0; phase < std::min<int64_t>(2, n_seg); ++phase) {
+      const int64_t n_items = n_seg == 1 ? 1 : n_seg / 2;
+      at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+        Window<T> w(P, true);
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t seg = n_seg == 1 ? 0 : 2 * item + phase;
+          const int64_t c_begin = seg * P.T / n_seg, c_end = (seg + 1) * P.T / n_seg;
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            gather_window(P, in, b, h, c, w, true);
+            gather_rows(P, in.qk, perm, b, h, c, P.D, P.Dp, w.q.data());
+            gather_rows(P, dout, perm, b, h, c, P.Dv, P.Dvp, w.dout.data());
+            gemm(fast, P.C, P.Wp, P.D, w.q.data(), P.Dp, w.kt.data(), P.Wp, w.s.data(), P.Wp, false);
+            gemm(fast, P.C, P.Wp, P.Dv, w.dout.data(), P.Dvp, w.vt.data(), P.Wp, w.dp.data(), P.Wp, false);
+            for (int64_t i = 0; i < P.C; ++i) {
+              const int32_t pq = perm[c * P.C + i];
+              T* srow = w.s.data() + i * P.Wp;
+              T* dprow = w.dp.data() + i * P.Wp;
+              if (pq >= P.L) {
+                std::fill(srow, srow + P.W, T(0));
+                std::fill(dprow, dprow + P.W, T(0));
+              } else {
+                bwd_row(srow, dprow, w.pk.data(), w.kpad.data(), P.W, pq, P.causal, static_cast<T>(P.scale),
+                        lm[pq], ll[pq], dl[pq]);
+              }
+              for (int64_t n = 0; n < P.W; ++n) {
+                w.pt[n * P.C + i] = srow[n];
+                w.dst[n * P.C + i] = dprow[n];
+              }
+            }
+            // dQ = dS K (this chunk's slots, written once).
+            gemm(fast, P.C, P.Dp, P.W, w.dp.data(), P.Wp, w.krows.data(), P.Dp, dq_s.data() + c * P.C * P.Dp, P.Dp,
+                 false);
+            // dV += P^T dO and dK += dS^T Q, window chunk by window chunk into their slots.
+            for (int64_t j = 0; j < P.nw; ++j) {
+              const int64_t cj = ((c + j - P.before) % P.T + P.T) % P.T;
+              gemm(fast, P.C, P.Dvp, P.C, w.pt.data() + j * P.C * P.C, P.C, w.dout.data(), P.Dvp,
+                   dv_s.data() + cj * P.C * P.Dvp, P.Dvp, true);
+              gemm(fast, P.C, P.Dp, P.C, w.dst.data() + j * P.C * P.C, P.C, w.q.data(), P.Dp,
+                   dk_s.data() + cj * P.C * P.Dp, P.Dp, true);
+            }
+          }
+        }
+      });
+    }
+    // Back to positions, summing the rounds.
+    for (int64_t s = 0; s < S; ++s) slot[(s / P.Lp) * P.Lp + perm[s]] = static_cast<int32_t>(s);
+    const T scale = static_cast<T>(P.scale);
+    at::parallel_for(0, P.L, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        T* q_o = dq + (bh * P.L + i) * P.D;
+        T* k_o = dk + (bh * P.L + i) * P.D;
+        T* v_o = dv + (bh * P.L + i) * P.Dv;
+        std::fill(q_o, q_o + P.D, T(0));
+        std::fill(k_o, k_o + P.D, T(0));
+        std::fill(v_o, v_o + P.Dv, T(0));
+        for (int64_t r = 0; r < P.nh; ++r) {
+          const int64_t s = slot[r * P.Lp + i];
+          for (int64_t d = 0; d < P.D; ++d) {
+            q_o[d] += scale * dq_s[s * P.Dp + d];
+            k_o[d] += scale * dk_s[s * P.Dp + d];
+          }
+          for (int64_t d = 0; d < P.Dv; ++d) v_o[d] += dv_s[s * P.Dvp + d];
+        }
+      }
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> lsh_attention_bwd(const Tensor& dout, const Tensor& qk, const Tensor& v,
+                                                     const Tensor& perm,
+                                                     const std::optional<Tensor>& key_padding_mask,
+                                                     const Tensor& lse_max, const Tensor& lse_log,
+                                                     const Tensor& delta, int64_t chunk_size,
+                                                     int64_t n_chunks_before, int64_t n_chunks_after, bool causal,
+                                                     double scale) {
+  const Problem P = describe(qk, v, perm, chunk_size, n_chunks_before, n_chunks_after, causal, scale);
+  const auto ct = compute_type(v.scalar_type());
+  const Tensor qkc = compute_view(qk, ct), vc = compute_view(v, ct), doc = compute_view(dout, ct);
+  const Tensor permc = perm.to(at::kInt).contiguous();
+  const Tensor lm = compute_view(lse_max, ct).contiguous(), ll = compute_view(lse_log, ct).contiguous();
+  const Tensor dl = compute_view(delta, ct).contiguous();
+  Tensor kpm;
+  if (key_padding_mask.has_value()) kpm = key_padding_mask->to(at::kBool).contiguous();
+  const auto opts = v.options().dtype(ct);
+  Tensor dq = at::empty({P.B, P.H, P.L, P.D}, opts), dk = at::empty({P.B, P.H, P.L, P.D}, opts);
+  Tensor dv = at::empty({P.B, P.H, P.L, P.Dv}, opts);
+  AT_DISPATCH_FLOATING_TYPES(ct, "lsh_attention_bwd_cpu", [&] {
+    const Inputs<scalar_t> in{Rows<scalar_t>(qkc), Rows<scalar_t>(vc), permc.data_ptr<int32_t>(),
+                              kpm.defined() ? kpm.data_ptr<bool>() : nullptr};
+    backward_kernel<scalar_t>(P, in, Rows<scalar_t>(doc), lm.data_ptr<scalar_t>(), ll.data_ptr<scalar_t>(),
+                              dl.data_ptr<scalar_t>(), use_fast_tiles(ct), dq.data_ptr<scalar_t>(),
+                              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longkernels, CPU, m) {
+  m.impl("lsh_hash_sort", &lsh_hash_sort);
+  m.impl("lsh_attention_fwd", &lsh_attention_fwd);
+  m.impl("lsh_attention_bwd", &lsh_attention_bwd);
+}
+
+}  // namespace longkernels::cpu

@@ -1,0 +1,336 @@
+"""LSH attention (Reformer): validation, backend choice and the autograd.Function.
+
+The math is in ``longkernels/reference/lsh_attention.py``. A call runs two stages:
+
+    hash_sort(qk, rotations, key_padding_mask, n_buckets, Lp) -> (buckets, perm)
+        C++ (``csrc/cpu/lsh_attention.cpp``) on CPU tensors, CUDA (``csrc/cuda/lsh_attention.cu``)
+        on CUDA tensors, else ``torch.argsort`` on the composite key (the reference's code).
+    fwd(qk, v, perm, key_padding_mask, chunk_size, before, after, causal, scale)
+        -> (out, lse_max, lse_log)
+    bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size, before, after,
+        causal, scale) -> (dq, dk, dv)
+        C++ on CPU tensors, Triton (``triton_kernels/lsh_attention.py``) on CUDA tensors and, under
+        ``TRITON_INTERPRET=1``, on CPU tensors.
+
+``perm`` (B, H, n_hashes, Lp) int32 is all the backward needs of the hashing: the rotations are not
+re-applied, so a backward never re-hashes (and never sees different buckets). ``dk`` is the gradient
+through the normalised keys; the chain through ``k = qk / rms(qk) / sqrt(D)`` is applied here, in
+:func:`normalize_keys_backward`, for every backend alike.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import Optional
+
+import torch
+
+from .. import _ext
+from ..reference import lsh_attention as _reference
+from ..reference.lsh_attention import (NORM_EPS, default_n_buckets, draw_rotations, lsh_hash, lsh_sort,
+                                       padded_length, padding_mask)
+from .memory_attention import _check_tensor, _triton_import_error, lse_dtype
+
+BACKENDS = ("cpu", "triton", "reference")
+TRITON_MAX_HEAD_DIM = 256
+_INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: once, here, before any backend is chosen. Backends trust what passes.
+# --------------------------------------------------------------------------------------------
+def _check_int(name, value, *, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def validate(qk, v, n_hashes, chunk_size, n_buckets, causal, rotations, n_chunks_before, n_chunks_after,
+             key_padding_mask, scale):
+    """Checks every argument; returns (n_hashes, chunk_size, n_buckets, before, after, scale)."""
+    _check_tensor("qk", qk, ndim=4)
+    _check_tensor("v", v, ndim=4)
+    if v.dtype != qk.dtype:
+        raise TypeError(f"v must have the dtype of qk ({qk.dtype}), got {v.dtype}")
+    if v.device != qk.device:
+        raise ValueError(f"v must be on the device of qk ({qk.device}), got {v.device}")
+    B, H, L, D = qk.shape
+    if tuple(v.shape[:3]) != (B, H, L):
+        raise ValueError(f"v must be (B, H, L, Dv) = ({B}, {H}, {L}, Dv) like qk, got {tuple(v.shape)}")
+    if L < 1 or D < 1 or v.shape[3] < 1 or B < 1 or H < 1:
+        raise ValueError(f"qk and v need non-empty dimensions, got qk {tuple(qk.shape)}, v {tuple(v.shape)}")
+    n_hashes = _check_int("n_hashes", n_hashes, minimum=1)
+    chunk_size = _check_int("chunk_size", chunk_size, minimum=1)
+    before = _check_int("n_chunks_before", n_chunks_before, minimum=0)
+    after = _check_int("n_chunks_after", n_chunks_after, minimum=0)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite real number, got {scale!r}")
+    if rotations is not None:
+        if not isinstance(rotations, torch.Tensor):
+            raise TypeError(f"rotations must be a torch.Tensor or None, got {type(rotations).__name__}")
+        if not rotations.is_floating_point():
+            raise TypeError(f"rotations must be a floating-point tensor, got {rotations.dtype}")
+        if rotations.device != qk.device:
+            raise ValueError(f"rotations must be on the device of qk ({qk.device}), got {rotations.device}")
+        if rotations.dim() != 4 or tuple(rotations.shape[:3]) != (H, D, n_hashes):
+            raise ValueError(f"rotations must be (H, D, n_hashes, n_buckets // 2) = ({H}, {D}, {n_hashes}, ...), "
+                             f"got {tuple(rotations.shape)}")
+        if n_buckets is None:
+            n_buckets = 2 * rotations.shape[3]
+    if n_buckets is None:
+        n_buckets = default_n_buckets(L, chunk_size)
+    n_buckets = _check_int("n_buckets", n_buckets, minimum=2)
+    if n_buckets % 2:
+        raise ValueError(f"n_buckets must be even (buckets come in +/- pairs of rotations), got {n_buckets}")
+    if rotations is not None and rotations.shape[3] != n_buckets // 2:
+        raise ValueError(f"rotations must be (H, D, n_hashes, n_buckets // 2) with n_buckets = {n_buckets}, "
+                         f"got last dimension {rotations.shape[3]}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, L):
+            raise ValueError(f"key_padding_mask must be (B, L) = ({B}, {L}), got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != qk.device:
+            raise ValueError(f"key_padding_mask must be on the device of qk ({qk.device}), "
+                             f"got {key_padding_mask.device}")
+    Lp = padded_length(L, chunk_size)
+    if n_hashes * Lp > _INT32_MAX:
+        raise ValueError(f"n_hashes * padded length = {n_hashes * Lp} exceeds the int32 indices of the kernels")
+    return n_hashes, chunk_size, n_buckets, before, after, float(scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends: each says why it cannot take an input; dispatch picks the first that can.
+# --------------------------------------------------------------------------------------------
+def not_supported_reasons(backend: str, qk: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Why ``backend`` cannot run LSH attention on these inputs (empty list: it can)."""
+    reasons = []
+    if backend == "reference":
+        return reasons
+    if backend == "cpu":
+        if not _ext.available():
+            reasons.append(_ext.LOAD_ERROR)
+        if qk.device.type != "cpu":
+            reasons.append(f"the C++ CPU kernels take CPU tensors, got {qk.device.type}")
+    elif backend == "triton":
+        err = _triton_import_error()
+        if err:
+            reasons.append(err)
+        if qk.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            reasons.append("Triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
+                           "before triton is imported")
+        elif qk.device.type not in ("cpu", "cuda"):
+            reasons.append(f"Triton kernels take CUDA tensors, got {qk.device.type}")
+        if max(qk.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
+            reasons.append(f"head dim {max(qk.shape[-1], v.shape[-1])} exceeds the Triton kernel's "
+                           f"{TRITON_MAX_HEAD_DIM}")
+        if qk.dtype == torch.float64 and qk.device.type == "cuda":
+            reasons.append("float64 runs on the CPU backends and the Triton interpreter, not on GPU Triton")
+    else:
+        reasons.append(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return reasons
+
+
+def choose_backend(qk: torch.Tensor, v: torch.Tensor, backend: Optional[str]) -> str:
+    """Explicit choice (argument, then LONGKERNELS_BACKEND) or the device's default order."""
+    if backend is None:
+        backend = os.environ.get("LONGKERNELS_BACKEND") or None
+        if backend == "cuda":  # memory attention's CUDA kernels; LSH attends with Triton on CUDA
+            backend = "triton"
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        reasons = not_supported_reasons(backend, qk, v)
+        if reasons:
+            raise ValueError(f"backend {backend!r} cannot run these inputs: " + "; ".join(reasons))
+        return backend
+    order = ("triton", "reference") if qk.device.type == "cuda" else ("cpu", "reference")
+    for name in order:
+        if not not_supported_reasons(name, qk, v):
+            return name
+    return "reference"
+
+
+def hash_sort_backend(qk: torch.Tensor) -> str:
+    """Which implementation hashes and sorts: the extension's op for the device, else torch."""
+    if _ext.available() and (qk.device.type == "cpu" or (qk.device.type == "cuda" and _ext.cuda_compiled())):
+        return "extension"
+    return "torch"
+
+
+# --------------------------------------------------------------------------------------------
+# Torch ops, with fake (meta) implementations so torch.compile traces through them.
+# --------------------------------------------------------------------------------------------
+def _hash_sort_fake(qk, rotations, key_padding_mask, n_buckets, padded_len):
+    B, H = qk.shape[:2]
+    shape = (B, H, rotations.shape[2], padded_len)
+    return qk.new_empty(shape, dtype=torch.int32), qk.new_empty(shape, dtype=torch.int32)
+
+
+def _fwd_fake(qk, v, perm, key_padding_mask, chunk_size, n_chunks_before, n_chunks_after, causal, scale):
+    B, H, L, _ = qk.shape
+    stats = qk.new_empty(B, H, L, dtype=lse_dtype(v.dtype))
+    return v.new_empty(B, H, L, v.shape[-1]), stats, torch.empty_like(stats)
+
+
+def _bwd_fake(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size, n_chunks_before,
+              n_chunks_after, causal, scale):
+    ct = lse_dtype(v.dtype)
+    return (torch.empty(qk.shape, dtype=ct, device=qk.device), torch.empty(qk.shape, dtype=ct, device=qk.device),
+            torch.empty(v.shape, dtype=ct, device=v.device))
+
+
+@torch.library.custom_op("longkernels::lsh_hash_sort_torch", mutates_args=())
+def _torch_hash_sort(qk: torch.Tensor, rotations: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                     n_buckets: int, padded_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, L, _ = qk.shape
+    pad = padding_mask(B, L, padded_len, key_padding_mask, qk.device)
+    qk_p = torch.nn.functional.pad(qk.detach().float(), (0, 0, 0, padded_len - L))
+    buckets = lsh_hash(qk_p, rotations, pad)
+    order = lsh_sort(buckets, n_buckets, True)  # padding's extra bucket: same order either way
+    perm = (order % padded_len).view(buckets.shape)
+    return buckets.int(), perm.int()
+
+
+@torch.library.custom_op("longkernels::lsh_attention_fwd_triton", mutates_args=())
+def _triton_fwd(qk: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                chunk_size: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton_kernels import lsh_attention as tk
+    return tk.lsh_attention_fwd(qk, v, perm, key_padding_mask, chunk_size, n_chunks_before, n_chunks_after,
+                                causal, scale)
+
+
+@torch.library.custom_op("longkernels::lsh_attention_bwd_triton", mutates_args=())
+def _triton_bwd(dout: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, perm: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor], lse_max: torch.Tensor, lse_log: torch.Tensor,
+                delta: torch.Tensor, chunk_size: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton_kernels import lsh_attention as tk
+    return tk.lsh_attention_bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size,
+                                n_chunks_before, n_chunks_after, causal, scale)
+
+
+_torch_hash_sort.register_fake(_hash_sort_fake)
+_triton_fwd.register_fake(_fwd_fake)
+_triton_bwd.register_fake(_bwd_fake)
+
+if _ext.available():
+    torch.library.register_fake("longkernels::lsh_hash_sort")(_hash_sort_fake)
+    torch.library.register_fake("longkernels::lsh_attention_fwd")(_fwd_fake)
+    torch.library.register_fake("longkernels::lsh_attention_bwd")(_bwd_fake)
+
+
+def hash_sort(qk, rotations, key_padding_mask, n_buckets, padded_len):
+    """Buckets and sorted order, (B, H, n_hashes, Lp) int32 each (see csrc/ops.cpp)."""
+    op = (torch.ops.longkernels.lsh_hash_sort if hash_sort_backend(qk) == "extension"
+          else torch.ops.longkernels.lsh_hash_sort_torch)
+    return op(qk.detach(), rotations.detach().float(), key_padding_mask, n_buckets, padded_len)
+
+
+def _kernels(backend):
+    if backend == "triton":
+        return torch.ops.longkernels.lsh_attention_fwd_triton, torch.ops.longkernels.lsh_attention_bwd_triton
+    return torch.ops.longkernels.lsh_attention_fwd, torch.ops.longkernels.lsh_attention_bwd
+
+
+def normalize_keys_backward(qk: torch.Tensor, dk: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. qk of <dk, k(qk)> for k = qk * n, n = rsqrt(mean(qk^2) + eps) / sqrt(D):
+    dqk = n dk - qk n <qk, dk> / (D (mean(qk^2) + eps))."""
+    d = qk.shape[-1]
+    ms = qk.pow(2).mean(-1, keepdim=True) + NORM_EPS
+    n = torch.rsqrt(ms) / math.sqrt(d)
+    return n * (dk - qk * ((qk * dk).sum(-1, keepdim=True) / (d * ms)))
+
+
+class LSHAttentionFunction(torch.autograd.Function):
+    """Hash, sort and attend in the forward; the backward reuses the sorted order and the saved
+    row statistics (no re-hashing, no stored probabilities)."""
+
+    @staticmethod
+    def forward(ctx, qk, v, rotations, key_padding_mask, n_buckets, chunk_size, before, after, causal, scale,
+                backend):
+        L = qk.shape[2]
+        _, perm = hash_sort(qk, rotations, key_padding_mask, n_buckets, padded_length(L, chunk_size))
+        fwd, _ = _kernels(backend)
+        out, lse_max, lse_log = fwd(qk, v, perm, key_padding_mask, chunk_size, before, after, causal, scale)
+        ctx.save_for_backward(qk, v, perm, key_padding_mask, out, lse_max, lse_log)
+        ctx.args = (chunk_size, before, after, causal, scale, backend)
+        ctx.set_materialize_grads(False)
+        return out, lse_max + lse_log
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        qk, v, perm, key_padding_mask, out, lse_max, lse_log = ctx.saved_tensors
+        chunk_size, before, after, causal, scale, backend = ctx.args
+        ct = lse_max.dtype
+        if dout is None:
+            dout = torch.zeros_like(out)
+        # delta_i = <dout_i, out_i> - dlse_i. With P the combined probabilities over all rounds'
+        # windows (exp(s - lse)), ds = P (dP - delta): the rounds' weights need no term of their
+        # own, because the combination is one softmax over the union of the windows.
+        delta = (dout.to(ct) * out.to(ct)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(ct)
+        _, bwd = _kernels(backend)
+        dq, dk, dv = bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size, before, after,
+                         causal, scale)
+        dqk = dq + normalize_keys_backward(qk.detach().to(ct), dk)
+        return dqk.to(qk.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None, None
+
+
+def lsh_attention(qk, v, *, n_hashes, chunk_size, n_buckets=None, causal=False, rotations=None,
+                  n_chunks_before=1, n_chunks_after=0, key_padding_mask=None, scale=1.0, return_lse=False,
+                  return_rotations=False, backend=None):
+    """Reformer's LSH attention with shared queries and keys (docs/semantics.md §2).
+
+    Args:
+        qk: ``(B, H, L, D)`` shared queries/keys; keys are their length-normalised copies.
+        v: ``(B, H, L, Dv)`` values.
+        n_hashes: rounds of hashing; their outputs combine by log-sum-exp.
+        chunk_size: queries per chunk of the sorted sequence; any ``L`` works (padded internally).
+        n_buckets: even; default the largest power of two <= ``2 * L / chunk_size`` (at least 2), or
+            ``2 * rotations.shape[-1]`` when ``rotations`` is given.
+        causal: mask keys at later positions than the query.
+        rotations: ``(H, D, n_hashes, n_buckets // 2)``; drawn from torch's RNG when None.
+        n_chunks_before, n_chunks_after: neighbouring chunks each chunk also attends to.
+        key_padding_mask: ``(B, L)`` bool, True where a token is padding (PyTorch's convention;
+            HuggingFace's ``attention_mask`` is its negation).
+        scale: multiplies the logits ``<qk_i, k_j>``; 1.0 as in Reformer (the keys are unit length).
+        return_lse: also return the log-sum-exp over all rounds' windows, ``(B, H, L)``, float32
+            (float64 for float64 inputs).
+        return_rotations: also return the rotations used (the ones drawn, when none were given).
+        backend: ``"cpu"``, ``"triton"`` or ``"reference"``; default by device, overridable by the
+            ``LONGKERNELS_BACKEND`` environment variable.
+
+    Returns:
+        ``out`` ``(B, H, L, Dv)`` in v's dtype; then ``lse`` and ``rotations`` when asked.
+    """
+    n_hashes, chunk_size, n_buckets, before, after, scale = validate(
+        qk, v, n_hashes, chunk_size, n_buckets, causal, rotations, n_chunks_before, n_chunks_after,
+        key_padding_mask, scale)
+    name = choose_backend(qk, v, backend)
+    if rotations is None:
+        B, H, L, D = qk.shape
+        rotations = draw_rotations(H, D, n_hashes, n_buckets, device=qk.device)
+    if name == "reference":
+        out, lse = _reference(qk, v, n_hashes=n_hashes, chunk_size=chunk_size, n_buckets=n_buckets,
+                                      causal=causal, rotations=rotations, n_chunks_before=before,
+                                      n_chunks_after=after, key_padding_mask=key_padding_mask, scale=scale,
+                                      return_lse=True)
+    else:
+        out, lse = LSHAttentionFunction.apply(qk, v, rotations, key_padding_mask, n_buckets, chunk_size, before,
+                                              after, causal, scale, name)
+    result = (out,)
+    if return_lse:
+        result += (lse,)
+    if return_rotations:
+        result += (rotations,)
+    return result[0] if len(result) == 1 else result
