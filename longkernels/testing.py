@@ -122,12 +122,96 @@ def compare(case: Case, backend: str, dtype: torch.dtype, *, device="cpu", seed:
     truth = run(case, inputs, backend="reference", dtype=torch.float64, with_grad=with_grad)
     got = run(case, inputs, backend=backend, with_grad=with_grad)
     lowp = None if dtype == torch.float64 else run(case, inputs, backend="reference", with_grad=with_grad)
+    return _rows(truth, got, lowp, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# LSH attention (same tolerance rules as above).
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LSHCase:
+    """One LSH-attention problem. Inputs (and rotations) are drawn fresh from the seed each time."""
+    B: int = 1
+    H: int = 2
+    L: int = 40
+    D: int = 16
+    Dv: Optional[int] = None
+    chunk_size: int = 8
+    n_hashes: int = 2
+    n_buckets: int = 4
+    causal: bool = False
+    before: int = 1
+    after: int = 0
+    padding: bool = False  # a random key_padding_mask
+    strided: bool = False  # qk, v as (B, L, H, D).transpose(1, 2) views
+
+    def describe(self) -> str:
+        dv = self.Dv or self.D
+        parts = [f"B{self.B} H{self.H} L{self.L} D{self.D}/{dv} C{self.chunk_size} r{self.n_hashes} "
+                 f"nb{self.n_buckets} w-{self.before}+{self.after}"]
+        parts += [s for s, on in (("causal", self.causal), ("pad", self.padding), ("strided", self.strided)) if on]
+        return " ".join(parts)
+
+
+LSH_GRAD_NAMES = ("dqk", "dv")
+
+
+def make_lsh_inputs(case: LSHCase, dtype: torch.dtype, device="cpu", seed: int = 0):
+    """qk, v, rotations, key_padding_mask and the output/LSE cotangents."""
+    g = torch.Generator().manual_seed(seed)
+    dv = case.Dv or case.D
+
+    def rnd(d):
+        if case.strided:
+            return torch.randn(case.B, case.L, case.H, d, generator=g, dtype=torch.float64).to(dtype).to(
+                device).transpose(1, 2)
+        return torch.randn(case.B, case.H, case.L, d, generator=g, dtype=torch.float64).to(dtype).to(device)
+
+    qk, v = rnd(case.D), rnd(dv)
+    rotations = torch.randn(case.H, case.D, case.n_hashes, case.n_buckets // 2, generator=g).to(device)
+    mask = None
+    if case.padding:
+        mask = (torch.rand(case.B, case.L, generator=g) < 0.25).to(device)
+    dout = torch.randn(case.B, case.H, case.L, dv, generator=g, dtype=torch.float64).to(dtype).to(device)
+    dlse = torch.randn(case.B, case.H, case.L, generator=g, dtype=torch.float64).to(device)
+    return qk, v, rotations, mask, dout, dlse
+
+
+def run_lsh(case: LSHCase, inputs, *, backend: Optional[str], dtype: Optional[torch.dtype] = None,
+            with_grad: bool = True) -> dict:
+    """Runs lsh_attention on ``inputs`` (cast to ``dtype``); loss ``<out, dout> + <lse, dlse>``."""
+    from . import lsh_attention
+
+    qk, v, rotations, mask, dout, dlse = inputs
+    if dtype is not None:
+        qk, v, dout = qk.to(dtype), v.to(dtype), dout.to(dtype)
+    qk = qk.detach().requires_grad_(with_grad)
+    v = v.detach().requires_grad_(with_grad)
+    out, lse = lsh_attention(qk, v, n_hashes=case.n_hashes, chunk_size=case.chunk_size, n_buckets=case.n_buckets,
+                             causal=case.causal, rotations=rotations, n_chunks_before=case.before,
+                             n_chunks_after=case.after, key_padding_mask=mask, return_lse=True, backend=backend)
+    result = {"out": out.detach(), "lse": lse.detach()}
+    if with_grad:
+        loss = (out * dout.to(out.dtype)).sum() + (lse * dlse.to(lse.dtype)).sum()
+        for name, grad in zip(LSH_GRAD_NAMES, torch.autograd.grad(loss, (qk, v))):
+            result[name] = grad
+    return result
+
+
+def compare_lsh(case: LSHCase, backend: str, dtype: torch.dtype, *, device="cpu", seed: int = 0,
+                with_grad: bool = True) -> list[tuple[str, float, float, bool]]:
+    """Backend against the reference: rows of (quantity, error, allowed, ok)."""
+    inputs = make_lsh_inputs(case, dtype, device, seed)
+    truth = run_lsh(case, inputs, backend="reference", dtype=torch.float64, with_grad=with_grad)
+    got = run_lsh(case, inputs, backend=backend, with_grad=with_grad)
+    lowp = None if dtype == torch.float64 else run_lsh(case, inputs, backend="reference", with_grad=with_grad)
+    return _rows(truth, got, lowp, dtype)
+
+
+def _rows(truth: dict, got: dict, lowp: Optional[dict], dtype: torch.dtype):
     rows = []
     for name, ref in truth.items():
         err = rel_err(got[name], ref)
-        if lowp is None:
-            allowed = FLOAT64_RTOL
-        else:
-            allowed = LOWP_FACTOR * rel_err(lowp[name], ref) + LOWP_FLOOR[dtype]
+        allowed = FLOAT64_RTOL if lowp is None else LOWP_FACTOR * rel_err(lowp[name], ref) + LOWP_FLOOR[dtype]
         rows.append((name, err, allowed, err <= allowed))
     return rows

@@ -81,6 +81,15 @@ class LSHSelfAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.fixed_rotations: Optional[torch.Tensor] = None
         self.last_rotations: Optional[torch.Tensor] = None
+        self._replay: Optional[torch.Tensor] = None
+
+    # Replay protocol of recomputing wrappers (longkernels.ReversibleSequence): the state a forward
+    # used, and a one-shot order to use it again in the next forward.
+    def _get_replay_state(self) -> Optional[torch.Tensor]:
+        return self.last_rotations
+
+    def _set_replay_state(self, state: Optional[torch.Tensor]) -> None:
+        self._replay = state
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, chunk_size={self.chunk_size}, "
@@ -121,6 +130,8 @@ class LSHSelfAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
         B, L, _ = x.shape
+        if rotations is None and self._replay is not None:
+            rotations, self._replay = self._replay, None
         if rotations is None:
             rotations = self._rotations(L, x.device)
         # (B, L, H, D) seen as (B, H, L, D): strided views, which the kernels read in place.
