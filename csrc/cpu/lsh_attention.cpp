@@ -32,10 +32,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -122,10 +125,10 @@ std::tuple<Tensor, Tensor> lsh_hash_sort(const Tensor& qk, const Tensor& rotatio
 // Attention: shared description, gathers and products.
 // ---------------------------------------------------------------------------------------------
 struct Problem {
-  int64_t B, H, L, D, Dv, nh, Lp, C, T, before, after, nw, W;
+  int64_t B, H, L, D, Dv, nh, Lp, C, T, before, after, nw;
   bool causal;
   double scale;
-  int64_t Dp, Dvp, Wp;  // padded to 16 columns for the micro-kernels
+  int64_t Dp, Dvp;  // head dims padded to 16 columns for the micro-kernels
 };
 
 Problem describe(const Tensor& qk, const Tensor& v, const Tensor& perm, int64_t C, int64_t before, int64_t after,
@@ -133,9 +136,9 @@ Problem describe(const Tensor& qk, const Tensor& v, const Tensor& perm, int64_t 
   Problem P{};
   P.B = qk.size(0), P.H = qk.size(1), P.L = qk.size(2), P.D = qk.size(3), P.Dv = v.size(3);
   P.nh = perm.size(2), P.Lp = perm.size(3), P.C = C, P.T = P.nh * P.Lp / C;
-  P.before = before, P.after = after, P.nw = before + 1 + after, P.W = P.nw * C;
+  P.before = before, P.after = after, P.nw = before + 1 + after;
   P.causal = causal, P.scale = scale;
-  P.Dp = round_up16(P.D), P.Dvp = round_up16(P.Dv), P.Wp = round_up16(P.W);
+  P.Dp = round_up16(P.D), P.Dvp = round_up16(P.Dv);
   return P;
 }
 
@@ -148,73 +151,43 @@ struct Rows {  // strided (B, H, L, d) tensor in the compute type
   const T* row(int64_t b, int64_t h, int64_t i) const { return p + b * s0 + h * s1 + i * s2; }
 };
 
-// C[M x N] (=|+=) A[M x K] B[K x N]; A row-major (lda), B row-major (ldb), N a multiple of 16 when
-// `fast` (the AVX-512 micro-kernel's contract; callers zero-pad).
-void gemm_loop(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bm, int64_t ldb,
-               double* Cm, int64_t ldc, bool acc) {
+// C[M x N] (=|+=) A[M x K] B[K x N]; A row-major (lda) or, with `at`, stored transposed
+// (element (m, t) at A[t * lda + m]); B row-major (ldb). With `fast` (float on AVX-512) N must be a
+// multiple of 16 (the micro-kernels' contract; callers zero-pad).
+template <typename T>
+__attribute__((always_inline)) inline void gemm_loop_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+                                                          bool at, const T* Bm, int64_t ldb, T* Cm, int64_t ldc,
+                                                          bool acc) {
   for (int64_t i = 0; i < M; ++i) {
-    double* c = Cm + i * ldc;
-    if (!acc) std::fill(c, c + N, 0.0);
+    T* c = Cm + i * ldc;
+    if (!acc) std::fill(c, c + N, T(0));
     for (int64_t t = 0; t < K; ++t) {
-      const double a = A[i * lda + t];
-      const double* bt = Bm + t * ldb;
+      const T a = at ? A[t * lda + i] : A[i * lda + t];
+      const T* bt = Bm + t * ldb;
 #pragma omp simd
       for (int64_t n = 0; n < N; ++n) c[n] += a * bt[n];
     }
   }
 }
-LK_CLONES void gemm_loop(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bm,
+void gemm_loop(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, bool at, const double* Bm,
+               int64_t ldb, double* Cm, int64_t ldc, bool acc) {
+  gemm_loop_impl(M, N, K, A, lda, at, Bm, ldb, Cm, ldc, acc);
+}
+LK_CLONES void gemm_loop(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, bool at, const float* Bm,
                          int64_t ldb, float* Cm, int64_t ldc, bool acc) {
-  for (int64_t i = 0; i < M; ++i) {
-    float* c = Cm + i * ldc;
-    if (!acc) std::fill(c, c + N, 0.0f);
-    for (int64_t t = 0; t < K; ++t) {
-      const float a = A[i * lda + t];
-      const float* bt = Bm + t * ldb;
-#pragma omp simd
-      for (int64_t n = 0; n < N; ++n) c[n] += a * bt[n];
-    }
-  }
+  gemm_loop_impl(M, N, K, A, lda, at, Bm, ldb, Cm, ldc, acc);
 }
 template <typename T>
 void gemm(bool fast, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb, T* Cm,
-          int64_t ldc, bool acc) {
+          int64_t ldc, bool acc, bool at = false) {
   if constexpr (std::is_same_v<T, float>) {
-    if (fast) return tile::gemm_f32(M, N, K, A, lda, Bm, ldb, Cm, ldc, acc);
-  }
-  gemm_loop(M, N, K, A, lda, Bm, ldb, Cm, ldc, acc);
-}
-
-// Per-thread scratch for one chunk and its window. Padding columns/rows stay zero.
-template <typename T>
-struct Window {
-  std::vector<int32_t> pk;    // W key positions
-  std::vector<uint8_t> kpad;  // W: key is padding
-  std::vector<T> kt;          // D x Wp: normalised keys, transposed (S = Q K^T)
-  std::vector<T> krows;       // W x Dp: normalised keys, rows (dQ = dS K)
-  std::vector<T> vrows;       // W x Dvp (O = P V)
-  std::vector<T> vt;          // Dv x Wp (dP = dO V^T)
-  std::vector<T> q;           // C x Dp
-  std::vector<T> s, dp;       // C x Wp
-  std::vector<T> pt, dst;     // W x C (P^T, dS^T)
-  std::vector<T> o;           // C x Dvp
-  std::vector<T> dout;        // C x Dvp
-  std::vector<T> key;         // D: one normalised key
-  Window(const Problem& P, bool backward)
-      : pk(P.W), kpad(P.W), kt(P.D * P.Wp, T(0)), q(P.C * P.Dp, T(0)), s(P.C * P.Wp, T(0)), key(P.D) {
-    if (backward) {
-      krows.assign(P.W * P.Dp, T(0));
-      vt.assign(P.Dv * P.Wp, T(0));
-      dp.assign(P.C * P.Wp, T(0));
-      pt.assign(P.W * P.C, T(0));
-      dst.assign(P.W * P.C, T(0));
-      dout.assign(P.C * P.Dvp, T(0));
-    } else {
-      vrows.assign(P.W * P.Dvp, T(0));
-      o.assign(P.C * P.Dvp, T(0));
+    if (fast) {
+      if (at) return tile::gemm_f32_at(M, N, K, A, lda, Bm, ldb, Cm, ldc, acc);
+      return tile::gemm_f32(M, N, K, A, lda, Bm, ldb, Cm, ldc, acc);
     }
   }
-};
+  gemm_loop(M, N, K, A, lda, at, Bm, ldb, Cm, ldc, acc);
+}
 
 template <typename T>
 struct Inputs {
@@ -223,53 +196,118 @@ struct Inputs {
   const bool* pad;      // (B, L) or null
 };
 
-// Gathers chunk c's window: key positions, padding flags, normalised keys (transposed, and as rows
-// when `rows`), values (as rows for the forward, transposed for the backward).
+// One chunk of the sorted sequence as the key side needs it: positions, padding flags, normalised
+// keys and values, in the layouts of the tile products; Cp = C rounded up to 16, padding
+// columns/rows zero and flagged as padding. Built once per chunk and reused by the consecutive
+// windows that contain it (a thread walks consecutive query chunks).
 template <typename T>
-void gather_window(const Problem& P, const Inputs<T>& in, int64_t b, int64_t h, int64_t c, Window<T>& w,
-                   bool backward) {
-  const int32_t* perm = in.perm + (b * P.H + h) * P.nh * P.Lp;
-  const T inv_sqrt_d = T(1) / std::sqrt(static_cast<T>(P.D));
-  for (int64_t j = 0; j < P.nw; ++j) {
-    const int64_t cj = ((c + j - P.before) % P.T + P.T) % P.T;
+struct KeyChunk {
+  int64_t tag = INT64_MIN;    // unwrapped chunk index it holds
+  std::vector<int32_t> pk;    // Cp
+  std::vector<uint8_t> kpad;  // Cp
+  std::vector<T> kt;          // D x Cp: keys transposed (S = Q K^T)
+  std::vector<T> krows;       // Cp x Dp: keys (dQ = dS K; backward only)
+  std::vector<T> vrows;       // Cp x Dvp: values (O = P V; forward only)
+  std::vector<T> vt;          // Dv x Cp: values transposed (dP = dO V^T; backward only)
+};
+
+template <typename T>
+struct Scratch {
+  const Problem& P;
+  bool backward;
+  int64_t Cp, Wp;  // chunk and window widths in columns
+  std::vector<KeyChunk<T>> ring;  // the window's chunks, slot = unwrapped index mod nw
+  std::vector<int32_t> pk;        // Wp: the window's key positions
+  std::vector<uint8_t> kpad;      // Wp
+  std::vector<T> rows;            // Cp x D: gathered key rows before normalising/transposing
+  std::vector<T> q, s, dp, o, dout;
+  Scratch(const Problem& P_, bool backward_)
+      : P(P_), backward(backward_), Cp(round_up16(P_.C)), Wp(P_.nw * round_up16(P_.C)), ring(P_.nw),
+        pk(Wp), kpad(Wp), rows(Cp * P_.D), q(P_.C * P_.Dp, T(0)), s(P_.C * Wp, T(0)) {
+    for (auto& k : ring) {
+      k.pk.assign(Cp, -1);
+      k.kpad.assign(Cp, 1);
+      k.kt.assign(P.D * Cp, T(0));
+      if (backward) {
+        k.krows.assign(Cp * P.Dp, T(0));
+        k.vt.assign(P.Dv * Cp, T(0));
+      } else {
+        k.vrows.assign(Cp * P.Dvp, T(0));
+      }
+    }
+    if (backward) {
+      dp.assign(P.C * Wp, T(0));
+      dout.assign(P.C * P.Dvp, T(0));
+    } else {
+      o.assign(P.C * P.Dvp, T(0));
+    }
+  }
+  // The chunk at unwrapped window index u (sorted chunk u mod T), loaded if not cached.
+  KeyChunk<T>& chunk(const Inputs<T>& in, int64_t b, int64_t h, int64_t u) {
+    KeyChunk<T>& k = ring[((u % P.nw) + P.nw) % P.nw];
+    if (k.tag != u) {
+      load(in, b, h, ((u % P.T) + P.T) % P.T, k);
+      k.tag = u;
+    }
+    return k;
+  }
+  void load(const Inputs<T>& in, int64_t b, int64_t h, int64_t c, KeyChunk<T>& k) {
+    const int32_t* perm = in.perm + (b * P.H + h) * P.nh * P.Lp + c * P.C;
+    const T inv_sqrt_d = T(1) / std::sqrt(static_cast<T>(P.D));
+    const int64_t D = P.D, Dv = P.Dv;
     for (int64_t i = 0; i < P.C; ++i) {
-      const int64_t n = j * P.C + i;
-      const int32_t pos = perm[cj * P.C + i];
-      w.pk[n] = pos;
+      const int32_t pos = perm[i];
+      k.pk[i] = pos;
       const bool beyond = pos >= P.L;
-      w.kpad[n] = beyond || (in.pad && in.pad[b * P.L + pos]);
-      if (beyond) {  // internal padding: zero rows (never weighted)
-        for (int64_t d = 0; d < P.D; ++d) w.kt[d * P.Wp + n] = T(0);
+      k.kpad[i] = beyond || (in.pad && in.pad[b * P.L + pos]);
+      T* x = rows.data() + i * D;
+      if (beyond) {  // internal padding: zero key and value (never weighted)
+        std::fill(x, x + D, T(0));
         if (backward) {
-          std::fill(&w.krows[n * P.Dp], &w.krows[n * P.Dp] + P.D, T(0));
-          for (int64_t d = 0; d < P.Dv; ++d) w.vt[d * P.Wp + n] = T(0);
+          for (int64_t d = 0; d < Dv; ++d) k.vt[d * Cp + i] = T(0);
         } else {
-          std::fill(&w.vrows[n * P.Dvp], &w.vrows[n * P.Dvp] + P.Dv, T(0));
+          std::fill(&k.vrows[i * P.Dvp], &k.vrows[i * P.Dvp] + Dv, T(0));
         }
         continue;
       }
-      const T* x = in.qk.row(b, h, pos);
+      copy_row(in.qk.row(b, h, pos), in.qk.s3, D, x);
       T ss = 0;
-      for (int64_t d = 0; d < P.D; ++d) {
-        const T xd = x[d * in.qk.s3];
-        w.key[d] = xd;
-        ss += xd * xd;
-      }
-      const T norm = T(1) / std::sqrt(ss / static_cast<T>(P.D) + static_cast<T>(kNormEps));
-      for (int64_t d = 0; d < P.D; ++d) {
-        const T kd = w.key[d] * norm * inv_sqrt_d;
-        w.kt[d * P.Wp + n] = kd;
-        if (backward) w.krows[n * P.Dp + d] = kd;
-      }
-      const T* vr = in.v.row(b, h, pos);
+#pragma omp simd reduction(+ : ss)
+      for (int64_t d = 0; d < D; ++d) ss += x[d] * x[d];
+      const T norm = inv_sqrt_d / std::sqrt(ss / static_cast<T>(D) + static_cast<T>(kNormEps));
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) x[d] *= norm;
       if (backward) {
-        for (int64_t d = 0; d < P.Dv; ++d) w.vt[d * P.Wp + n] = vr[d * in.v.s3];
+        std::copy(x, x + D, &k.krows[i * P.Dp]);
+        const T* vr = in.v.row(b, h, pos);
+        for (int64_t d = 0; d < Dv; ++d) k.vt[d * Cp + i] = vr[d * in.v.s3];
       } else {
-        for (int64_t d = 0; d < P.Dv; ++d) w.vrows[n * P.Dvp + d] = vr[d * in.v.s3];
+        copy_row(in.v.row(b, h, pos), in.v.s3, Dv, &k.vrows[i * P.Dvp]);
       }
     }
+    // Keys transposed, by blocks of 16 rows (reads stay within a few cache lines).
+    for (int64_t i0 = 0; i0 < P.C; i0 += 16) {
+      const int64_t i1 = std::min(P.C, i0 + 16);
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t i = i0; i < i1; ++i) k.kt[d * Cp + i] = rows[i * D + d];
+    }
   }
-}
+  static void copy_row(const T* src, int64_t stride, int64_t n, T* dst) {
+    if (stride == 1) {
+      std::copy(src, src + n, dst);
+    } else {
+      for (int64_t d = 0; d < n; ++d) dst[d] = src[d * stride];
+    }
+  }
+  // Loads chunk c's window (ring slots in window order) and its key positions/flags.
+  void window(const Inputs<T>& in, int64_t b, int64_t h, int64_t c, KeyChunk<T>** chunks) {
+    for (int64_t j = 0; j < P.nw; ++j) {
+      chunks[j] = &chunk(in, b, h, c + j - P.before);
+      std::copy(chunks[j]->pk.begin(), chunks[j]->pk.end(), pk.begin() + j * Cp);
+      std::copy(chunks[j]->kpad.begin(), chunks[j]->kpad.end(), kpad.begin() + j * Cp);
+    }
+  }
+};
 
 // Chunk c's query rows (qk at their positions; zero rows past L).
 template <typename T>
@@ -282,8 +320,7 @@ void gather_rows(const Problem& P, const Rows<T>& src, const int32_t* perm_bh, i
       std::fill(out, out + d_len, T(0));
       continue;
     }
-    const T* x = src.row(b, h, pos);
-    for (int64_t d = 0; d < d_len; ++d) out[d] = x[d * src.s3];
+    Scratch<T>::copy_row(src.row(b, h, pos), src.s3, d_len, out);
   }
 }
 
@@ -363,31 +400,38 @@ void forward_kernel(const Problem& P, const Inputs<T>& in, bool fast, T* out, T*
     const int64_t b = bh / P.H, h = bh % P.H;
     const int32_t* perm = in.perm + bh * P.nh * P.Lp;
     at::parallel_for(0, P.T, 1, [&](int64_t begin, int64_t end) {
-      Window<T> w(P, false);
+      Scratch<T> w(P, false);
+      std::vector<KeyChunk<T>*> win(P.nw);
+      const int64_t Wp = w.Wp, Cp = w.Cp;
       for (int64_t c = begin; c < end; ++c) {
         const int64_t r = c / rounds_chunks;
-        gather_window(P, in, b, h, c, w, false);
+        w.window(in, b, h, c, win.data());
         gather_rows(P, in.qk, perm, b, h, c, P.D, P.Dp, w.q.data());
-        gemm(fast, P.C, P.Wp, P.D, w.q.data(), P.Dp, w.kt.data(), P.Wp, w.s.data(), P.Wp, false);
+        for (int64_t j = 0; j < P.nw; ++j)
+          gemm(fast, P.C, Cp, P.D, w.q.data(), P.Dp, win[j]->kt.data(), Cp, w.s.data() + j * Cp, Wp, false);
         for (int64_t i = 0; i < P.C; ++i) {
           const int32_t pq = perm[c * P.C + i];
-          T* srow = w.s.data() + i * P.Wp;
+          T* srow = w.s.data() + i * Wp;
           if (pq >= P.L) {  // internal padding: no output
-            std::fill(srow, srow + P.W, T(0));
+            std::fill(srow, srow + Wp, T(0));
             continue;
           }
           T m, l;
-          fwd_row(srow, w.pk.data(), w.kpad.data(), P.W, pq, P.causal, static_cast<T>(P.scale), m, l);
+          fwd_row(srow, w.pk.data(), w.kpad.data(), Wp, pq, P.causal, static_cast<T>(P.scale), m, l);
           m_r[r * P.L + pq] = m;
           l_r[r * P.L + pq] = l;
         }
-        gemm(fast, P.C, P.Dvp, P.W, w.s.data(), P.Wp, w.vrows.data(), P.Dvp, w.o.data(), P.Dvp, false);
+        for (int64_t j = 0; j < P.nw; ++j)
+          gemm(fast, P.C, P.Dvp, P.C, w.s.data() + j * Cp, Wp, win[j]->vrows.data(), P.Dvp, w.o.data(), P.Dvp,
+               j > 0);
         for (int64_t i = 0; i < P.C; ++i) {
           const int32_t pq = perm[c * P.C + i];
           if (pq >= P.L) continue;
           const T inv = T(1) / l_r[r * P.L + pq];
           T* dst = o_r.data() + (r * P.L + pq) * P.Dv;
-          for (int64_t d = 0; d < P.Dv; ++d) dst[d] = w.o[i * P.Dvp + d] * inv;
+          const T* src = w.o.data() + i * P.Dvp;
+#pragma omp simd
+          for (int64_t d = 0; d < P.Dv; ++d) dst[d] = src[d] * inv;
         }
       }
     });
@@ -413,7 +457,14 @@ void forward_kernel(const Problem& P, const Inputs<T>& in, bool fast, T* out, T*
   }
 }
 
-bool use_fast_tiles(at::ScalarType ct) { return ct == at::kFloat && has_avx512f(); }
+// Float products through our AVX-512 micro-kernels where the CPU has them, else plain loops.
+// LONGKERNELS_CPU_TILES=blas forces the portable loops (the name is memory attention's, whose
+// portable path is the BLAS): tests use it to cover that path on machines with AVX-512.
+bool use_fast_tiles(at::ScalarType ct) {
+  const char* env = std::getenv("LONGKERNELS_CPU_TILES");  // read per call: tests switch it
+  if (env && std::string(env) == "blas") return false;
+  return ct == at::kFloat && has_avx512f();
+}
 
 std::tuple<Tensor, Tensor, Tensor> lsh_attention_fwd(const Tensor& qk, const Tensor& v, const Tensor& perm,
                                                      const std::optional<Tensor>& key_padding_mask,
@@ -468,42 +519,43 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
     for (int64_t phase = 0; phase < std::min<int64_t>(2, n_seg); ++phase) {
       const int64_t n_items = n_seg == 1 ? 1 : n_seg / 2;
       at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
-        Window<T> w(P, true);
+        Scratch<T> w(P, true);
+        std::vector<KeyChunk<T>*> win(P.nw);
+        const int64_t Wp = w.Wp, Cp = w.Cp;
         for (int64_t item = begin; item < end; ++item) {
           const int64_t seg = n_seg == 1 ? 0 : 2 * item + phase;
           const int64_t c_begin = seg * P.T / n_seg, c_end = (seg + 1) * P.T / n_seg;
           for (int64_t c = c_begin; c < c_end; ++c) {
-            gather_window(P, in, b, h, c, w, true);
+            w.window(in, b, h, c, win.data());
             gather_rows(P, in.qk, perm, b, h, c, P.D, P.Dp, w.q.data());
             gather_rows(P, dout, perm, b, h, c, P.Dv, P.Dvp, w.dout.data());
-            gemm(fast, P.C, P.Wp, P.D, w.q.data(), P.Dp, w.kt.data(), P.Wp, w.s.data(), P.Wp, false);
-            gemm(fast, P.C, P.Wp, P.Dv, w.dout.data(), P.Dvp, w.vt.data(), P.Wp, w.dp.data(), P.Wp, false);
+            for (int64_t j = 0; j < P.nw; ++j) {
+              gemm(fast, P.C, Cp, P.D, w.q.data(), P.Dp, win[j]->kt.data(), Cp, w.s.data() + j * Cp, Wp, false);
+              gemm(fast, P.C, Cp, P.Dv, w.dout.data(), P.Dvp, win[j]->vt.data(), Cp, w.dp.data() + j * Cp, Wp,
+                   false);
+            }
             for (int64_t i = 0; i < P.C; ++i) {
               const int32_t pq = perm[c * P.C + i];
-              T* srow = w.s.data() + i * P.Wp;
-              T* dprow = w.dp.data() + i * P.Wp;
+              T* srow = w.s.data() + i * Wp;
+              T* dprow = w.dp.data() + i * Wp;
               if (pq >= P.L) {
-                std::fill(srow, srow + P.W, T(0));
-                std::fill(dprow, dprow + P.W, T(0));
+                std::fill(srow, srow + Wp, T(0));
+                std::fill(dprow, dprow + Wp, T(0));
               } else {
-                bwd_row(srow, dprow, w.pk.data(), w.kpad.data(), P.W, pq, P.causal, static_cast<T>(P.scale),
-                        lm[pq], ll[pq], dl[pq]);
-              }
-              for (int64_t n = 0; n < P.W; ++n) {
-                w.pt[n * P.C + i] = srow[n];
-                w.dst[n * P.C + i] = dprow[n];
+                bwd_row(srow, dprow, w.pk.data(), w.kpad.data(), Wp, pq, P.causal, static_cast<T>(P.scale), lm[pq],
+                        ll[pq], dl[pq]);
               }
             }
-            // dQ = dS K (this chunk's slots, written once).
-            gemm(fast, P.C, P.Dp, P.W, w.dp.data(), P.Wp, w.krows.data(), P.Dp, dq_s.data() + c * P.C * P.Dp, P.Dp,
-                 false);
-            // dV += P^T dO and dK += dS^T Q, window chunk by window chunk into their slots.
             for (int64_t j = 0; j < P.nw; ++j) {
               const int64_t cj = ((c + j - P.before) % P.T + P.T) % P.T;
-              gemm(fast, P.C, P.Dvp, P.C, w.pt.data() + j * P.C * P.C, P.C, w.dout.data(), P.Dvp,
-                   dv_s.data() + cj * P.C * P.Dvp, P.Dvp, true);
-              gemm(fast, P.C, P.Dp, P.C, w.dst.data() + j * P.C * P.C, P.C, w.q.data(), P.Dp,
-                   dk_s.data() + cj * P.C * P.Dp, P.Dp, true);
+              // dQ = dS K over the window (this chunk's slots, written once).
+              gemm(fast, P.C, P.Dp, P.C, w.dp.data() + j * Cp, Wp, win[j]->krows.data(), P.Dp,
+                   dq_s.data() + c * P.C * P.Dp, P.Dp, j > 0);
+              // dV += P^T dO and dK += dS^T Q into the key chunk's slots (P, dS read transposed).
+              gemm(fast, P.C, P.Dvp, P.C, w.s.data() + j * Cp, Wp, w.dout.data(), P.Dvp,
+                   dv_s.data() + cj * P.C * P.Dvp, P.Dvp, true, true);
+              gemm(fast, P.C, P.Dp, P.C, w.dp.data() + j * Cp, Wp, w.q.data(), P.Dp, dk_s.data() + cj * P.C * P.Dp,
+                   P.Dp, true, true);
             }
           }
         }

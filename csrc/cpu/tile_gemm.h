@@ -23,6 +23,10 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, 
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, int64_t ldb, float* C,
               int64_t ldc, bool accumulate);
 
+// C[M x N] (=|+=) A B with A given transposed: At is K x M row-major (At[t * lda + m]).
+void gemm_f32_at(int64_t M, int64_t N, int64_t K, const float* At, int64_t lda, const float* Bp, int64_t ldb,
+                 float* C, int64_t ldc, bool accumulate);
+
 // fp32 -> bf16, round to nearest even, n elements.
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
 
