@@ -30,10 +30,9 @@ from .. import _ext
 from ..reference import lsh_attention as _reference
 from ..reference.lsh_attention import (NORM_EPS, default_n_buckets, draw_rotations, lsh_hash, lsh_sort,
                                        padded_length, padding_mask)
-from .memory_attention import _check_tensor, _triton_import_error, lse_dtype
+from .memory_attention import _check_tensor, cpu_reasons, lse_dtype, select_backend, triton_reasons
 
 BACKENDS = ("cpu", "triton", "reference")
-TRITON_MAX_HEAD_DIM = 256
 _INT32_MAX = 2**31 - 1
 
 
@@ -111,31 +110,13 @@ def validate(qk, v, n_hashes, chunk_size, n_buckets, causal, rotations, n_chunks
 # --------------------------------------------------------------------------------------------
 def not_supported_reasons(backend: str, qk: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Why ``backend`` cannot run LSH attention on these inputs (empty list: it can)."""
-    reasons = []
     if backend == "reference":
-        return reasons
+        return []
     if backend == "cpu":
-        if not _ext.available():
-            reasons.append(_ext.LOAD_ERROR)
-        if qk.device.type != "cpu":
-            reasons.append(f"the C++ CPU kernels take CPU tensors, got {qk.device.type}")
-    elif backend == "triton":
-        err = _triton_import_error()
-        if err:
-            reasons.append(err)
-        if qk.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            reasons.append("Triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
-                           "before triton is imported")
-        elif qk.device.type not in ("cpu", "cuda"):
-            reasons.append(f"Triton kernels take CUDA tensors, got {qk.device.type}")
-        if max(qk.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
-            reasons.append(f"head dim {max(qk.shape[-1], v.shape[-1])} exceeds the Triton kernel's "
-                           f"{TRITON_MAX_HEAD_DIM}")
-        if qk.dtype == torch.float64 and qk.device.type == "cuda":
-            reasons.append("float64 runs on the CPU backends and the Triton interpreter, not on GPU Triton")
-    else:
-        reasons.append(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    return reasons
+        return cpu_reasons(qk)
+    if backend == "triton":
+        return triton_reasons(qk, v)
+    return [f"unknown backend {backend!r}; expected one of {BACKENDS}"]
 
 
 def choose_backend(qk: torch.Tensor, v: torch.Tensor, backend: Optional[str]) -> str:
@@ -144,18 +125,8 @@ def choose_backend(qk: torch.Tensor, v: torch.Tensor, backend: Optional[str]) ->
         backend = os.environ.get("LONGKERNELS_BACKEND") or None
         if backend == "cuda":  # memory attention's CUDA kernels; LSH attends with Triton on CUDA
             backend = "triton"
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-        reasons = not_supported_reasons(backend, qk, v)
-        if reasons:
-            raise ValueError(f"backend {backend!r} cannot run these inputs: " + "; ".join(reasons))
-        return backend
     order = ("triton", "reference") if qk.device.type == "cuda" else ("cpu", "reference")
-    for name in order:
-        if not not_supported_reasons(name, qk, v):
-            return name
-    return "reference"
+    return select_backend(BACKENDS, not_supported_reasons, qk, v, backend, order)
 
 
 def hash_sort_backend(qk: torch.Tensor) -> str:

@@ -131,56 +131,76 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
+def cpu_reasons(q: torch.Tensor) -> list[str]:
+    """Why the C++ CPU kernels (of any operation) cannot take ``q``."""
+    reasons = []
+    if not _ext.available():
+        reasons.append(_ext.LOAD_ERROR)
+    if q.device.type != "cpu":
+        reasons.append(f"the C++ CPU kernels take CPU tensors, got {q.device.type}")
+    return reasons
+
+
+def triton_reasons(q: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Why the Triton kernels (of any operation) cannot take ``q`` and ``v``."""
+    reasons = []
+    err = _triton_import_error()
+    if err:
+        reasons.append(err)
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        reasons.append("Triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
+                       "before triton is imported")
+    elif q.device.type not in ("cpu", "cuda"):
+        reasons.append(f"Triton kernels take CUDA tensors, got {q.device.type}")
+    if max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
+        reasons.append(f"head dim {max(q.shape[-1], v.shape[-1])} exceeds the Triton kernel's "
+                       f"{TRITON_MAX_HEAD_DIM}")
+    if q.dtype == torch.float64 and q.device.type == "cuda":
+        reasons.append("float64 runs on the CPU backends and the Triton interpreter, not on GPU Triton")
+    return reasons
+
+
 def not_supported_reasons(backend: str, q: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Why ``backend`` cannot run memory attention on these inputs (empty list: it can)."""
-    reasons = []
     if backend == "reference":
-        return reasons
+        return []
     if backend == "cpu":
-        if not _ext.available():
-            reasons.append(_ext.LOAD_ERROR)
-        if q.device.type != "cpu":
-            reasons.append(f"the C++ CPU kernels take CPU tensors, got {q.device.type}")
-    elif backend == "cuda":
+        return cpu_reasons(q)
+    if backend == "triton":
+        return triton_reasons(q, v)
+    if backend == "cuda":
+        reasons = []
         if not _ext.cuda_compiled():
             reasons.append("longkernels._C was built without CUDA kernels" if _ext.available() else _ext.LOAD_ERROR)
         if q.device.type != "cuda":
             reasons.append(f"the CUDA kernels take CUDA tensors, got {q.device.type}")
-    elif backend == "triton":
-        err = _triton_import_error()
-        if err:
-            reasons.append(err)
-        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            reasons.append("Triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
-                           "before triton is imported")
-        elif q.device.type not in ("cpu", "cuda"):
-            reasons.append(f"Triton kernels take CUDA tensors, got {q.device.type}")
-        if max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
-            reasons.append(f"head dim {max(q.shape[-1], v.shape[-1])} exceeds the Triton kernel's "
-                           f"{TRITON_MAX_HEAD_DIM}")
-        if q.dtype == torch.float64 and q.device.type == "cuda":
-            reasons.append("float64 runs on the CPU backends and the Triton interpreter, not on GPU Triton")
-    else:
-        reasons.append(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    return reasons
+        return reasons
+    return [f"unknown backend {backend!r}; expected one of {BACKENDS}"]
+
+
+def select_backend(backends, reasons, q: torch.Tensor, v: torch.Tensor, backend: Optional[str],
+                   order: tuple[str, ...]) -> str:
+    """An explicit ``backend`` (checked, with its reasons in the error) or the first of ``order``
+    that ``reasons(name, q, v)`` accepts; ``reference`` as the last resort."""
+    if backend is not None:
+        if backend not in backends:
+            raise ValueError(f"backend must be one of {backends} or None, got {backend!r}")
+        why = reasons(backend, q, v)
+        if why:
+            raise ValueError(f"backend {backend!r} cannot run these inputs: " + "; ".join(why))
+        return backend
+    for name in order:
+        if not reasons(name, q, v):
+            return name
+    return "reference"
 
 
 def choose_backend(q: torch.Tensor, v: torch.Tensor, backend: Optional[str]) -> str:
     """Explicit choice (argument, then LONGKERNELS_BACKEND) or the device's default order."""
     if backend is None:
         backend = os.environ.get("LONGKERNELS_BACKEND") or None
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-        reasons = not_supported_reasons(backend, q, v)
-        if reasons:
-            raise ValueError(f"backend {backend!r} cannot run these inputs: " + "; ".join(reasons))
-        return backend
     order = ("triton", "cuda", "reference") if q.device.type == "cuda" else ("cpu", "reference")
-    for name in order:
-        if not not_supported_reasons(name, q, v):
-            return name
-    return "reference"
+    return select_backend(BACKENDS, not_supported_reasons, q, v, backend, order)
 
 
 # --------------------------------------------------------------------------------------------
