@@ -50,10 +50,23 @@ def test_training_draws_fresh_rotations_and_replays_them():
     layer(x)
     assert not torch.equal(r1, layer.last_rotations)  # fresh each training forward
     assert torch.equal(layer(x, rotations=r1), y1)  # replayed explicitly
-    layer._set_replay_state(r1)  # the recomputation protocol: one-shot
+    layer._set_replay_state((r1, True))  # the recomputation protocol: one-shot
     assert torch.equal(layer(x), y1)
     layer(x)  # the order was one-shot: this call draws again
     assert not torch.equal(layer.last_rotations, r1)
+
+
+def test_replay_consumes_the_rng_like_the_recorded_forward():
+    """A recomputation under the restored RNG state replays the rotations and sees the same
+    dropout mask after them: the replay draws as many random numbers as the forward did."""
+    layer = _layer(dropout=0.5).train()
+    x = _x()
+    torch.manual_seed(5)
+    y1 = layer(x)
+    state = layer._get_replay_state()
+    torch.manual_seed(5)
+    layer._set_replay_state(state)
+    assert torch.equal(layer(x), y1)
 
 
 def test_seed_gives_reproducible_evaluation():

@@ -81,14 +81,17 @@ class LSHSelfAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.fixed_rotations: Optional[torch.Tensor] = None
         self.last_rotations: Optional[torch.Tensor] = None
-        self._replay: Optional[torch.Tensor] = None
+        self._last_drawn = False  # whether last_rotations came from torch's global RNG
+        self._replay: Optional[tuple] = None
 
     # Replay protocol of recomputing wrappers (longkernels.ReversibleSequence): the state a forward
-    # used, and a one-shot order to use it again in the next forward.
-    def _get_replay_state(self) -> Optional[torch.Tensor]:
-        return self.last_rotations
+    # used, and a one-shot order to use it again in the next forward. A replay of rotations that
+    # were drawn from torch's RNG draws (and discards) as many numbers again, so that random draws
+    # after it (dropout) see the stream they saw in the recorded forward.
+    def _get_replay_state(self):
+        return (self.last_rotations, self._last_drawn)
 
-    def _set_replay_state(self, state: Optional[torch.Tensor]) -> None:
+    def _set_replay_state(self, state) -> None:
         self._replay = state
 
     def extra_repr(self) -> str:
@@ -130,10 +133,14 @@ class LSHSelfAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, L, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
         B, L, _ = x.shape
+        drawn = False
         if rotations is None and self._replay is not None:
-            rotations, self._replay = self._replay, None
-        if rotations is None:
+            (rotations, drawn), self._replay = self._replay, None
+            if drawn:
+                draw_rotations(*rotations.shape[:3], 2 * rotations.shape[3], device=x.device)
+        elif rotations is None:
             rotations = self._rotations(L, x.device)
+            drawn = rotations is None
         # (B, L, H, D) seen as (B, H, L, D): strided views, which the kernels read in place.
         qk = self.qk_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
@@ -143,5 +150,6 @@ class LSHSelfAttention(nn.Module):
                                   n_chunks_after=self.n_chunks_after, key_padding_mask=key_padding_mask,
                                   return_rotations=True, backend=self.backend)
         self.last_rotations = used.detach()
+        self._last_drawn = drawn
         y = self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))
         return F.dropout(y, p=self.dropout, training=self.training)
