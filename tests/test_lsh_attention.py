@@ -325,3 +325,17 @@ def test_gradients_flow_through_lse_only():
     want = run_lsh(case, zero, backend="reference")
     assert rel_err(got["dqk"], want["dqk"]) < 1e-10
     assert got["dv"].abs().max() == 0
+
+
+@needs_ext
+def test_cpu_hash_breaks_ties_like_argmax():
+    """Small integers make exact ties common: the first index of [xR ; -xR] must win, as
+    torch.argmax's does (zero rows tie everywhere: bucket 0)."""
+    g = torch.Generator().manual_seed(_seed("ties"))
+    qk = torch.randint(-2, 3, (2, 3, 50, 8), generator=g).float()
+    qk[0, 0, :5] = 0
+    rot = torch.randint(-1, 2, (3, 8, 2, 4), generator=g).float()
+    buckets, _ = lsh_ops.hash_sort(qk, rot, None, 8, 56)
+    want = lsh_hash(torch.nn.functional.pad(qk, (0, 0, 0, 6)), rot, padding_mask(2, 50, 56, None, "cpu"))
+    assert torch.equal(buckets.long(), want)
+    assert (buckets[0, 0, :, :5] == 0).all()

@@ -59,6 +59,25 @@ inline int64_t round_up16(int64_t x) { return (x + 15) / 16 * 16; }
 // ---------------------------------------------------------------------------------------------
 // Hash and sort.
 // ---------------------------------------------------------------------------------------------
+// argmax over [y ; -y], first index on ties: the first half wins a tie between halves, and within a
+// half the first position holding the extreme wins. Two vector reductions and one short scan
+// instead of 2K compare-and-branch steps.
+template <typename T>
+__attribute__((always_inline)) inline int32_t argmax_pm_impl(const T* __restrict y, int64_t K) {
+  T hi = y[0], lo = y[0];
+#pragma omp simd reduction(max : hi) reduction(min : lo)
+  for (int64_t k = 0; k < K; ++k) {
+    hi = y[k] > hi ? y[k] : hi;
+    lo = y[k] < lo ? y[k] : lo;
+  }
+  const bool first_half = hi >= -lo;
+  const T want = first_half ? hi : lo;
+  int64_t k = 0;
+  while (k < K - 1 && y[k] != want) ++k;
+  return static_cast<int32_t>(first_half ? k : K + k);
+}
+LK_CLONES int32_t argmax_pm(const float* y, int64_t K) { return argmax_pm_impl(y, K); }
+
 std::tuple<Tensor, Tensor> lsh_hash_sort(const Tensor& qk, const Tensor& rotations,
                                          const std::optional<Tensor>& key_padding_mask, int64_t n_buckets,
                                          int64_t padded_len) {
@@ -87,17 +106,7 @@ std::tuple<Tensor, Tensor> lsh_hash_sort(const Tensor& qk, const Tensor& rotatio
         at::mm_out(Yt, x[b][h].narrow(0, i0, rows), rot[h]);
         const float* y_d = Y.data_ptr<float>();
         for (int64_t i = 0; i < rows; ++i) {
-          for (int64_t r = 0; r < nh; ++r) {
-            const float* y = y_d + i * nh * K + r * K;
-            // argmax over [y ; -y], first index on ties (strict >, in that order).
-            float best = y[0];
-            int32_t arg = 0;
-            for (int64_t k = 1; k < K; ++k)
-              if (y[k] > best) best = y[k], arg = static_cast<int32_t>(k);
-            for (int64_t k = 0; k < K; ++k)
-              if (-y[k] > best) best = -y[k], arg = static_cast<int32_t>(K + k);
-            bk[r * Lp + i0 + i] = arg;
-          }
+          for (int64_t r = 0; r < nh; ++r) bk[r * Lp + i0 + i] = argmax_pm(y_d + i * nh * K + r * K, K);
         }
       }
       for (int64_t r = 0; r < nh; ++r) {
