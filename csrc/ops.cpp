@@ -29,11 +29,11 @@ TORCH_LIBRARY(longkernels, m) {
   m.def(
       "lsh_attention_fwd(Tensor qk, Tensor v, Tensor perm, Tensor? key_padding_mask, int chunk_size, "
       "int n_chunks_before, int n_chunks_after, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
-  // delta = rowsum(dout * out) - dlse. Returns (dq, dk, dv) in the compute dtype: dq the gradient
-  // through qk as queries, dk through the normalised keys (chain through the normalisation is the
-  // caller's), dv; all at original positions, summed over rounds.
+  // delta = rowsum(dout * out) - dlse. Returns (dqk, dv) in the compute dtype, at original
+  // positions, summed over rounds: dqk through qk as queries and, by the chain through the key
+  // normalisation, as keys. Outputs (here and in the forward) take their input's memory layout.
   m.def(
       "lsh_attention_bwd(Tensor dout, Tensor qk, Tensor v, Tensor perm, Tensor? key_padding_mask, "
       "Tensor lse_max, Tensor lse_log, Tensor delta, int chunk_size, int n_chunks_before, "
-      "int n_chunks_after, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+      "int n_chunks_after, bool causal, float scale) -> (Tensor, Tensor)");
 }

@@ -396,12 +396,20 @@ void bwd_row(double* s, double* dp, const int32_t* pk, const uint8_t* kpad, int6
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 // Detached and in the compute type: for float/double inputs a view, so strides are read in place.
 Tensor compute_view(const Tensor& t, at::ScalarType ct) { return t.detach().to(ct); }
+// An uninitialised tensor shaped like `t`, in the compute type, with t's dimension order when that
+// keeps the last dimension unit-stride (else contiguous): gradients and outputs come back in the
+// layout their inputs had, so the transposes around a layer stay views.
+Tensor like_rows(const Tensor& t, at::ScalarType ct) {
+  Tensor r = at::empty_like(t, t.options().dtype(ct), at::MemoryFormat::Preserve);
+  return r.stride(3) == 1 ? r : at::empty(t.sizes(), t.options().dtype(ct));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-void forward_kernel(const Problem& P, const Inputs<T>& in, bool fast, T* out, T* lse_max, T* lse_log) {
+void forward_kernel(const Problem& P, const Inputs<T>& in, bool fast, const Rows<T>& out_rows, T* lse_max,
+                    T* lse_log) {
   // Per-round results of one head at original positions: o (nh, L, Dv), max and sum (nh, L).
   std::vector<T> o_r(P.nh * P.L * P.Dv), m_r(P.nh * P.L), l_r(P.nh * P.L);
   const int64_t rounds_chunks = P.Lp / P.C;
@@ -452,7 +460,7 @@ void forward_kernel(const Problem& P, const Inputs<T>& in, bool fast, T* out, T*
         for (int64_t r = 0; r < P.nh; ++r) M = std::max(M, m_r[r * P.L + i]);
         T den = 0;
         for (int64_t r = 0; r < P.nh; ++r) den += wts[r] = std::exp(m_r[r * P.L + i] - M) * l_r[r * P.L + i];
-        T* dst = out + (bh * P.L + i) * P.Dv;
+        T* dst = const_cast<T*>(out_rows.row(b, h, i));  // unit stride along Dv (v's layout)
         std::fill(dst, dst + P.Dv, T(0));
         for (int64_t r = 0; r < P.nh; ++r) {
           const T a = wts[r] / den;
@@ -485,13 +493,15 @@ std::tuple<Tensor, Tensor, Tensor> lsh_attention_fwd(const Tensor& qk, const Ten
   const Tensor permc = perm.to(at::kInt).contiguous();
   Tensor kpm;
   if (key_padding_mask.has_value()) kpm = key_padding_mask->to(at::kBool).contiguous();
-  Tensor out = at::empty({P.B, P.H, P.L, P.Dv}, v.options().dtype(ct));
+  // In v's memory layout: with v a (B, L, H, Dv) buffer seen as (B, H, L, Dv), a layer's
+  // out.transpose(1, 2).reshape(B, L, H * Dv) is then a view, not a copy.
+  Tensor out = like_rows(v, ct);
   Tensor lse_max = at::empty({P.B, P.H, P.L}, v.options().dtype(ct));
   Tensor lse_log = at::empty({P.B, P.H, P.L}, v.options().dtype(ct));
   AT_DISPATCH_FLOATING_TYPES(ct, "lsh_attention_fwd_cpu", [&] {
     const Inputs<scalar_t> in{Rows<scalar_t>(qkc), Rows<scalar_t>(vc), permc.data_ptr<int32_t>(),
                               kpm.defined() ? kpm.data_ptr<bool>() : nullptr};
-    forward_kernel<scalar_t>(P, in, use_fast_tiles(ct), out.data_ptr<scalar_t>(), lse_max.data_ptr<scalar_t>(),
+    forward_kernel<scalar_t>(P, in, use_fast_tiles(ct), Rows<scalar_t>(out), lse_max.data_ptr<scalar_t>(),
                              lse_log.data_ptr<scalar_t>());
   });
   return {out.to(v.scalar_type()), lse_max, lse_log};
@@ -511,7 +521,7 @@ int64_t segment_count(const Problem& P) {
 
 template <typename T>
 void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout, const T* lse_max, const T* lse_log,
-                     const T* delta, bool fast, T* dq, T* dk, T* dv) {
+                     const T* delta, bool fast, const Rows<T>& dqk, const Rows<T>& dv) {
   const int64_t S = P.nh * P.Lp;  // sorted items per head
   // Sorted-order accumulators of one head, and each (round, position)'s sorted slot.
   std::vector<T> dq_s(S * P.Dp), dk_s(S * P.Dp), dv_s(S * P.Dvp);
@@ -570,32 +580,48 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
         }
       });
     }
-    // Back to positions, summing the rounds.
+    // Back to positions, summing the rounds; dk goes through the key normalisation
+    // k = x n, n = rsqrt(mean(x^2) + eps) / sqrt(D):  dx += n (dk - x <x, dk> / (D (mean(x^2) + eps))).
     for (int64_t s = 0; s < S; ++s) slot[(s / P.Lp) * P.Lp + perm[s]] = static_cast<int32_t>(s);
     const T scale = static_cast<T>(P.scale);
     at::parallel_for(0, P.L, 256, [&](int64_t begin, int64_t end) {
+      std::vector<T> x(P.D), gq(P.D), gk(P.D);
       for (int64_t i = begin; i < end; ++i) {
-        T* q_o = dq + (bh * P.L + i) * P.D;
-        T* k_o = dk + (bh * P.L + i) * P.D;
-        T* v_o = dv + (bh * P.L + i) * P.Dv;
-        std::fill(q_o, q_o + P.D, T(0));
-        std::fill(k_o, k_o + P.D, T(0));
+        std::fill(gq.begin(), gq.end(), T(0));
+        std::fill(gk.begin(), gk.end(), T(0));
+        T* v_o = const_cast<T*>(dv.row(b, h, i));
         std::fill(v_o, v_o + P.Dv, T(0));
         for (int64_t r = 0; r < P.nh; ++r) {
           const int64_t s = slot[r * P.Lp + i];
+          const T* q_s = dq_s.data() + s * P.Dp;
+          const T* k_s = dk_s.data() + s * P.Dp;
+          const T* v_s = dv_s.data() + s * P.Dvp;
+#pragma omp simd
           for (int64_t d = 0; d < P.D; ++d) {
-            q_o[d] += scale * dq_s[s * P.Dp + d];
-            k_o[d] += scale * dk_s[s * P.Dp + d];
+            gq[d] += q_s[d];
+            gk[d] += k_s[d];
           }
-          for (int64_t d = 0; d < P.Dv; ++d) v_o[d] += dv_s[s * P.Dvp + d];
+#pragma omp simd
+          for (int64_t d = 0; d < P.Dv; ++d) v_o[d] += v_s[d];
         }
+        Scratch<T>::copy_row(in.qk.row(b, h, i), in.qk.s3, P.D, x.data());
+        T ss = 0, xk = 0;
+        for (int64_t d = 0; d < P.D; ++d) {
+          ss += x[d] * x[d];
+          xk += x[d] * gk[d];
+        }
+        const T ms = ss / static_cast<T>(P.D) + static_cast<T>(kNormEps);
+        const T n = T(1) / (std::sqrt(ms) * std::sqrt(static_cast<T>(P.D)));
+        const T c = xk / (static_cast<T>(P.D) * ms);
+        T* q_o = const_cast<T*>(dqk.row(b, h, i));
+        for (int64_t d = 0; d < P.D; ++d) q_o[d] = scale * (gq[d] + n * (gk[d] - x[d] * c));
       }
     });
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> lsh_attention_bwd(const Tensor& dout, const Tensor& qk, const Tensor& v,
-                                                     const Tensor& perm,
+std::tuple<Tensor, Tensor> lsh_attention_bwd(const Tensor& dout, const Tensor& qk, const Tensor& v,
+                                             const Tensor& perm,
                                                      const std::optional<Tensor>& key_padding_mask,
                                                      const Tensor& lse_max, const Tensor& lse_log,
                                                      const Tensor& delta, int64_t chunk_size,
@@ -609,17 +635,15 @@ std::tuple<Tensor, Tensor, Tensor> lsh_attention_bwd(const Tensor& dout, const T
   const Tensor dl = compute_view(delta, ct).contiguous();
   Tensor kpm;
   if (key_padding_mask.has_value()) kpm = key_padding_mask->to(at::kBool).contiguous();
-  const auto opts = v.options().dtype(ct);
-  Tensor dq = at::empty({P.B, P.H, P.L, P.D}, opts), dk = at::empty({P.B, P.H, P.L, P.D}, opts);
-  Tensor dv = at::empty({P.B, P.H, P.L, P.Dv}, opts);
+  Tensor dqk = like_rows(qk, ct), dv = like_rows(v, ct);
   AT_DISPATCH_FLOATING_TYPES(ct, "lsh_attention_bwd_cpu", [&] {
     const Inputs<scalar_t> in{Rows<scalar_t>(qkc), Rows<scalar_t>(vc), permc.data_ptr<int32_t>(),
                               kpm.defined() ? kpm.data_ptr<bool>() : nullptr};
     backward_kernel<scalar_t>(P, in, Rows<scalar_t>(doc), lm.data_ptr<scalar_t>(), ll.data_ptr<scalar_t>(),
-                              dl.data_ptr<scalar_t>(), use_fast_tiles(ct), dq.data_ptr<scalar_t>(),
-                              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+                              dl.data_ptr<scalar_t>(), use_fast_tiles(ct), Rows<scalar_t>(dqk),
+                              Rows<scalar_t>(dv));
   });
-  return {dq, dk, dv};
+  return {dqk, dv};
 }
 
 }  // namespace

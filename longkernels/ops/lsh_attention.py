@@ -8,14 +8,16 @@ The math is in ``longkernels/reference/lsh_attention.py``. A call runs two stage
     fwd(qk, v, perm, key_padding_mask, chunk_size, before, after, causal, scale)
         -> (out, lse_max, lse_log)
     bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size, before, after,
-        causal, scale) -> (dq, dk, dv)
+        causal, scale) -> (dqk, dv)
         C++ on CPU tensors, Triton (``triton_kernels/lsh_attention.py``) on CUDA tensors and, under
         ``TRITON_INTERPRET=1``, on CPU tensors.
 
 ``perm`` (B, H, n_hashes, Lp) int32 is all the backward needs of the hashing: the rotations are not
-re-applied, so a backward never re-hashes (and never sees different buckets). ``dk`` is the gradient
-through the normalised keys; the chain through ``k = qk / rms(qk) / sqrt(D)`` is applied here, in
-:func:`normalize_keys_backward`, for every backend alike.
+re-applied, so a backward never re-hashes (and never sees different buckets). ``dqk`` holds both paths
+through qk, as queries and through the normalised keys ``k = qk / rms(qk) / sqrt(D)``: the C++ kernel
+applies that chain in its final pass; the Triton kernels return the key-side gradient apart and
+:func:`normalize_keys_backward` applies it. Outputs and gradients come back in their inputs' memory
+layout, so a layer's (B, L, H, D) <-> (B, H, L, D) transposes stay views.
 """
 from __future__ import annotations
 
@@ -145,17 +147,28 @@ def _hash_sort_fake(qk, rotations, key_padding_mask, n_buckets, padded_len):
     return qk.new_empty(shape, dtype=torch.int32), qk.new_empty(shape, dtype=torch.int32)
 
 
+def _like_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Uninitialised, shaped like ``t``, in its memory layout (the kernels' outputs do so)."""
+    r = torch.empty_like(t, dtype=dtype, memory_format=torch.preserve_format)
+    return r if r.stride(3) == 1 else torch.empty(t.shape, dtype=dtype, device=t.device)
+
+
 def _fwd_fake(qk, v, perm, key_padding_mask, chunk_size, n_chunks_before, n_chunks_after, causal, scale):
     B, H, L, _ = qk.shape
     stats = qk.new_empty(B, H, L, dtype=lse_dtype(v.dtype))
-    return v.new_empty(B, H, L, v.shape[-1]), stats, torch.empty_like(stats)
+    return _like_rows(v, v.dtype), stats, torch.empty_like(stats)
+
+
+def _triton_fwd_fake(qk, v, perm, key_padding_mask, chunk_size, n_chunks_before, n_chunks_after, causal, scale):
+    out, lse_max, lse_log = _fwd_fake(qk, v, perm, key_padding_mask, chunk_size, n_chunks_before, n_chunks_after,
+                                      causal, scale)
+    return out.contiguous(), lse_max, lse_log  # the Triton launcher writes a contiguous output
 
 
 def _bwd_fake(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size, n_chunks_before,
               n_chunks_after, causal, scale):
     ct = lse_dtype(v.dtype)
-    return (torch.empty(qk.shape, dtype=ct, device=qk.device), torch.empty(qk.shape, dtype=ct, device=qk.device),
-            torch.empty(v.shape, dtype=ct, device=v.device))
+    return _like_rows(qk, ct), _like_rows(v, ct)
 
 
 @torch.library.custom_op("longkernels::lsh_hash_sort_torch", mutates_args=())
@@ -183,14 +196,16 @@ def _triton_fwd(qk: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, key_paddi
 def _triton_bwd(dout: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, perm: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor], lse_max: torch.Tensor, lse_log: torch.Tensor,
                 delta: torch.Tensor, chunk_size: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton_kernels import lsh_attention as tk
-    return tk.lsh_attention_bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size,
-                                n_chunks_before, n_chunks_after, causal, scale)
+    dq, dk, dv = tk.lsh_attention_bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size,
+                                      n_chunks_before, n_chunks_after, causal, scale)
+    dqk = dq + normalize_keys_backward(qk.to(dq.dtype), dk)
+    return _like_rows(qk, dq.dtype).copy_(dqk), _like_rows(v, dv.dtype).copy_(dv)
 
 
 _torch_hash_sort.register_fake(_hash_sort_fake)
-_triton_fwd.register_fake(_fwd_fake)
+_triton_fwd.register_fake(_triton_fwd_fake)
 _triton_bwd.register_fake(_bwd_fake)
 
 if _ext.available():
@@ -251,9 +266,8 @@ class LSHAttentionFunction(torch.autograd.Function):
         if dlse is not None:
             delta = delta - dlse.to(ct)
         _, bwd = _kernels(backend)
-        dq, dk, dv = bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size, before, after,
-                         causal, scale)
-        dqk = dq + normalize_keys_backward(qk.detach().to(ct), dk)
+        dqk, dv = bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size, before, after,
+                      causal, scale)
         return dqk.to(qk.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None, None
 
 
