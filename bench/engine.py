@@ -16,7 +16,8 @@ extra call each:
 * ``saved`` (fwd+bwd only): bytes the forward saves for backward, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` over distinct storages, the inputs' own storages excluded.
 
-Speed is useful FLOP/s (visible pairs only, fwd+bwd = 3.5x fwd) and the ratio to the best peer:
+Speed is useful FLOP/s (each operation's count, ``Operation.flops_note`` in bench/cases.py; attention:
+visible pairs only, fwd+bwd = 3.5x fwd) and the ratio to the best peer:
 ``best peer time / this time`` (above 1: faster than every peer; peers are everything that is not a
 longkernels backend, ``reference`` included). Results go to ``<out>/<op>_<device>.json`` and ``.png``.
 """
@@ -336,12 +337,19 @@ def run_case(case, impls, device, args, progress: Progress, seed: int) -> list[d
             continue
         progress.update(1)
 
-    # Agreement with the reference output (or the first implementation that ran).
+    # Agreement with the reference output (or the first implementation that ran). Implementations that
+    # compute another function on purpose (``comparable = False``) are not compared.
+    for impl in impls:
+        if not getattr(impl, "comparable", True) and impl.name in outputs:
+            del outputs[impl.name]
+            records[impl.name]["agrees_with"] = None
     base_name = "reference" if "reference" in outputs else next(iter(outputs), None)
+    by_name = {impl.name: impl for impl in impls}
     for name, out in outputs.items():
         err = _rel_err(out, outputs[base_name])
-        records[name].update(agrees_with=base_name, rel_err=err,
-                             agrees=err <= AGREE_TOL.get(case.dtype, 1e-2))
+        # An implementation may widen the tolerance where it is known to round more (``agree_tol``).
+        tol = {**AGREE_TOL, **getattr(by_name[name], "agree_tol", {})}.get(case.dtype, 1e-2)
+        records[name].update(agrees_with=base_name, rel_err=err, agrees=err <= tol)
     outputs.clear()
 
     samples = {name: [] for name in runners}
@@ -399,7 +407,7 @@ def _mib(n) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
-def format_table(records: list[dict], device: torch.device) -> str:
+def format_table(records: list[dict], device: torch.device, flops_note: Optional[str] = None) -> str:
     gpu = device.type == "cuda"
     unit, scale = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
     header = ["operation", "mode", "shape", "dtype", "implementation", "median ms", unit, "peak MiB",
@@ -436,7 +444,7 @@ def format_table(records: list[dict], device: torch.device) -> str:
         lines += ["", "not measured:"]
         for (impl, status, reason), ids in skipped.items():
             lines.append(f"  {impl} ({status}, {len(ids)} case{'s' if len(ids) > 1 else ''}): {reason}")
-    lines += ["", f"{unit}: useful FLOPs (visible pairs; fwd+bwd = 3.5x fwd) / median time.  "
+    lines += ["", f"{unit}: useful FLOPs ({flops_note or 'visible pairs; fwd+bwd = 3.5x fwd'}) / median time.",
               "vs best peer: best peer's time / this time (* = the best peer).",
               "peak MiB: " + ("torch.cuda.max_memory_allocated over one call (inputs included)." if gpu else
                               "peak bytes allocated by torch's CPU allocator during one call (inputs excluded)."),
@@ -510,7 +518,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", help="comma list, e.g. float32,bfloat16 (default: the operation's)")
     p.add_argument("--modes", help="comma list of fwd,fwdbwd (default: both)")
     p.add_argument("--lengths", help="comma list of sizes of the sweep (sequence lengths), e.g. 1024,4096")
-    p.add_argument("--variants", help="comma list of case variants (memory_attention: causal,window,gqa)")
+    p.add_argument("--variants", help="comma list of case variants (memory_attention: causal,window,gqa; "
+                   "lsh_attention: causal)")
     p.add_argument("--impls", help="comma list of implementations to run (default: all)")
     p.add_argument("--repeats", type=int, help="timed rounds; the median is reported (default 5, quick 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
@@ -554,7 +563,7 @@ def main(argv=None) -> int:
         op = cases_mod.OPERATIONS[name]
         try:
             selected = cases_mod.select_cases(op, quick=args.quick, sweep=sweep, dtypes=_csv(args.dtypes),
-                                              modes=_csv(args.modes), variants=_csv(args.variants))
+                                              modes=_csv(args.modes), variants=_csv(args.variants), device=device)
         except (KeyError, ValueError) as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             return 2
@@ -569,8 +578,7 @@ def main(argv=None) -> int:
         print(f"warning: load average {load[0]} on {os.cpu_count()} cores: other work is running, and CPU "
               "timings (OpenMP threads above all) will be noisy", file=sys.stderr, flush=True)
     conventions = {
-        "flops": "useful FLOPs of the visible work (docs/performance.md); attention: 4*D per visible "
-                 "query-key pair and head (fwd), fwd+bwd = 3.5x fwd",
+        "flops": "useful FLOPs of the visible work (docs/performance.md)",
         "time": "median over rounds; each round times every implementation once, in rotating order",
         "peak_bytes": ("torch.cuda.max_memory_allocated over one call after reset_peak_memory_stats (inputs "
                        "included)" if device.type == "cuda" else
@@ -601,18 +609,19 @@ def main(argv=None) -> int:
             stem = f"{op.name}_{device_slug(device)}{'-quick' if args.quick else ''}"
             files = [out_dir / f"{stem}.json"]
             doc = {"operation": op.name, **env, "loadavg_end": _loadavg(), "args": vars(args), "sweep_name": sweep_name,
-                   "conventions": conventions, "results": records}
+                   "conventions": {**conventions, "flops": f"{conventions['flops']}; {op.name}: {op.flops_note}"},
+                   "results": records}
             files[0].write_text(json.dumps(doc, indent=1, default=str) + "\n")
             if not args.no_plot and records:
                 files.append(out_dir / f"{stem}.png")
                 plot(records, files[1], f"{op.name} on {env['device']} ({env['threads']} threads, "
                      f"torch {env['torch']})", sweep_name)
-            reports.append((records, files))
+            reports.append((op, records, files))
     finally:
         progress.close()
-    for records, files in reports:
+    for op, records, files in reports:
         print()
-        print(format_table(records, device))
+        print(format_table(records, device, op.flops_note))
         print("\n" + "\n".join(f"wrote {f}" for f in files))
     return status
 

@@ -50,12 +50,95 @@ def cmd_info(args) -> int:
                 reasons = not_supported_reasons(name, _probe(device), _probe(device))
             state = "ok" if not reasons else "unavailable: " + "; ".join(reasons)
             print(f"  {device:5s} {name:10s} {state}")
+    _info_lsh()
     return 0
+
+
+LSH_OPS = ("lsh_hash_sort", "lsh_attention_fwd", "lsh_attention_bwd",  # the C++ extension's
+           "lsh_hash_sort_torch", "lsh_attention_fwd_triton", "lsh_attention_bwd_triton")  # Python-defined
+
+
+def _info_lsh() -> None:
+    from longkernels.ops.lsh_attention import BACKENDS, hash_sort_backend, not_supported_reasons
+
+    print("\nbackends for lsh_attention:")
+    for device in ("cpu", "cuda"):
+        for name in BACKENDS:
+            if device == "cuda" and not torch.cuda.is_available():
+                reasons = ["no CUDA device here"]
+            else:
+                reasons = not_supported_reasons(name, _probe(device), _probe(device))
+            state = "ok" if not reasons else "unavailable: " + "; ".join(reasons)
+            print(f"  {device:5s} {name:10s} {state}")
+    for device in _devices():
+        print(f"  {device:5s} hash+sort  {hash_sort_backend(_probe(device))}")
+    registered = set(torch._C._dispatch_get_all_op_names())
+    print("  torch ops: " + ", ".join(f"{op} {'ok' if f'longkernels::{op}' in registered else 'missing'}"
+                                      for op in LSH_OPS))
+
+
+CHECK_OPS = ("memory_attention", "lsh_attention")
+
+
+def _check_lsh(args, devices: list[str]) -> int:
+    """LSH attention rows of the check table: out, lse, d qk, d v of each backend against the reference
+    (``longkernels.testing.compare_lsh``: 1e-10 in float64, the low-precision rule otherwise)."""
+    from longkernels.ops.lsh_attention import not_supported_reasons
+    from longkernels.testing import LSHCase, compare_lsh
+
+    cases = [
+        LSHCase(B=1, H=2, L=64, D=16, chunk_size=16, n_hashes=2, n_buckets=8, causal=True),
+        LSHCase(B=1, H=2, L=7, D=32, chunk_size=16, n_hashes=2, n_buckets=2, causal=True),  # L < chunk_size
+        LSHCase(B=2, H=2, L=100, D=16, Dv=24, chunk_size=16, n_hashes=2, n_buckets=8, causal=True, padding=True),
+        LSHCase(B=1, H=1, L=130, D=20, chunk_size=12, n_hashes=3, n_buckets=8, before=2, after=1, padding=True),
+        LSHCase(B=2, H=2, L=100, D=16, chunk_size=16, n_hashes=1, n_buckets=8, causal=True, strided=True),
+        LSHCase(B=1, H=2, L=512, D=64, chunk_size=32, n_hashes=2, n_buckets=32, causal=True),
+    ]
+    failures = 0
+    for device in devices:
+        for backend in ("cpu", "triton"):
+            if args.backends and backend not in args.backends:
+                continue
+            reasons = not_supported_reasons(backend, _probe(device), _probe(device))
+            if reasons:
+                if args.verbose:
+                    print(f"{backend:8s} {device:6s} skipped (lsh_attention): {'; '.join(reasons)}")
+                continue
+            if device == "cuda":
+                dtypes = [torch.float32, torch.bfloat16]
+            elif backend == "triton":  # the interpreter: the two precisions the rule distinguishes
+                dtypes = [torch.float64, torch.float32]
+            else:
+                dtypes = [torch.float64, torch.float32, torch.bfloat16]
+            for dtype in dtypes:
+                for case in cases:
+                    if backend == "triton" and device == "cpu" and case.B * case.H * case.L > 128:
+                        continue  # the interpreter is slow; the small cases cover its logic
+                    rows = compare_lsh(case, backend, dtype, device=device)
+                    failures += _print_row(backend, device, dtype, "lsh " + case.describe(), rows)
+    return failures
+
+
+def _print_row(backend, device, dtype, description, rows) -> int:
+    """One row of the check table; returns 1 on a mismatch."""
+    worst = max(rows, key=lambda r: r[1] / r[2])
+    ok = all(r[3] for r in rows)
+    status = "ok" if ok else "MISMATCH " + ", ".join(f"{r[0]}={r[1]:.1e}" for r in rows if not r[3])
+    print(f"{backend:8s} {device:6s} {str(dtype)[6:]:9s} {description:54s} "
+          f"{worst[1]:8.1e} {worst[2]:8.1e}  {status}", flush=True)
+    return 0 if ok else 1
 
 
 def cmd_check(args) -> int:
     from longkernels.ops.memory_attention import not_supported_reasons
     from longkernels.testing import Case, compare
+
+    ops = [s.strip() for s in args.ops.split(",") if s.strip()] if args.ops else list(CHECK_OPS)
+    unknown = [o for o in ops if o not in CHECK_OPS]
+    if unknown:
+        print(f"unknown operations {unknown}; known: {list(CHECK_OPS)}", file=sys.stderr)
+        return 2
+    args.backends = [s.strip() for s in args.backends.split(",") if s.strip()] if args.backends else None
 
     cases = [
         Case(N=1, M=0),
@@ -65,11 +148,13 @@ def cmd_check(args) -> int:
         Case(N=300, M=700, D=64, H=2, Hkv=1),
     ]
     failures = 0
-    header = f"{'backend':8s} {'device':6s} {'dtype':9s} {'case':44s} {'worst':>8s} {'allowed':>8s}  result"
+    header = f"{'backend':8s} {'device':6s} {'dtype':9s} {'case':54s} {'worst':>8s} {'allowed':>8s}  result"
     print(header)
     print("-" * len(header))
-    for device in _devices():
+    for device in _devices() if "memory_attention" in ops else []:
         for backend in ("cpu", "triton", "cuda"):
+            if args.backends and backend not in args.backends:
+                continue
             reasons = not_supported_reasons(backend, _probe(device), _probe(device))
             if reasons:
                 if args.verbose:
@@ -82,12 +167,9 @@ def cmd_check(args) -> int:
                     if backend == "triton" and device == "cpu" and case.N * (case.N + case.M) > 20000:
                         continue  # the interpreter is slow; the small cases cover its logic
                     rows = compare(case, backend, dtype, device=device)
-                    worst = max(rows, key=lambda r: r[1] / r[2])
-                    ok = all(r[3] for r in rows)
-                    failures += not ok
-                    status = "ok" if ok else "MISMATCH " + ", ".join(f"{r[0]}={r[1]:.1e}" for r in rows if not r[3])
-                    print(f"{backend:8s} {device:6s} {str(dtype)[6:]:9s} {case.describe():44s} "
-                          f"{worst[1]:8.1e} {worst[2]:8.1e}  {status}", flush=True)
+                    failures += _print_row(backend, device, dtype, case.describe(), rows)
+    if "lsh_attention" in ops:
+        failures += _check_lsh(args, _devices())
     print(f"\n{'all backends match the reference' if not failures else f'{failures} mismatching runs'}")
     return 1 if failures else 0
 
@@ -110,6 +192,8 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, devices, compiled ops and which backends are usable (and why not)")
     p_check = sub.add_parser("check", help="every available backend against the reference; non-zero on mismatch")
     p_check.add_argument("-v", "--verbose", action="store_true", help="also list skipped backends and why")
+    p_check.add_argument("--ops", help=f"comma list of operations to check (default: all: {','.join(CHECK_OPS)})")
+    p_check.add_argument("--backends", help="comma list of backends to check (default: every available one)")
     sub.add_parser("bench", help="benchmarks against the reference and peers (see `longkernels bench --help`)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
