@@ -88,7 +88,7 @@ def _triton_reasons():
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: c.describe())
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_triton_matches_reference(case, dtype):
     reasons = _triton_reasons()
     if reasons:
