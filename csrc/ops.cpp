@@ -36,4 +36,11 @@ TORCH_LIBRARY(longkernels, m) {
       "lsh_attention_bwd(Tensor dout, Tensor qk, Tensor v, Tensor perm, Tensor? key_padding_mask, "
       "Tensor lse_max, Tensor lse_log, Tensor delta, int chunk_size, int n_chunks_before, "
       "int n_chunks_after, bool causal, float scale) -> (Tensor, Tensor)");
+
+  // Coupling arithmetic of a reversible block's backward step (longkernels/reversible.py), one
+  // pass: x = y - fy.to(y.dtype), dy_out = dy + dgrad.to(dy.dtype). y and dy: the float32/float64
+  // stream; fy and dgrad: any float dtype. Bitwise the torch expressions. Returns (x, dy_out).
+  m.def("reversible_coupling(Tensor y, Tensor fy, Tensor dy, Tensor dgrad) -> (Tensor, Tensor)");
+  // The same with dy_out written into dy (which the caller owns). Returns x.
+  m.def("reversible_coupling_(Tensor y, Tensor fy, Tensor(a!) dy, Tensor dgrad) -> Tensor");
 }

@@ -1,0 +1,147 @@
+"""Coupling arithmetic of a reversible block's backward step, fused into one pass over the stream.
+
+``longkernels/reversible.py`` does, per block and branch, ``x = y - fy.to(stream)`` (reconstruct the
+block's input) and ``dy = dy + dgrad`` (accumulate the gradient that came back through F or G).
+:func:`coupling` does both in one pass: ``csrc/cpu/reversible.cpp`` on CPU tensors,
+``triton_kernels/reversible.py`` on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``), and
+the torch expressions themselves (``torch``) for everything else. All three give bitwise the same result:
+every widening is exact and each output element is one IEEE add or subtract in the stream dtype.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .. import _ext
+
+BACKENDS = ("cpu", "triton", "torch")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STREAMS = (torch.float32, torch.float64)
+
+
+def validate(y, fy, dy, dgrad) -> None:
+    """TypeError for a non-tensor or a non-float tensor, ValueError for a shape, dtype pairing or device
+    mismatch; each names the argument."""
+    named = {"y": y, "fy": fy, "dy": dy, "dgrad": dgrad}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if dy.dtype != y.dtype:
+        raise TypeError(f"dy must have the stream dtype of y ({y.dtype}), got {dy.dtype}")
+    for name, t in named.items():
+        if t.shape != y.shape:
+            raise ValueError(f"{name} must have y's shape {tuple(y.shape)}, got {tuple(t.shape)}")
+        if t.device != y.device:
+            raise ValueError(f"{name} must be on y's device ({y.device}), got {t.device}")
+
+
+def not_supported_reasons(backend: str, y: torch.Tensor) -> list[str]:
+    """Why ``backend`` cannot run the coupling of stream ``y`` (empty list: it can)."""
+    if backend == "torch":
+        return []
+    reasons = []
+    if y.dtype not in _STREAMS:
+        reasons.append(f"the fused kernels take a float32 or float64 stream, got {y.dtype}")
+    if backend == "cpu":
+        if not _ext.available():
+            reasons.append(_ext.LOAD_ERROR)
+        if y.device.type != "cpu":
+            reasons.append(f"the C++ CPU kernel takes CPU tensors, got {y.device.type}")
+        return reasons
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            reasons.append(f"triton is not installed ({exc})")
+        if y.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            reasons.append("Triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
+                           "before triton is imported")
+        elif y.device.type not in ("cpu", "cuda"):
+            reasons.append(f"Triton kernels take CUDA tensors, got {y.device.type}")
+        if y.dtype == torch.float64 and y.device.type == "cuda":
+            reasons.append("a float64 stream runs on the CPU kernel and the Triton interpreter, not on GPU Triton")
+        return reasons
+    return [f"unknown backend {backend!r}; expected one of {BACKENDS}"]
+
+
+def choose_backend(y: torch.Tensor, backend: Optional[str]) -> str:
+    """An explicit ``backend`` (checked: a ValueError lists why it cannot run), else ``cpu`` for CPU
+    tensors and ``triton`` for CUDA tensors where they can, else ``torch``."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        why = not_supported_reasons(backend, y)
+        if why:
+            raise ValueError(f"backend {backend!r} cannot run these inputs: " + "; ".join(why))
+        return backend
+    name = "cpu" if y.device.type == "cpu" else "triton" if y.device.type == "cuda" else "torch"
+    return name if not not_supported_reasons(name, y) else "torch"
+
+
+# --------------------------------------------------------------------------------------------
+# Torch ops: the C++ ones are defined by csrc/ops.cpp, the Triton launchers wrapped here; fakes for all.
+# --------------------------------------------------------------------------------------------
+def _fake(y, fy, dy, dgrad):
+    return torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(
+        dy, memory_format=torch.contiguous_format)
+
+
+def _fake_(y, fy, dy, dgrad):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("longkernels::reversible_coupling_triton", mutates_args=())
+def _triton_coupling(y: torch.Tensor, fy: torch.Tensor, dy: torch.Tensor,
+                     dgrad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton_kernels import reversible as tk
+    return tk.reversible_coupling(y, fy, dy, dgrad)
+
+
+@torch.library.custom_op("longkernels::reversible_coupling_triton_", mutates_args=("dy",))
+def _triton_coupling_(y: torch.Tensor, fy: torch.Tensor, dy: torch.Tensor, dgrad: torch.Tensor) -> torch.Tensor:
+    from ..triton_kernels import reversible as tk
+    return tk.reversible_coupling_(y, fy, dy, dgrad)
+
+
+_triton_coupling.register_fake(_fake)
+_triton_coupling_.register_fake(_fake_)
+
+if _ext.available():
+    torch.library.register_fake("longkernels::reversible_coupling")(_fake)
+    torch.library.register_fake("longkernels::reversible_coupling_")(_fake_)
+
+
+def coupling(y: torch.Tensor, fy: torch.Tensor, dy: torch.Tensor, dgrad: torch.Tensor, *,
+             inplace: bool = False, backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y - fy.to(y.dtype), dy + dgrad.to(dy.dtype))`` in one pass over the stream.
+
+    Args:
+        y: the block's output stream (float32 or float64 for the fused kernels; any float for ``torch``).
+        fy: the branch output ``F(.)`` or ``G(.)``, any float dtype (e.g. bfloat16 before its cast).
+        dy: the gradient of the other stream, in ``y``'s dtype.
+        dgrad: the gradient that came back through the branch, any float dtype.
+        inplace: write ``dy + dgrad`` into ``dy`` (which the caller must own: nothing else may see it)
+            and return ``dy``; saves a fresh output.
+        backend: ``"cpu"``, ``"triton"`` or ``"torch"``; default ``cpu`` for CPU tensors and
+            ``triton`` for CUDA tensors where they can run the input, else ``torch``.
+
+    Returns:
+        ``(x, dy_out)``: ``x`` contiguous, bitwise ``y - fy.to(y.dtype)``; ``dy_out`` bitwise
+        ``dy + dgrad.to(dy.dtype)`` (``dy`` itself when ``inplace``).
+    """
+    validate(y, fy, dy, dgrad)
+    name = choose_backend(y, backend)
+    if name == "torch":
+        x = y - fy.to(y.dtype)
+        if inplace:
+            return x, dy.add_(dgrad.to(dy.dtype))
+        return x, dy + dgrad.to(dy.dtype)
+    ops = torch.ops.longkernels
+    if inplace:
+        x = (ops.reversible_coupling_triton_ if name == "triton" else ops.reversible_coupling_)(y, fy, dy, dgrad)
+        return x, dy
+    return (ops.reversible_coupling_triton if name == "triton" else ops.reversible_coupling)(y, fy, dy, dgrad)
