@@ -152,8 +152,9 @@ def _replayable(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if callable(getattr(m, "_get_replay_state", None))]
 
 
-def _call(fn: nn.Module, name: str, x: torch.Tensor, kwargs: dict, allow_side: bool):
-    """``fn(x, **kwargs)`` in ``fn``'s dtype, its output back in ``x``'s (the stream's): (out, side)."""
+def _call(fn: nn.Module, name: str, x: torch.Tensor, kwargs: dict, allow_side: bool, cast: bool = True):
+    """``fn(x, **kwargs)`` in ``fn``'s dtype, its output back in ``x``'s (the stream's): (out, side).
+    ``cast=False`` returns the output in ``fn``'s dtype (the backward fuses the cast into the coupling)."""
     dtype = _compute_dtype(fn)
     inp = x if dtype is None or dtype == x.dtype else x.to(dtype)
     out = fn(inp, **kwargs)
@@ -170,7 +171,7 @@ def _call(fn: nn.Module, name: str, x: torch.Tensor, kwargs: dict, allow_side: b
         raise ValueError(f"{name} must preserve its input's shape {tuple(x.shape)}, returned {tuple(out.shape)}")
     if not out.is_floating_point():
         raise TypeError(f"{name} returned a {out.dtype} tensor; a residual branch must be floating-point")
-    return out.to(x.dtype), side
+    return (out.to(x.dtype) if cast else out), side
 
 
 class ReversibleBlock(nn.Module):
@@ -274,6 +275,48 @@ def _add(acc: Optional[torch.Tensor], g: Optional[torch.Tensor]) -> Optional[tor
     return g if acc is None else acc + g
 
 
+def _branch_grads(out: torch.Tensor, grad_out: torch.Tensor, inputs: list[torch.Tensor]):
+    """``_grads`` of a branch output ``out`` left in the branch's dtype: the incoming stream gradient is
+    cast to it, which is exactly what the backward of the dropped ``out.to(stream)`` would do. Returns
+    (grads, exposed): exposed says whether ``grad_out`` itself was handed to autograd (which may return
+    it, or keep it, as some gradient), rather than a cast copy of it."""
+    if out.dtype == grad_out.dtype:
+        return _grads(out, grad_out, inputs), True
+    if not out.requires_grad:
+        return _grads(out, grad_out, inputs), False
+    return _grads(out, grad_out.to(out.dtype), inputs), False
+
+
+def _fused_coupling(y: torch.Tensor, fy: torch.Tensor) -> bool:
+    """Whether the backward's coupling goes through the fused C++ kernel: CPU tensors whose branch output
+    comes in another dtype than the stream's (the kernel fuses the cast; with no cast it only ties the torch
+    ops: docs/decisions.md, "Reversible coupling kernel")."""
+    return (y.device.type == "cpu" and fy.dtype != y.dtype and y.dtype in (torch.float32, torch.float64)
+            and _ops_reversible() is not None)
+
+
+def _ops_reversible():
+    from . import _ext
+    if not _ext.available():
+        return None
+    from .ops import reversible
+    return reversible
+
+
+def _couple(y: torch.Tensor, fy: torch.Tensor, dy: Optional[torch.Tensor], dgrad: Optional[torch.Tensor],
+            owned: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], bool]:
+    """``x = y - fy.to(stream)`` and ``dy + dgrad``, bitwise as the plain expressions; the sum goes into
+    ``dy`` in place when ``owned`` (a tensor this backward made and never handed to autograd). Returns
+    (x, dy, whether the returned dy is owned)."""
+    if dgrad is None or dy is None:
+        return y - fy.to(y.dtype), (dy if dgrad is None else dgrad), owned if dgrad is None else False
+    if _fused_coupling(y, fy):
+        x, dy = _ops_reversible().coupling(y, fy, dy, dgrad, inplace=owned, backend="cpu")
+        return x, dy, True
+    x = y - fy.to(y.dtype)
+    return x, (dy.add_(dgrad) if owned else dy + dgrad), True
+
+
 class _Plan:
     """What the Function needs besides tensors: the blocks, the arguments' templates, which parameters
     (by position among the Function's inputs) belong to which F and G, and a slot for side outputs."""
@@ -331,6 +374,9 @@ class _ReversibleFunction(torch.autograd.Function):
         arg_grads: list[Optional[torch.Tensor]] = [None] * n_args
         param_grads: list[Optional[torch.Tensor]] = [None] * len(plan.params)
         y1, y2 = y1.detach(), y2.detach()
+        # dy1 and dy2 come from autograd (and may be one tensor): accumulated out of place until this
+        # backward owns a fresh one that autograd has not seen; then in place (no fresh output per block).
+        own1 = own2 = False
         with _autocast_restored(ctx.autocast):
             for i in reversed(range(n_f)):
                 block, rec = plan.blocks[i], records[i]
@@ -339,16 +385,16 @@ class _ReversibleFunction(torch.autograd.Function):
                     m._set_replay_state(state)
                 with torch.enable_grad(), rec.rng_g.restored():
                     y1_ = y1.requires_grad_()
-                    gy, _ = _call(block.g, f"G of block {i}", y1_, g_kws[i], allow_side=False)
+                    gy, _ = _call(block.g, f"G of block {i}", y1_, g_kws[i], allow_side=False, cast=False)
                     _check_rng_consumption(rec.rng_end, f"G of block {i}")
                 g_args = plan.args.used[n_f + i]
                 wrt = [y1_] + [plan.params[j] for j in plan.g_params[i]] + [leaves[j] for j in g_args]
-                got = _grads(gy, dy2, wrt)
+                got, exposed = _branch_grads(gy, dy2, wrt)
+                own2 = own2 and not exposed
                 with torch.no_grad():
-                    x2 = y2 - gy
+                    x2, dy1, own1 = _couple(y2, gy, dy1, got[0], own1)
                 del gy
                 y1 = y1_.detach()
-                dy1 = _add(dy1, got[0])
                 for j, g in zip(plan.g_params[i], got[1:]):
                     param_grads[j] = _add(param_grads[j], g)
                 for j, g in zip(g_args, got[1 + len(plan.g_params[i]):]):
@@ -358,15 +404,15 @@ class _ReversibleFunction(torch.autograd.Function):
                     m._set_replay_state(state)
                 with torch.enable_grad(), rec.rng_f.restored():
                     x2_ = x2.requires_grad_()
-                    fx, _ = _call(block.f, f"F of block {i}", x2_, f_kws[i], allow_side=True)
+                    fx, _ = _call(block.f, f"F of block {i}", x2_, f_kws[i], allow_side=True, cast=False)
                     _check_rng_consumption(rec.rng_g, f"F of block {i}")
                 f_args = plan.args.used[i]
                 wrt = [x2_] + [plan.params[j] for j in plan.f_params[i]] + [leaves[j] for j in f_args]
-                got = _grads(fx, dy1, wrt)
+                got, exposed = _branch_grads(fx, dy1, wrt)
+                own1 = own1 and not exposed
                 with torch.no_grad():
-                    x1 = y1 - fx
+                    x1, dy2, own2 = _couple(y1, fx, dy2, got[0], own2)
                 del fx
-                dy2 = _add(dy2, got[0])
                 for j, g in zip(plan.f_params[i], got[1:]):
                     param_grads[j] = _add(param_grads[j], g)
                 for j, g in zip(f_args, got[1 + len(plan.f_params[i]):]):
