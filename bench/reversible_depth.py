@@ -197,7 +197,7 @@ def time_once(step: Step, inner: int) -> float:
 
 
 def reconstruction_error(kind: str, depth: int, dim: int, hidden: int, batch: int, length: int, device,
-                         module_dtype, stream_dtype) -> float:
+                         module_dtype, stream_dtype, fixed_point=False) -> float:
     """Relative error of ``inverse(forward(x))`` over both streams, eval mode (deterministic blocks;
     LSH with fixed rotations: a seed)."""
     blocks = make_blocks(kind, depth, dim, hidden, dropout=0.0)
@@ -205,7 +205,8 @@ def reconstruction_error(kind: str, depth: int, dim: int, hidden: int, batch: in
         for m in b.modules():
             if isinstance(m, LSHSelfAttention):
                 m.seed = 0
-    seq = ReversibleSequence(blocks, stream_dtype=stream_dtype).to(device=device, dtype=module_dtype).eval()
+    seq = ReversibleSequence(blocks, stream_dtype=stream_dtype, fixed_point=fixed_point).to(
+        device=device, dtype=module_dtype).eval()
     x = make_input(batch, length, dim, stream_dtype or module_dtype, device).detach()
     with torch.no_grad():
         y1, y2 = seq(x, x)
@@ -286,6 +287,9 @@ def summarize(records: list[dict], recon: dict) -> dict:
     if "bfloat16 blocks, float32 stream" in recon:
         err = recon["bfloat16 blocks, float32 stream"]["error"]
         targets["bf16 in float32 stream reconstruction <= 1e-3"] = err <= 1e-3
+    if "bfloat16 blocks, float32 fixed-point stream" in recon:
+        err = recon["bfloat16 blocks, float32 fixed-point stream"]["error"]
+        targets["bf16 in float32 fixed-point stream reconstruction <= 1e-3"] = err <= 1e-3
     out["targets_met"] = targets
     return out
 
@@ -383,12 +387,14 @@ def main(argv=None) -> int:
         records += measure_depth(args, depth, device, dtype, log)
     recon_depth = args.recon_depth or max(args.depths)
     recon = {}
-    for name, (mdt, sdt) in {"bfloat16 blocks, float32 stream": (torch.bfloat16, torch.float32),
-                             "bfloat16 blocks, float64 stream": (torch.bfloat16, torch.float64),
-                             "bfloat16 blocks, bfloat16 stream": (torch.bfloat16, None),
-                             "float32": (torch.float32, None)}.items():
+    for name, (mdt, sdt, fixed) in {
+            "bfloat16 blocks, float32 stream": (torch.bfloat16, torch.float32, False),
+            "bfloat16 blocks, float32 fixed-point stream": (torch.bfloat16, torch.float32, True),
+            "bfloat16 blocks, float64 stream": (torch.bfloat16, torch.float64, False),
+            "bfloat16 blocks, bfloat16 stream": (torch.bfloat16, None, False),
+            "float32": (torch.float32, None, False)}.items():
         err = reconstruction_error(args.block, recon_depth, args.dim, args.hidden, args.batch, args.seq, device,
-                                   mdt, sdt)
+                                   mdt, sdt, fixed)
         recon[name] = {"depth": recon_depth, "error": err}
     summary = summarize(records, recon)
 

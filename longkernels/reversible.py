@@ -39,7 +39,14 @@ Choices (where the semantics leave them open):
   float64 stream reconstructs exactly (a float32 input plus bf16 outputs fit in 53 bits), at the cost
   of a float64 final pair (memory that does not grow with depth) and float64 residual adds. Blocks
   that are discontinuous in their input (LSH hashing: a position changes bucket) turn any
-  reconstruction error into an O(1) error in a few rows: bf16 LSH blocks want a float64 stream.
+  reconstruction error into an O(1) error in a few rows: bf16 LSH blocks want a float64 stream, or:
+* **Fixed-point streams** (``fixed_point=True``, float32 or float64 stream): the entering streams and
+  every F/G output are rounded to multiples of ``2**-16`` before the residual adds, so every add is
+  exact (a float32 holds any multiple of ``2**-16`` below 256 exactly) and the backward's
+  subtraction rebuilds each input bit for bit at any depth: reconstruction drift is zero, in a
+  float32 stream, for bf16 blocks, LSH included (RevNet-style fixed-point arithmetic, in floats). The
+  price: one rounding of each branch output to an absolute ``2**-17`` (far below a bf16 output's own
+  rounding), straight-through for gradients in both modes, and a few elementwise passes.
 * **Parameters are inputs of the Function** and their gradients are returned by its backward (they
   are not accumulated behind autograd's back, as reentrant checkpointing does), so
   ``torch.autograd.grad`` and ``DistributedDataParallel`` (also with ``find_unused_parameters=True``)
@@ -174,6 +181,35 @@ def _call(fn: nn.Module, name: str, x: torch.Tensor, kwargs: dict, allow_side: b
     return (out.to(x.dtype) if cast else out), side
 
 
+# --------------------------------------------------------------------------------------------
+# Fixed-point residual streams: every stream value a multiple of 2**-bits, so each residual add is
+# exact and the backward's subtraction rebuilds the input bit for bit
+# --------------------------------------------------------------------------------------------
+def _snap(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """``v`` rounded (half to even) to the nearest multiple of ``2**-bits``; scaling by a power of two is
+    exact, so this is one rounding."""
+    scale = 2.0 ** bits
+    return torch.round(v * scale) / scale
+
+
+class _SnapToGrid(torch.autograd.Function):
+    """``_snap`` with the identity as its gradient (straight-through), as the reversible backward sees it."""
+
+    @staticmethod
+    def forward(ctx, v, bits):
+        return _snap(v, bits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _on_grid(v: torch.Tensor, bits: Optional[int]) -> torch.Tensor:
+    if bits is None:
+        return v
+    return _SnapToGrid.apply(v, bits) if v.requires_grad and torch.is_grad_enabled() else _snap(v, bits)
+
+
 class ReversibleBlock(nn.Module):
     """One reversible residual block: ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)``.
 
@@ -196,20 +232,21 @@ class ReversibleBlock(nn.Module):
         y1, y2, side = self._forward(x1, x2, f_kwargs or {}, g_kwargs or {})
         return (y1, y2) if side is None else ((y1, y2), side)
 
-    def _forward(self, x1, x2, f_kwargs, g_kwargs, index: int = 0):
+    def _forward(self, x1, x2, f_kwargs, g_kwargs, index: int = 0, bits: Optional[int] = None):
         fx, side = _call(self.f, f"F of block {index}", x2, f_kwargs, allow_side=True)
-        y1 = x1 + fx
+        y1 = x1 + _on_grid(fx, bits)
         del fx
         gy, _ = _call(self.g, f"G of block {index}", y1, g_kwargs, allow_side=False)
-        y2 = x2 + gy
+        y2 = x2 + _on_grid(gy, bits)
         return y1, y2, side
 
     @torch.no_grad()
     def inverse(self, y1: torch.Tensor, y2: torch.Tensor, *, f_kwargs: Optional[dict] = None,
-                g_kwargs: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x2 = y2 - g(y1)``, ``x1 = y1 - f(x2)``: exact only where f and g are deterministic."""
-        x2 = y2 - _call(self.g, "G", y1, g_kwargs or {}, allow_side=False)[0]
-        x1 = y1 - _call(self.f, "F", x2, f_kwargs or {}, allow_side=True)[0]
+                g_kwargs: Optional[dict] = None, bits: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x2 = y2 - g(y1)``, ``x1 = y1 - f(x2)``: exact only where f and g are deterministic.
+        ``bits``: the fixed-point grid of the streams (see :class:`ReversibleSequence`)."""
+        x2 = y2 - _on_grid(_call(self.g, "G", y1, g_kwargs or {}, allow_side=False)[0], bits)
+        x1 = y1 - _on_grid(_call(self.f, "F", x2, f_kwargs or {}, allow_side=True)[0], bits)
         return x1, x2
 
 
@@ -321,7 +358,9 @@ class _Plan:
     """What the Function needs besides tensors: the blocks, the arguments' templates, which parameters
     (by position among the Function's inputs) belong to which F and G, and a slot for side outputs."""
 
-    def __init__(self, blocks: Sequence[ReversibleBlock], args: _Arguments, params: list[nn.Parameter]):
+    def __init__(self, blocks: Sequence[ReversibleBlock], args: _Arguments, params: list[nn.Parameter],
+                 bits: Optional[int] = None):
+        self.bits = bits
         self.blocks = blocks
         self.args = args
         self.params = params
@@ -343,12 +382,12 @@ class _ReversibleFunction(torch.autograd.Function):
             rec.rng_f = RngState(devices)
             fx, side = _call(block.f, f"F of block {i}", x2, f_kws[i], allow_side=True)
             rec.replay_f = [(m, m._get_replay_state()) for m in _replayable(block.f)]
-            y1 = x1 + fx
+            y1 = x1 + (fx if plan.bits is None else _snap(fx, plan.bits))
             del fx
             rec.rng_g = RngState(devices)
             gy, _ = _call(block.g, f"G of block {i}", y1, g_kws[i], allow_side=False)
             rec.replay_g = [(m, m._get_replay_state()) for m in _replayable(block.g)]
-            y2 = x2 + gy
+            y2 = x2 + (gy if plan.bits is None else _snap(gy, plan.bits))
             del gy
             plan.sides.append(side)
             if records:
@@ -392,6 +431,8 @@ class _ReversibleFunction(torch.autograd.Function):
                 got, exposed = _branch_grads(gy, dy2, wrt)
                 own2 = own2 and not exposed
                 with torch.no_grad():
+                    if plan.bits is not None:
+                        gy = _snap(gy.to(y2.dtype), plan.bits)
                     x2, dy1, own1 = _couple(y2, gy, dy1, got[0], own1)
                 del gy
                 y1 = y1_.detach()
@@ -411,6 +452,8 @@ class _ReversibleFunction(torch.autograd.Function):
                 got, exposed = _branch_grads(fx, dy1, wrt)
                 own1 = own1 and not exposed
                 with torch.no_grad():
+                    if plan.bits is not None:
+                        fx = _snap(fx.to(y1.dtype), plan.bits)
                     x1, dy2, own2 = _couple(y1, fx, dy2, got[0], own2)
                 del fx
                 for j, g in zip(plan.f_params[i], got[1:]):
@@ -446,6 +489,13 @@ class ReversibleSequence(nn.Module):
             activation): the reference the reversible path is tested against.
         stream_dtype: floating dtype of the residual streams (e.g. ``torch.float32`` around bfloat16
             blocks); None: the input's dtype.
+        fixed_point: keep the streams on a fixed-point grid, so that the backward rebuilds every
+            block's input bit for bit at any depth: the entering streams and every F/G output are
+            rounded to a multiple of ``2**-bits`` (``True``: bits = 16; or an int), which makes each
+            residual add exact while the stream's magnitude stays below ``2**(p - bits)`` (p = 24 for a
+            float32 stream: 256 with 16 bits; 53 for float64). The rounding is straight-through for
+            gradients, in both modes. Needs a float32 or float64 stream. Larger values still work,
+            with ordinary float round-off in their adds.
 
     ``forward(x, x2=None, *, f_kwargs=None, g_kwargs=None)``: with ``x`` alone returns
     ``(y1 + y2) / 2`` for the streams ``(x, x)``; with ``x2`` returns ``(y1, y2)``. ``f_kwargs`` /
@@ -455,8 +505,21 @@ class ReversibleSequence(nn.Module):
     """
 
     def __init__(self, blocks: Iterable[ReversibleBlock], *, reversible: bool = True,
-                 stream_dtype: Optional[torch.dtype] = None):
+                 stream_dtype: Optional[torch.dtype] = None, fixed_point: Union[bool, int] = False):
         super().__init__()
+        if fixed_point is True:
+            fixed_point = 16
+        elif fixed_point is False:
+            fixed_point = None
+        elif isinstance(fixed_point, int):
+            if not 1 <= fixed_point <= 60:
+                raise ValueError(f"fixed_point must be a bool or a number of fraction bits in [1, 60], "
+                                 f"got {fixed_point}")
+        else:
+            raise TypeError(f"fixed_point must be a bool or an int, got {type(fixed_point).__name__}")
+        if fixed_point is not None and stream_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"fixed_point needs a float32 or float64 stream, got stream_dtype={stream_dtype}")
+        self.fixed_point = fixed_point
         if not isinstance(reversible, bool):
             raise TypeError(f"reversible must be a bool, got {type(reversible).__name__}")
         if stream_dtype is not None:
@@ -470,7 +533,8 @@ class ReversibleSequence(nn.Module):
         self.stream_dtype = stream_dtype
 
     def extra_repr(self) -> str:
-        return f"reversible={self.reversible}, stream_dtype={self.stream_dtype}"
+        fixed = "" if self.fixed_point is None else f", fixed_point={self.fixed_point}"
+        return f"reversible={self.reversible}, stream_dtype={self.stream_dtype}{fixed}"
 
     def _per_block(self, kwargs: KwargsArg, name: str) -> list[dict]:
         n = len(self.blocks)
@@ -502,7 +566,14 @@ class ReversibleSequence(nn.Module):
                 raise ValueError(f"x2 must match x in shape, dtype and device: x {tuple(x.shape)} {x.dtype} "
                                  f"{x.device}, x2 {tuple(x2.shape)} {x2.dtype} {x2.device}")
         dtype = self.stream_dtype or x.dtype
-        return x.to(dtype), (x if x2 is None else x2).to(dtype)
+        a, b = x.to(dtype), (x if x2 is None else x2).to(dtype)
+        if self.fixed_point is not None:
+            if dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"fixed_point needs a float32 or float64 stream; the stream would be {dtype} "
+                                 f"(set stream_dtype=torch.float32)")
+            a = _on_grid(a, self.fixed_point)
+            b = a if x2 is None else _on_grid(b, self.fixed_point)
+        return a, b
 
     def forward(self, x: torch.Tensor, x2: Optional[torch.Tensor] = None, *, f_kwargs: KwargsArg = None,
                 g_kwargs: KwargsArg = None):
@@ -515,7 +586,7 @@ class ReversibleSequence(nn.Module):
             x1.requires_grad or s2.requires_grad or bool(params)
             or any(t.requires_grad for t in args.tensors))
         if self.reversible and needs_grad:
-            plan = _Plan(list(self.blocks), args, params)
+            plan = _Plan(list(self.blocks), args, params, self.fixed_point)
             n_args = len(args.tensors)
             y1, y2 = _ReversibleFunction.apply(plan, n_args, x1, s2, *args.tensors, *params)
             sides = plan.sides
@@ -523,7 +594,7 @@ class ReversibleSequence(nn.Module):
         else:
             sides = []
             for i, block in enumerate(self.blocks):
-                x1, s2, side = block._forward(x1, s2, f_kws[i], g_kws[i], i)
+                x1, s2, side = block._forward(x1, s2, f_kws[i], g_kws[i], i, self.fixed_point)
                 sides.append(side)
             y1, y2 = x1, s2
         out = (y1.to(in_dtype), y2.to(in_dtype)) if x2 is not None else ((y1 + y2) / 2).to(in_dtype)
@@ -543,5 +614,5 @@ class ReversibleSequence(nn.Module):
         a, b = self._streams(y1, y2)
         f_kws, g_kws = self._per_block(f_kwargs, "f_kwargs"), self._per_block(g_kwargs, "g_kwargs")
         for i in reversed(range(len(self.blocks))):
-            a, b = self.blocks[i].inverse(a, b, f_kwargs=f_kws[i], g_kwargs=g_kws[i])
+            a, b = self.blocks[i].inverse(a, b, f_kwargs=f_kws[i], g_kwargs=g_kws[i], bits=self.fixed_point)
         return a.to(in_dtype), b.to(in_dtype)

@@ -78,8 +78,10 @@ def test_seed_gives_reproducible_evaluation():
     y2 = layer(x)
     assert torch.equal(y1, y2)
     layer.train()
-    with torch.no_grad():  # also under no_grad in training mode
-        assert torch.equal(layer(x), y1)
+    with torch.no_grad():  # the training flag decides, as for dropout: fresh rotations here
+        assert not torch.equal(layer(x), y1)
+    layer.eval()
+    assert torch.equal(layer(x), y1)
 
 
 def test_fixed_rotations():

@@ -433,6 +433,81 @@ def test_bf16_lsh_blocks_float64_stream_exact():
 
 
 # --------------------------------------------------------------------------------------------
+# Fixed-point streams: exact reconstruction at any depth
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, FLOAT64_RTOL), (torch.float32, FLOAT32_GRAD_RTOL)])
+def test_fixed_point_parity(dtype, rtol):
+    """Both paths round the streams to the same grid (straight-through gradients): same outputs and
+    gradients, dropout on."""
+    torch.manual_seed(0)
+    seq = mlp_stack(4, dropout=0.25, fixed_point=True).to(dtype).train()
+    assert_parity(seq, torch.randn(2, 9, 16, dtype=dtype), rtol=rtol)
+
+
+def test_fixed_point_gradient_is_straight_through():
+    """The grid rounding changes values by at most 2**-17 and passes gradients unchanged, so the
+    gradients are those of the unrounded stack up to that perturbation."""
+    torch.manual_seed(0)
+    seq = mlp_stack(3, dropout=0.0).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    _, _, g_exact = run(seq, x, True)
+    seq.fixed_point = 16
+    _, _, g_fixed = run(seq, x, True)
+    errs = {name: rel_err(g_fixed[name], g_exact[name]) for name in g_exact}
+    assert max(errs.values()) <= 1e-3, errs
+    assert errs["x"] > 0  # the rounding did happen
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lsh"])
+def test_fixed_point_bf16_blocks_float32_stream_exact(kind):
+    """bfloat16 blocks in a float32 fixed-point stream: every residual add is exact, so inverse(forward(x))
+    returns the entering (rounded) streams bit for bit after 48 blocks (ordinary float32 streams drift,
+    test_reconstruction_drift), and the reversible gradients equal the plain ones exactly, LSH included."""
+    torch.manual_seed(0)
+    dim = 32
+    if kind == "mlp":
+        seq = mlp_stack(48, dim=dim, hidden=64, stream_dtype=torch.float32, fixed_point=True)
+    else:
+        seq = ReversibleSequence([
+            ReversibleBlock(PreNorm(dim, LSHSelfAttention(dim, 2, chunk_size=8, n_hashes=2, seed=i, backend="cpu")),
+                            PreNorm(dim, ChunkedFeedForward(dim, 64, chunks=3)))
+            for i in range(48)], stream_dtype=torch.float32, fixed_point=True)
+    seq = seq.to(torch.bfloat16).eval()
+    x = torch.randn(2, 40, dim) * 3
+    with torch.no_grad():
+        y1, y2 = seq(x, x)
+        a, b = seq.inverse(y1, y2)
+    snapped = torch.round(x * 2.0 ** 16) / 2.0 ** 16
+    assert torch.equal(a, snapped) and torch.equal(b, snapped)
+    assert rel_err(a, x) < 1e-5
+    if kind == "lsh":
+        seq.train()  # fresh rotations and dropout-free training forward, replayed in the backward
+        seq.blocks = seq.blocks[:6]
+        out_r, _, g_r = run(seq, x, True)
+        out_p, _, g_p = run(seq, x, False)
+        assert torch.equal(out_r, out_p)
+        for name in g_p:  # x's gradient sums float32 terms in another order: round-off apart
+            assert torch.equal(g_r[name], g_p[name]) if name != "x" else rel_err(g_r[name], g_p[name]) < 1e-7, name
+
+
+def test_fixed_point_arguments():
+    lin = nn.Linear(4, 4)
+    blocks = [ReversibleBlock(lin, lin)]
+    assert ReversibleSequence(blocks, fixed_point=True).fixed_point == 16
+    assert ReversibleSequence(blocks, fixed_point=20).fixed_point == 20
+    assert ReversibleSequence(blocks).fixed_point is None
+    with pytest.raises(ValueError, match="fixed_point"):
+        ReversibleSequence(blocks, fixed_point=0)
+    with pytest.raises(TypeError, match="fixed_point"):
+        ReversibleSequence(blocks, fixed_point="yes")
+    with pytest.raises(ValueError, match="fixed_point needs a float32 or float64 stream"):
+        ReversibleSequence(blocks, stream_dtype=torch.bfloat16, fixed_point=True)
+    seq = ReversibleSequence([ReversibleBlock(nn.Linear(4, 4), nn.Linear(4, 4))], fixed_point=True).half()
+    with pytest.raises(ValueError, match="stream_dtype=torch.float32"):
+        seq(torch.randn(2, 4).half())
+
+
+# --------------------------------------------------------------------------------------------
 # Reconstruction drift against depth
 # --------------------------------------------------------------------------------------------
 EPS = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -9}  # unit round-off

@@ -140,6 +140,8 @@ class LongContextLM(nn.Module):
         attention: ``"memory"`` or ``"lsh"``.
         reversible: False runs the same blocks as a plain sequence (stores activations; the reference).
         stream_dtype: dtype of the reversible residual streams (e.g. float32 around a bfloat16 model).
+        fixed_point: keep the streams on a fixed-point grid, for bit-exact reconstruction
+            (:class:`~longkernels.ReversibleSequence`).
         tie_weights: the head shares the embedding matrix (default).
         dropout: on the embedding and inside each block.
         **block_kwargs: the rest of :class:`ReformerBlock`'s arguments (``mem_len``, ``window``,
@@ -147,7 +149,8 @@ class LongContextLM(nn.Module):
     """
 
     def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, *, attention: str = "memory",
-                 reversible: bool = True, stream_dtype: Optional[torch.dtype] = None, tie_weights: bool = True,
+                 reversible: bool = True, stream_dtype: Optional[torch.dtype] = None, fixed_point=False,
+                 tie_weights: bool = True,
                  dropout: float = 0.0, device=None, dtype=None, **block_kwargs):
         super().__init__()
         self.vocab_size = _check_int("vocab_size", vocab_size, minimum=1)
@@ -163,7 +166,7 @@ class LongContextLM(nn.Module):
         self.embed = nn.Embedding(vocab_size, dim, **factory)
         self.layers = ReversibleSequence(
             [ReformerBlock(dim, num_heads, attention=attention, dropout=dropout, **factory, **block_kwargs)
-             for _ in range(depth)], reversible=reversible, stream_dtype=stream_dtype)
+             for _ in range(depth)], reversible=reversible, stream_dtype=stream_dtype, fixed_point=fixed_point)
         self.norm = nn.LayerNorm(dim, eps=block_kwargs.get("norm_eps", 1e-5), **factory)
         self.head = nn.Linear(dim, vocab_size, bias=False, **factory)
         nn.init.normal_(self.embed.weight, std=dim ** -0.5)

@@ -24,8 +24,10 @@ class LSHSelfAttention(nn.Module):
     training, and keeps them in ``last_rotations`` so that a recomputation (a reversible stack's
     backward, an activation checkpoint) can replay the same hash with ``forward(x, rotations=...)``.
     For reproducible evaluation either fix them (:meth:`set_rotations`) or give a ``seed``: then
-    every forward outside training mode or under ``torch.no_grad`` hashes with rotations drawn from
-    a generator seeded with it (the same rotations each call, whatever the global RNG does).
+    every forward in eval mode hashes with rotations drawn from a generator seeded with it (the same
+    rotations each call, whatever the global RNG does). Like dropout, this follows the module's
+    training flag, not the grad mode: a training-mode forward under ``torch.no_grad`` (or inside a
+    reversible stack's forward, which runs without a graph) still draws fresh rotations.
 
     Dropout is applied to the output, in training: the fused kernels never materialise the
     attention probabilities, so HuggingFace's attention-probability dropout is not available.
@@ -117,7 +119,7 @@ class LSHSelfAttention(nn.Module):
     def _rotations(self, seq_len: int, device) -> Optional[torch.Tensor]:
         if self.fixed_rotations is not None:
             return self.fixed_rotations.to(device)
-        if self.seed is not None and (not self.training or not torch.is_grad_enabled()):
+        if self.seed is not None and not self.training:
             gen = torch.Generator(device=device).manual_seed(self.seed)
             return draw_rotations(self.num_heads, self.head_dim, self.n_hashes, self.buckets_for(seq_len),
                                   device=device, generator=gen)
