@@ -370,6 +370,36 @@ class _Plan:
         self.sides: list = []
 
 
+def _half_step(plan: _Plan, fn: nn.Module, name: str, inp: torch.Tensor, kwargs: dict, rng: RngState,
+               rng_after: RngState, replay: list, param_ids: list[int], arg_ids: list[int], leaves: list,
+               out: torch.Tensor, d_out: torch.Tensor, d_in: Optional[torch.Tensor], own_out: bool, own_in: bool,
+               param_grads: list, arg_grads: list):
+    """One half of a block's backward, for ``out = other + fn(inp)``: recompute ``fn(inp)`` under its
+    recorded RNG and replay state, backpropagate ``d_out`` through it (parameter and argument gradients
+    accumulated), rebuild ``other = out - fn(inp)`` and add the input gradient into ``d_in``.
+    Returns ``(other, inp detached, d_in, own_in, own_out)``; ``own_*`` say whether the backward owns
+    (may update in place) the running gradients."""
+    for m, state in replay:
+        m._set_replay_state(state)
+    with torch.enable_grad(), rng.restored():
+        inp_ = inp.requires_grad_()
+        branch, _ = _call(fn, name, inp_, kwargs, allow_side=True, cast=False)
+        _check_rng_consumption(rng_after, name)
+    wrt = [inp_] + [plan.params[j] for j in param_ids] + [leaves[j] for j in arg_ids]
+    got, exposed = _branch_grads(branch, d_out, wrt)
+    own_out = own_out and not exposed
+    with torch.no_grad():
+        if plan.bits is not None:
+            branch = _snap(branch.to(out.dtype), plan.bits)
+        other, d_in, own_in = _couple(out, branch, d_in, got[0], own_in)
+    del branch
+    for j, g in zip(param_ids, got[1:]):
+        param_grads[j] = _add(param_grads[j], g)
+    for j, g in zip(arg_ids, got[1 + len(param_ids):]):
+        arg_grads[j] = _add(arg_grads[j], g)
+    return other, inp_.detach(), d_in, own_in, own_out
+
+
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, n_args: int, x1: torch.Tensor, x2: torch.Tensor, *tensors):
@@ -419,48 +449,17 @@ class _ReversibleFunction(torch.autograd.Function):
         with _autocast_restored(ctx.autocast):
             for i in reversed(range(n_f)):
                 block, rec = plan.blocks[i], records[i]
-                # G: recompute on y1, backpropagate dy2, reconstruct x2 = y2 - G(y1).
-                for m, state in rec.replay_g:
-                    m._set_replay_state(state)
-                with torch.enable_grad(), rec.rng_g.restored():
-                    y1_ = y1.requires_grad_()
-                    gy, _ = _call(block.g, f"G of block {i}", y1_, g_kws[i], allow_side=False, cast=False)
-                    _check_rng_consumption(rec.rng_end, f"G of block {i}")
-                g_args = plan.args.used[n_f + i]
-                wrt = [y1_] + [plan.params[j] for j in plan.g_params[i]] + [leaves[j] for j in g_args]
-                got, exposed = _branch_grads(gy, dy2, wrt)
-                own2 = own2 and not exposed
-                with torch.no_grad():
-                    if plan.bits is not None:
-                        gy = _snap(gy.to(y2.dtype), plan.bits)
-                    x2, dy1, own1 = _couple(y2, gy, dy1, got[0], own1)
-                del gy
-                y1 = y1_.detach()
-                for j, g in zip(plan.g_params[i], got[1:]):
-                    param_grads[j] = _add(param_grads[j], g)
-                for j, g in zip(g_args, got[1 + len(plan.g_params[i]):]):
-                    arg_grads[j] = _add(arg_grads[j], g)
+                # G: recompute on y1, backpropagate dy2, reconstruct x2 = y2 - G(y1), dy1 += dG/dy1.
+                x2, y1, dy1, own1, own2 = _half_step(
+                    plan, block.g, f"G of block {i}", y1, g_kws[i], rec.rng_g, rec.rng_end, rec.replay_g,
+                    plan.g_params[i], plan.args.used[n_f + i], leaves, y2, dy2, dy1, own2, own1,
+                    param_grads, arg_grads)
                 # F: recompute on x2, backpropagate dy1 (now the total), reconstruct x1 = y1 - F(x2).
-                for m, state in rec.replay_f:
-                    m._set_replay_state(state)
-                with torch.enable_grad(), rec.rng_f.restored():
-                    x2_ = x2.requires_grad_()
-                    fx, _ = _call(block.f, f"F of block {i}", x2_, f_kws[i], allow_side=True, cast=False)
-                    _check_rng_consumption(rec.rng_g, f"F of block {i}")
-                f_args = plan.args.used[i]
-                wrt = [x2_] + [plan.params[j] for j in plan.f_params[i]] + [leaves[j] for j in f_args]
-                got, exposed = _branch_grads(fx, dy1, wrt)
-                own1 = own1 and not exposed
-                with torch.no_grad():
-                    if plan.bits is not None:
-                        fx = _snap(fx.to(y1.dtype), plan.bits)
-                    x1, dy2, own2 = _couple(y1, fx, dy2, got[0], own2)
-                del fx
-                for j, g in zip(plan.f_params[i], got[1:]):
-                    param_grads[j] = _add(param_grads[j], g)
-                for j, g in zip(f_args, got[1 + len(plan.f_params[i]):]):
-                    arg_grads[j] = _add(arg_grads[j], g)
-                y1, y2 = x1, x2_.detach()
+                x1, x2, dy2, own2, own1 = _half_step(
+                    plan, block.f, f"F of block {i}", x2, f_kws[i], rec.rng_f, rec.rng_g, rec.replay_f,
+                    plan.f_params[i], plan.args.used[i], leaves, y1, dy1, dy2, own1, own2,
+                    param_grads, arg_grads)
+                y1, y2 = x1, x2
         return (None, None, dy1, dy2, *arg_grads, *param_grads)
 
 
