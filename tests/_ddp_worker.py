@@ -7,18 +7,8 @@ import torch.distributed as dist
 from torch import nn
 
 
-class PreNorm(nn.Module):
-    def __init__(self, dim, fn):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fn = fn
-
-    def forward(self, x, **kwargs):
-        return self.fn(self.norm(x), **kwargs)
-
-
 def build_model(dim: int = 16, depth: int = 3, seed: int = 0):
-    from longkernels.nn.feedforward import ChunkedFeedForward
+    from longkernels.nn import ChunkedFeedForward, PreNorm
     from longkernels.reversible import ReversibleBlock, ReversibleSequence
 
     torch.manual_seed(seed)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from longkernels.nn import LSHSelfAttention
+from longkernels.nn import LSHSelfAttention, PreNorm
 from longkernels.nn.feedforward import ChunkedFeedForward, chunk_bounds
 from longkernels.reversible import ReversibleBlock, ReversibleSequence
 from longkernels.testing import FLOAT64_RTOL, rel_err
@@ -35,16 +35,6 @@ FLOAT32_GRAD_RTOL = 1e-5
 # --------------------------------------------------------------------------------------------
 # Blocks used by the tests
 # --------------------------------------------------------------------------------------------
-class PreNorm(nn.Module):
-    def __init__(self, dim, fn):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fn = fn
-
-    def forward(self, x, **kwargs):
-        return self.fn(self.norm(x), **kwargs)
-
-
 def mlp(dim, hidden, dropout=0.0):
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
                          nn.Dropout(dropout))
