@@ -31,7 +31,8 @@ CPU allocator during one step (profiler memory events; the input excluded, the p
 ``param_bytes`` in the record, included) or on GPU ``torch.cuda.max_memory_allocated``.
 
 Also measured: the reconstruction drift of the deepest stack in bfloat16 compute with a float32 stream
-(eval mode, ``ReversibleSequence.inverse``), and with float64 and bfloat16 streams. Targets (issue, reported, not
+(eval mode, ``ReversibleSequence.inverse``), with a float32 fixed-point stream, and with float64 and bfloat16
+streams. Targets (issue, reported, not
 asserted): saved bytes at the deepest <= 1.1x those at the shallowest; reversible time <= 1.4x plain
 and <= checkpoint; bf16-in-float32 reconstruction error after 48 blocks <= 1e-3.
 
