@@ -53,6 +53,7 @@ AGREE_TOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torc
 # Machine
 # --------------------------------------------------------------------------------------------
 from longkernels._machine import cpu_model  # noqa: E402  (one definition, shared with the CLI)
+from longkernels.testing import saved_tensor_bytes  # noqa: E402
 
 
 def slug(text: str) -> str:
@@ -212,23 +213,8 @@ def cpu_peak_bytes(fn) -> int:
 
 def saved_bytes(runner: Runner) -> int:
     """Bytes the forward saves for backward: distinct storages, the inputs' own excluded."""
-    inputs = {t.untyped_storage().data_ptr() for t in runner.inputs.values() if isinstance(t, torch.Tensor)}
-    seen: dict = {}
-
-    def pack(t):
-        try:
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
-            key, nbytes = id(t), t.numel() * t.element_size()
-        if key not in inputs:
-            seen[key] = nbytes
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = runner.fn(**runner.inputs)
-    del out
-    return sum(seen.values())
+    inputs = [t for t in runner.inputs.values() if isinstance(t, torch.Tensor)]
+    return saved_tensor_bytes(runner.fn, exclude=inputs, **runner.inputs)
 
 
 def measure_memory(runner: Runner) -> dict:

@@ -57,6 +57,7 @@ from torch import nn
 from longkernels.nn.feedforward import ChunkedFeedForward
 from longkernels.nn.lsh_attention import LSHSelfAttention
 from longkernels.reversible import ReversibleBlock, ReversibleSequence
+from longkernels.testing import saved_tensor_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("reversible", "plain", "checkpoint")
@@ -149,24 +150,8 @@ def make_input(batch: int, length: int, dim: int, dtype, device, seed: int = 0) 
 # --------------------------------------------------------------------------------------------
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes saved for backward by one forward: distinct storages, the input and parameters excluded."""
-    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
-    seen = {}
-
-    def pack(t):
-        try:
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-        except (RuntimeError, NotImplementedError):
-            key, nbytes = id(t), t.numel() * t.element_size()
-        if key not in exclude:
-            seen[key] = nbytes
-        return t
-
     torch.manual_seed(0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    del out
-    return sum(seen.values())
+    return saved_tensor_bytes(model, x, exclude=[*model.parameters(), x])
 
 
 def peak_bytes(step: Step) -> int:

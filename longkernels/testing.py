@@ -215,3 +215,29 @@ def _rows(truth: dict, got: dict, lowp: Optional[dict], dtype: torch.dtype):
         allowed = FLOAT64_RTOL if lowp is None else LOWP_FACTOR * rel_err(lowp[name], ref) + LOWP_FLOOR[dtype]
         rows.append((name, err, allowed, err <= allowed))
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Activation memory
+# --------------------------------------------------------------------------------------------
+def saved_tensor_bytes(fn, *args, exclude=(), **kwargs) -> int:
+    """Bytes saved for backward while ``fn(*args, **kwargs)`` runs (``saved_tensors_hooks``): distinct
+    storages, those of the tensors in ``exclude`` (inputs, parameters) left out. Tensors without a plain
+    storage (subclasses) count by their own size."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            key, nbytes = id(t), t.numel() * t.element_size()
+        if key not in skip:
+            seen[key] = nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    del out
+    return sum(seen.values())

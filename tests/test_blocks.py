@@ -9,7 +9,7 @@ from torch import nn
 
 from longkernels import ReversibleBlock
 from longkernels.nn import LongContextLM, LSHSelfAttention, MemoryAttention, MemoryCache, ReformerBlock
-from longkernels.testing import FLOAT64_RTOL, rel_err
+from longkernels.testing import FLOAT64_RTOL, rel_err, saved_tensor_bytes
 
 VOCAB = 50
 
@@ -122,19 +122,7 @@ def test_tied_and_untied_head():
 
 
 def saved_bytes(model, toks):
-    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in exclude:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(toks)
-    del out
-    return sum(seen.values())
+    return saved_tensor_bytes(model, toks, exclude=list(model.parameters()))
 
 
 @pytest.mark.parametrize("attention", ["memory", "lsh"])

@@ -19,7 +19,7 @@ from torch import nn
 from longkernels.nn import LSHSelfAttention, PreNorm
 from longkernels.nn.feedforward import ChunkedFeedForward, chunk_bounds
 from longkernels.reversible import ReversibleBlock, ReversibleSequence
-from longkernels.testing import FLOAT64_RTOL, rel_err
+from longkernels.testing import FLOAT64_RTOL, rel_err, saved_tensor_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ddp_worker  # noqa: E402
@@ -561,21 +561,8 @@ def test_reconstruction_drift():
 def saved_activation_bytes(module, x, fn=None, include_input=False) -> int:
     """Distinct storages saved for backward during one forward of ``fn`` (default ``module``), the
     module's parameters (and unless ``include_input``, the input) excluded."""
-    exclude = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    if not include_input:
-        exclude.add(x.untyped_storage().data_ptr())
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = (fn or module)(x)
-    del out
-    return sum(seen.values())
+    exclude = list(module.parameters()) + ([] if include_input else [x])
+    return saved_tensor_bytes(fn or module, x, exclude=exclude)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "lsh"])
