@@ -27,6 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         false;
 #endif
     d["cpu_avx512_bf16"] = longkernels::cpu::has_avx512_bf16();
+    d["cpu_avx2_fma"] = longkernels::cpu::has_avx2_fma();
+    d["cpu_f32_tiles"] = std::string(longkernels::cpu::f32_tiles_name(longkernels::cpu::f32_tiles()));
     d["torch_version_built"] = std::string(TORCH_VERSION);
     return d;
   });

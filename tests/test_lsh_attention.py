@@ -63,10 +63,20 @@ def test_cpu_matches_reference(case, dtype):
 @needs_ext
 @pytest.mark.parametrize("case", CASES[:6], ids=lambda c: c.describe())
 def test_cpu_portable_products_match_reference(case, monkeypatch):
-    """The plain-loop tile products (CPUs without AVX-512) on a machine that has AVX-512."""
+    """The plain-loop tile products (CPUs with neither AVX-512 nor AVX2), on any machine."""
     monkeypatch.setenv("LONGKERNELS_CPU_TILES", "blas")
     _check(case, "cpu", torch.float32)
     _check(case, "cpu", torch.float64)
+
+
+@needs_ext
+@pytest.mark.skipif(_ext.available() and not _ext.build_info().get("cpu_avx2_fma"),
+                    reason="this CPU has no AVX2 + FMA: the AVX2 tile products cannot run here")
+@pytest.mark.parametrize("case", CASES[:6], ids=lambda c: c.describe())
+def test_cpu_avx2_products_match_reference(case, monkeypatch):
+    """The AVX2 tile products (CPUs without AVX-512), also on a machine that has AVX-512."""
+    monkeypatch.setenv("LONGKERNELS_CPU_TILES", "avx2")
+    _check(case, "cpu", torch.float32)
 
 
 @needs_ext

@@ -70,10 +70,19 @@ def test_cpu_low_precision(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [CASES[5], CASES[9], CASES[13], BIG_CASES[1]], ids=Case.describe)
 def test_cpu_blas_tiles(case, dtype, monkeypatch):
-    # On AVX-512 machines float32/bfloat16 forwards use our packed micro-kernels; the BLAS path
-    # (what other CPUs get) must stay right too.
+    # With AVX-512 or AVX2 float32 forwards use our packed micro-kernels (bfloat16 with AVX-512
+    # BF16); the BLAS path (what other CPUs get) must stay right too.
     monkeypatch.setenv("LONGKERNELS_CPU_TILES", "blas")
     _check(case, "cpu", dtype)
+
+
+@pytest.mark.skipif(_ext.available() and not _ext.build_info().get("cpu_avx2_fma"),
+                    reason="this CPU has no AVX2 + FMA: the AVX2 tile products cannot run here")
+@pytest.mark.parametrize("case", [CASES[5], CASES[9], CASES[13], BIG_CASES[1]], ids=Case.describe)
+def test_cpu_avx2_tiles(case, monkeypatch):
+    # The AVX2 float32 micro-kernels (CPUs without AVX-512), also on a machine that has AVX-512.
+    monkeypatch.setenv("LONGKERNELS_CPU_TILES", "avx2")
+    _check(case, "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("case", CASES, ids=Case.describe)

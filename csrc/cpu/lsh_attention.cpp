@@ -10,8 +10,8 @@
 // attends to W = (before + 1 + after) * C keys: its own chunk and its neighbours, circularly. Per
 // chunk, the window's rows are gathered from qk and v by position (the keys normalised on the way)
 // into packed panels, so there is never a sorted copy of qk or v: S = Q K^T and O = P V run on
-// those panels through our AVX-512 micro-kernels (tile_gemm.h) in float, or a plain loop in double
-// and on CPUs without AVX-512. Chunks are independent in the forward, so threads split them.
+// those panels through our micro-kernels (tile_gemm.h: AVX-512 or AVX2 + FMA) in float, or a plain loop
+// in double and on CPUs with neither. Chunks are independent in the forward, so threads split them.
 // Rounds land in per-round buffers at original positions and are combined at the end.
 //
 // Backward, per chunk: recompute S and dP = dO V^T, P from the saved statistics, dS = P (dP - delta)
@@ -161,8 +161,8 @@ struct Rows {  // strided (B, H, L, d) tensor in the compute type
 };
 
 // C[M x N] (=|+=) A[M x K] B[K x N]; A row-major (lda) or, with `at`, stored transposed
-// (element (m, t) at A[t * lda + m]); B row-major (ldb). With `fast` (float on AVX-512) N must be a
-// multiple of 16 (the micro-kernels' contract; callers zero-pad).
+// (element (m, t) at A[t * lda + m]); B row-major (ldb). With `fast` (float, tile kernels) N must
+// be a multiple of 16 (the micro-kernels' contract; callers zero-pad).
 template <typename T>
 __attribute__((always_inline)) inline void gemm_loop_impl(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
                                                           bool at, const T* Bm, int64_t ldb, T* Cm, int64_t ldc,
@@ -187,12 +187,12 @@ LK_CLONES void gemm_loop(int64_t M, int64_t N, int64_t K, const float* A, int64_
   gemm_loop_impl(M, N, K, A, lda, at, Bm, ldb, Cm, ldc, acc);
 }
 template <typename T>
-void gemm(bool fast, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb, T* Cm,
+void gemm(F32Tiles fast, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bm, int64_t ldb, T* Cm,
           int64_t ldc, bool acc, bool at = false) {
   if constexpr (std::is_same_v<T, float>) {
-    if (fast) {
-      if (at) return tile::gemm_f32_at(M, N, K, A, lda, Bm, ldb, Cm, ldc, acc);
-      return tile::gemm_f32(M, N, K, A, lda, Bm, ldb, Cm, ldc, acc);
+    if (fast != F32Tiles::None) {
+      if (at) return tile::gemm_f32_at(fast, M, N, K, A, lda, Bm, ldb, Cm, ldc, acc);
+      return tile::gemm_f32(fast, M, N, K, A, lda, Bm, ldb, Cm, ldc, acc);
     }
   }
   gemm_loop(M, N, K, A, lda, at, Bm, ldb, Cm, ldc, acc);
@@ -408,7 +408,7 @@ Tensor like_rows(const Tensor& t, at::ScalarType ct) {
 // Forward.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-void forward_kernel(const Problem& P, const Inputs<T>& in, bool fast, const Rows<T>& out_rows, T* lse_max,
+void forward_kernel(const Problem& P, const Inputs<T>& in, F32Tiles fast, const Rows<T>& out_rows, T* lse_max,
                     T* lse_log) {
   // Per-round results of one head at original positions: o (nh, L, Dv), max and sum (nh, L).
   std::vector<T> o_r(P.nh * P.L * P.Dv), m_r(P.nh * P.L), l_r(P.nh * P.L);
@@ -474,14 +474,11 @@ void forward_kernel(const Problem& P, const Inputs<T>& in, bool fast, const Rows
   }
 }
 
-// Float products through our AVX-512 micro-kernels where the CPU has them, else plain loops.
-// LONGKERNELS_CPU_TILES=blas forces the portable loops (the name is memory attention's, whose
-// portable path is the BLAS): tests use it to cover that path on machines with AVX-512.
-bool use_fast_tiles(at::ScalarType ct) {
-  const char* env = std::getenv("LONGKERNELS_CPU_TILES");  // read per call: tests switch it
-  if (env && std::string(env) == "blas") return false;
-  return ct == at::kFloat && has_avx512f();
-}
+// Float products through our micro-kernels (AVX-512 or AVX2 + FMA) where the CPU has them, else
+// plain loops (always for double). LONGKERNELS_CPU_TILES (cpu_features.h) forces the plain loops
+// ("blas", memory attention's name for its portable path) or the AVX2 kernels ("avx2"): tests use
+// it to cover every path on one machine.
+F32Tiles use_fast_tiles(at::ScalarType ct) { return ct == at::kFloat ? f32_tiles() : F32Tiles::None; }
 
 std::tuple<Tensor, Tensor, Tensor> lsh_attention_fwd(const Tensor& qk, const Tensor& v, const Tensor& perm,
                                                      const std::optional<Tensor>& key_padding_mask,
@@ -521,7 +518,7 @@ int64_t segment_count(const Problem& P) {
 
 template <typename T>
 void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout, const T* lse_max, const T* lse_log,
-                     const T* delta, bool fast, const Rows<T>& dqk, const Rows<T>& dv) {
+                     const T* delta, F32Tiles fast, const Rows<T>& dqk, const Rows<T>& dv) {
   const int64_t S = P.nh * P.Lp;  // sorted items per head
   // Sorted-order accumulators of one head, and each (round, position)'s sorted slot.
   std::vector<T> dq_s(S * P.Dp), dk_s(S * P.Dp), dv_s(S * P.Dvp);

@@ -167,7 +167,8 @@ struct Segment {
 // Forward tile products. A policy gives the forward loop two products per tile, S = Q K^T into an
 // fp32/fp64 score tile and O += P V, plus where key tiles may start. One loop, two policies:
 //   BlasProducts<T>: float/double through at::mm (MKL), reading strided inputs in place.
-//   PackedProducts<E>: float32 (AVX-512F) and bfloat16 (AVX-512 BF16) on CPUs that have them:
+//   PackedProducts<E>: float32 (AVX-512F, or AVX2 + FMA) and bfloat16 (AVX-512 BF16) on CPUs that
+//                    have them:
 //                    operands pre-packed once per call, our micro-kernels (tile_gemm.h), fp32
 //                    accumulation, P rounded to bf16 for P V (as FlashAttention does on GPUs).
 // ---------------------------------------------------------------------------------------------
@@ -214,10 +215,12 @@ struct PackedProducts {
 
   struct Shared {
     const Tensor& q;
+    F32Tiles isa;  // float32 kernels (Avx512 or Avx2); unused for bfloat16
     Tensor kp_[2], vp_[2];  // [mem, cur]: (B, Hkv, Dp/kp, Lp, kp) and (B, Hkv, Lp/kp, Dvp, kp)
     int64_t Dp, Dvp, Lp[2];
-    Shared(const Problem& P, const Tensor& q_, const Tensor& k, const Tensor& v, const Tensor& mk, const Tensor& mv)
-        : q(q_), Dp(round_up(P.D, kp)), Dvp(round_up(P.Dv, 16)) {
+    Shared(const Problem& P, F32Tiles isa_, const Tensor& q_, const Tensor& k, const Tensor& v, const Tensor& mk,
+           const Tensor& mv)
+        : q(q_), isa(isa_), Dp(round_up(P.D, kp)), Dvp(round_up(P.Dv, 16)) {
       const Tensor* ks[2] = {&mk, &k};
       const Tensor* vs[2] = {&mv, &v};
       const auto opts = q.options().dtype(std::is_same_v<E, float> ? at::kFloat : at::kShort);
@@ -282,7 +285,7 @@ struct PackedProducts {
     const int s = mem ? 0 : 1;
     const E* kpk = Shared::raw_packed(const_cast<Tensor&>(in.kp_[s])) + (b * P.Hkv + hk) * in.Dp * in.Lp[s] +
                    kp * rel0;
-    gemm(bq, round_up(bk, 16), in.Dp / kp, Qb.data(), in.Dp, kpk, kp * in.Lp[s], S.data(), kBlockK, false);
+    gemm(in.isa, bq, round_up(bk, 16), in.Dp / kp, Qb.data(), in.Dp, kpk, kp * in.Lp[s], S.data(), kBlockK, false);
   }
   void accumulate(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk) {
     const int s = mem ? 0 : 1;
@@ -300,12 +303,12 @@ struct PackedProducts {
     }
     const E* vpk = Shared::raw_packed(const_cast<Tensor&>(in.vp_[s])) + (b * P.Hkv + hk) * in.Lp[s] * in.Dvp +
                    rel0 * in.Dvp;
-    gemm(bq, in.Dvp, bkp / kp, A, kBlockK, vpk, kp * in.Dvp, O.data(), in.Dvp, true);
+    gemm(in.isa, bq, in.Dvp, bkp / kp, A, kBlockK, vpk, kp * in.Dvp, O.data(), in.Dvp, true);
   }
-  static void gemm(int64_t M, int64_t N, int64_t K, const E* A, int64_t lda, const E* Bp, int64_t ldb, float* C,
-                   int64_t ldc, bool acc) {
+  static void gemm(F32Tiles isa, int64_t M, int64_t N, int64_t K, const E* A, int64_t lda, const E* Bp, int64_t ldb,
+                   float* C, int64_t ldc, bool acc) {
     if constexpr (std::is_same_v<E, float>) {
-      tile::gemm_f32(M, N, K, A, lda, Bp, ldb, C, ldc, acc);
+      tile::gemm_f32(isa, M, N, K, A, lda, Bp, ldb, C, ldc, acc);
     } else {
       tile::gemm_bf16(M, N, K, A, lda, Bp, ldb, C, ldc, acc);
     }
@@ -428,15 +431,17 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
 // history) and in the compute type; for float/double inputs a view, so strides are read in place.
 Tensor compute_view(const Tensor& t, at::ScalarType ct) { return t.detach().to(ct); }
 
-// Forward tile products through our AVX-512 kernels where the CPU has them (float32: AVX-512F;
-// bfloat16: AVX-512 BF16), else through the BLAS. LONGKERNELS_CPU_TILES=blas forces the BLAS path
-// (to compare the two, and to test it on machines that have AVX-512).
+// Forward tile products through our kernels where the CPU has them (float32: AVX-512F or AVX2 +
+// FMA; bfloat16: AVX-512 BF16), else through the BLAS. LONGKERNELS_CPU_TILES (cpu_features.h):
+// "blas" forces the BLAS path, "avx2" the AVX2 float32 kernels (tests cover every path on one
+// machine; benchmarks compare them).
 enum class Tiles { Blas, F32, Bf16 };
 Tiles forward_tiles(const Tensor& q) {
-  const char* env = std::getenv("LONGKERNELS_CPU_TILES");  // read per call: tests switch it
-  if (env && std::string(env) == "blas") return Tiles::Blas;
+  const F32Tiles f32 = f32_tiles();  // reads the environment per call: tests switch it
+  if (f32 == F32Tiles::None && has_f32_tiles()) return Tiles::Blas;  // "blas" asked for
   if (q.scalar_type() == at::kBFloat16 && has_avx512_bf16()) return Tiles::Bf16;
-  if (q.scalar_type() == at::kFloat && has_avx512f()) return Tiles::F32;
+  // float32, and bfloat16/float16 on CPUs without AVX-512 BF16 (read as float32, as the BLAS path does)
+  if (q.scalar_type() != at::kDouble && f32 != F32Tiles::None) return Tiles::F32;
   return Tiles::Blas;
 }
 
@@ -455,11 +460,13 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
   Tensor lse = at::empty({P.B, P.H, P.N}, q.options().dtype(ct));
   const Tiles tiles_kind = forward_tiles(q);
   if (tiles_kind == Tiles::Bf16) {
-    const PackedProducts<uint16_t>::Shared shared(P, q, k, v, mem_k, mem_v);
+    const PackedProducts<uint16_t>::Shared shared(P, F32Tiles::None, q, k, v, mem_k, mem_v);
     forward_kernel<float, PackedProducts<uint16_t>>(P, shared, slopes.defined() ? slopes.data_ptr<float>() : nullptr,
                                                     out, lse);
   } else if (tiles_kind == Tiles::F32) {
-    const PackedProducts<float>::Shared shared(P, q, k, v, mem_k, mem_v);
+    const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
+    const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct);
+    const PackedProducts<float>::Shared shared(P, f32_tiles(), qc, kc, vc, mkc, mvc);
     forward_kernel<float, PackedProducts<float>>(P, shared, slopes.defined() ? slopes.data_ptr<float>() : nullptr,
                                                  out, lse);
   } else {

@@ -1,11 +1,12 @@
-// AVX-512 tile products; see tile_gemm.h. Compiled for the baseline ISA with AVX-512 enabled per
-// function (target attribute) and called only after a runtime CPU check (cpu_features.h), so one
-// build runs on any x86-64.
+// Tile products; see tile_gemm.h. Compiled for the baseline ISA with AVX-512 (or AVX2 + FMA)
+// enabled per function (target attribute) and dispatched by a runtime CPU check (cpu_features.h),
+// so one build runs on any x86-64 and uses the widest vectors the machine has.
 #include "cpu/tile_gemm.h"
 
 #include <algorithm>
 #include <type_traits>
 #include <cstring>
+#include <vector>
 
 #include <c10/util/Exception.h>
 
@@ -13,6 +14,7 @@
 #include <immintrin.h>
 #define LK_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define LK_F32_TARGET __attribute__((target("avx512f,fma")))
+#define LK_AVX2_TARGET __attribute__((target("avx2,fma")))
 #define LK_HAVE_TILE_KERNELS 1
 #endif
 
@@ -83,6 +85,88 @@ LK_F32_TARGET void micro_f32_at(const float* A, int64_t lda, const float* Bp, in
   }
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + m * ldc + 16 * v, acc[m][v]);
+}
+
+// AVX2 + FMA (CPUs without AVX-512: AMD Zen 1-3, most Intel client parts): 8-wide registers,
+// 16 of them, so the register tile is 6 rows x 16 columns = 12 ymm accumulators, 2 for B, 1
+// broadcast. Same operand layouts as the AVX-512 kernels (16-column panels), so callers do not care
+// which one runs.
+// The accumulators are named variables, not an array: GCC keeps an array of 12 ymm in memory and
+// stores it back after every FMA (measured: a third of the FMA rate).
+template <int MR, bool AT>
+LK_AVX2_TARGET void micro_avx2(const float* A, int64_t lda, const float* Bp, int64_t ldb, float* C, int64_t ldc,
+                               int64_t K, bool accumulate) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+#define LK_ROWS(X) X(0, c00, c01) X(1, c10, c11) X(2, c20, c21) X(3, c30, c31) X(4, c40, c41) X(5, c50, c51)
+#define LK_LOAD(m, x0, x1)                  \
+  if constexpr (MR > m) {                   \
+    x0 = _mm256_loadu_ps(C + m * ldc);      \
+    x1 = _mm256_loadu_ps(C + m * ldc + 8);  \
+  }
+#define LK_FMA(m, x0, x1)                                                           \
+  if constexpr (MR > m) {                                                           \
+    const __m256 a = _mm256_broadcast_ss(AT ? A + t * lda + m : A + m * lda + t);   \
+    x0 = _mm256_fmadd_ps(a, b0, x0);                                                \
+    x1 = _mm256_fmadd_ps(a, b1, x1);                                                \
+  }
+#define LK_STORE(m, x0, x1)                 \
+  if constexpr (MR > m) {                   \
+    _mm256_storeu_ps(C + m * ldc, x0);      \
+    _mm256_storeu_ps(C + m * ldc + 8, x1);  \
+  }
+  if (accumulate) {
+    LK_ROWS(LK_LOAD)
+  }
+  for (int64_t t = 0; t < K; ++t) {
+    const __m256 b0 = _mm256_loadu_ps(Bp + t * ldb), b1 = _mm256_loadu_ps(Bp + t * ldb + 8);
+    LK_ROWS(LK_FMA)
+  }
+  LK_ROWS(LK_STORE)
+#undef LK_STORE
+#undef LK_FMA
+#undef LK_LOAD
+#undef LK_ROWS
+}
+
+using MicroAvx2 = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool);
+template <bool AT>
+MicroAvx2 pick_avx2(int mr) {
+  switch (mr) {
+    case 1: return micro_avx2<1, AT>;
+    case 2: return micro_avx2<2, AT>;
+    case 3: return micro_avx2<3, AT>;
+    case 4: return micro_avx2<4, AT>;
+    case 5: return micro_avx2<5, AT>;
+    default: return micro_avx2<6, AT>;
+  }
+}
+
+// Column panels of 16 outermost, as below; `AT`: A stored transposed (rows m are columns of At).
+template <bool AT>
+void gemm_avx2(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, int64_t ldb, float* C,
+               int64_t ldc, bool accumulate) {
+  constexpr int64_t kMR2 = 6;
+  const MicroAvx2 full = pick_avx2<AT>(kMR2);
+  // A 16-column panel is one cache line per row: with a long row stride (keys packed for a whole
+  // sequence) its K lines fall into few L1 sets and evict each other between row blocks, so a
+  // panel read by more than one row block is first copied into a contiguous buffer.
+  thread_local std::vector<float> panel;
+  const bool pack = M > kMR2 && ldb > 16;
+  if (pack && static_cast<int64_t>(panel.size()) < 16 * K) panel.resize(16 * K);
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const float* B = Bp + n0;
+    int64_t ld = ldb;
+    if (pack) {
+      for (int64_t t = 0; t < K; ++t) std::memcpy(panel.data() + 16 * t, Bp + t * ldb + n0, 16 * sizeof(float));
+      B = panel.data(), ld = 16;
+    }
+    int64_t m0 = 0;
+    for (; m0 + kMR2 <= M; m0 += kMR2) full(AT ? A + m0 : A + m0 * lda, lda, B, ld, C + m0 * ldc + n0, ldc, K, accumulate);
+    if (m0 < M)
+      pick_avx2<AT>(static_cast<int>(M - m0))(AT ? A + m0 : A + m0 * lda, lda, B, ld, C + m0 * ldc + n0, ldc, K,
+                                              accumulate);
+  }
 }
 
 template <typename E>
@@ -163,13 +247,15 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, 
   gemm<uint16_t>(M, N, K, A, lda, Bp, ldb, C, ldc, accumulate);
 }
 
-void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, int64_t ldb, float* C,
-              int64_t ldc, bool accumulate) {
+void gemm_f32(F32Tiles isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
+              int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (isa != F32Tiles::Avx512) return gemm_avx2<false>(M, N, K, A, lda, Bp, ldb, C, ldc, accumulate);
   gemm<float>(M, N, K, A, lda, Bp, ldb, C, ldc, accumulate);
 }
 
-void gemm_f32_at(int64_t M, int64_t N, int64_t K, const float* At, int64_t lda, const float* Bp, int64_t ldb,
-                 float* C, int64_t ldc, bool accumulate) {
+void gemm_f32_at(F32Tiles isa, int64_t M, int64_t N, int64_t K, const float* At, int64_t lda, const float* Bp,
+                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (isa != F32Tiles::Avx512) return gemm_avx2<true>(M, N, K, At, lda, Bp, ldb, C, ldc, accumulate);
   for (int64_t n0 = 0; n0 < N; n0 += 16 * kNV) {
     const int nv = static_cast<int>(std::min<int64_t>(kNV, (N - n0) / 16));
     const MicroAt full = pick_at(kMR, nv);
@@ -193,19 +279,21 @@ LK_BF16_TARGET void to_bf16(const float* src, uint16_t* dst, int64_t n) {
   }
 }
 
-#else  // no AVX-512 kernels on this platform; cpu_features.h says so and callers never get here
+#else  // no x86 tile kernels on this platform; cpu_features.h says so and callers never get here
 
 void gemm_bf16(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool) {
-  TORCH_CHECK(false, "longkernels: the AVX-512 tile kernels are not compiled on this platform");
+  TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
-void gemm_f32(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {
-  TORCH_CHECK(false, "longkernels: the AVX-512 tile kernels are not compiled on this platform");
+void gemm_f32(F32Tiles, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+              bool) {
+  TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
-void gemm_f32_at(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {
-  TORCH_CHECK(false, "longkernels: the AVX-512 tile kernels are not compiled on this platform");
+void gemm_f32_at(F32Tiles, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                 bool) {
+  TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
 void to_bf16(const float*, uint16_t*, int64_t) {
-  TORCH_CHECK(false, "longkernels: the AVX-512 tile kernels are not compiled on this platform");
+  TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
 
 #endif
