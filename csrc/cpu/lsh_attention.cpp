@@ -60,8 +60,8 @@ inline int64_t round_up16(int64_t x) { return (x + 15) / 16 * 16; }
 // Hash and sort.
 // ---------------------------------------------------------------------------------------------
 // argmax over [y ; -y], first index on ties: the first half wins a tie between halves, and within a
-// half the first position holding the extreme wins. Two vector reductions and one short scan
-// instead of 2K compare-and-branch steps.
+// half the first position holding the extreme wins. Three vector reductions instead of 2K
+// compare-and-branch steps.
 template <typename T>
 __attribute__((always_inline)) inline int32_t argmax_pm_impl(const T* __restrict y, int64_t K) {
   T hi = y[0], lo = y[0];
@@ -72,8 +72,9 @@ __attribute__((always_inline)) inline int32_t argmax_pm_impl(const T* __restrict
   }
   const bool first_half = hi >= -lo;
   const T want = first_half ? hi : lo;
-  int64_t k = 0;
-  while (k < K - 1 && y[k] != want) ++k;
+  int32_t k = static_cast<int32_t>(K - 1);  // the first position holding it: a vector min over indices
+#pragma omp simd reduction(min : k)
+  for (int32_t j = 0; j < static_cast<int32_t>(K); ++j) k = std::min(k, y[j] == want ? j : k);
   return static_cast<int32_t>(first_half ? k : K + k);
 }
 LK_CLONES int32_t argmax_pm(const float* y, int64_t K) { return argmax_pm_impl(y, K); }
@@ -213,7 +214,7 @@ template <typename T>
 struct KeyChunk {
   int64_t tag = INT64_MIN;    // unwrapped chunk index it holds
   std::vector<int32_t> pk;    // Cp
-  std::vector<uint8_t> kpad;  // Cp
+  std::vector<int32_t> kpad;  // Cp: 1 = padding (int32 like pk, so the row loops vectorise)
   std::vector<T> kt;          // D x Cp: keys transposed (S = Q K^T)
   std::vector<T> krows;       // Cp x Dp: keys (dQ = dS K; backward only)
   std::vector<T> vrows;       // Cp x Dvp: values (O = P V; forward only)
@@ -227,7 +228,7 @@ struct Scratch {
   int64_t Cp, Wp;  // chunk and window widths in columns
   std::vector<KeyChunk<T>> ring;  // the window's chunks, slot = unwrapped index mod nw
   std::vector<int32_t> pk;        // Wp: the window's key positions
-  std::vector<uint8_t> kpad;      // Wp
+  std::vector<int32_t> kpad;      // Wp
   std::vector<T> rows;            // Cp x D: gathered key rows before normalising/transposing
   std::vector<T> q, s, dp, o, dout;
   Scratch(const Problem& P_, bool backward_)
@@ -287,7 +288,7 @@ struct Scratch {
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) x[d] *= norm;
       if (backward) {
-        std::copy(x, x + D, &k.krows[i * P.Dp]);
+        copy_row(x, 1, D, &k.krows[i * P.Dp]);
         const T* vr = in.v.row(b, h, pos);
         for (int64_t d = 0; d < Dv; ++d) k.vt[d * Cp + i] = vr[d * in.v.s3];
       } else {
@@ -302,8 +303,9 @@ struct Scratch {
     }
   }
   static void copy_row(const T* src, int64_t stride, int64_t n, T* dst) {
-    if (stride == 1) {
-      std::copy(src, src + n, dst);
+    if (stride == 1) {  // a loop, not std::copy: rows are short and memmove's call cost showed
+#pragma omp simd
+      for (int64_t d = 0; d < n; ++d) dst[d] = src[d];
     } else {
       for (int64_t d = 0; d < n; ++d) dst[d] = src[d * stride];
     }
@@ -317,6 +319,21 @@ struct Scratch {
     }
   }
 };
+
+// Prefetches the rows of sorted chunk c (wrapped) that the next step gathers: the rows sit at
+// scattered positions, so without it every row is a cache miss paid in the gather.
+template <typename T>
+void prefetch_chunk(const Problem& P, const Rows<T>& src, const int32_t* perm_bh, int64_t b, int64_t h, int64_t c,
+                    int64_t d_len) {
+  c = ((c % P.T) + P.T) % P.T;
+  const int64_t span = ((d_len - 1) * src.s3 + 1) * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < P.C; ++i) {
+    const int32_t pos = perm_bh[c * P.C + i];
+    if (pos >= P.L) continue;
+    const char* row = reinterpret_cast<const char*>(src.row(b, h, pos));
+    for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(row + off);
+  }
+}
 
 // Chunk c's query rows (qk at their positions; zero rows past L).
 template <typename T>
@@ -333,20 +350,27 @@ void gather_rows(const Problem& P, const Rows<T>& src, const int32_t* perm_bh, i
   }
 }
 
+// Whether key column n is hidden from the query at position pq (padding, or later if causal) and
+// whether it is the query's own entry; bitwise on int32 so that the row loops below vectorise
+// (short-circuit && and || made them scalar, with a branch per element).
+__attribute__((always_inline)) inline int32_t is_hidden(int32_t pk, int32_t kpad, int32_t pq, int32_t causal) {
+  return static_cast<int32_t>(pk != pq) & (kpad | (causal & static_cast<int32_t>(pk > pq)));
+}
+
 // Forward row: raw q.k -> probabilities in place over the W window columns; returns max and sum.
 template <typename T>
 __attribute__((always_inline)) inline void fwd_row_impl(T* __restrict s, const int32_t* __restrict pk,
-                                                        const uint8_t* __restrict kpad, int64_t W, int32_t pq,
-                                                        bool causal, T scale, T& m_out, T& l_out) {
+                                                        const int32_t* __restrict kpad, int64_t W, int32_t pq,
+                                                        int32_t causal, T scale, T& m_out, T& l_out) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T mx = neg_inf;
 #pragma omp simd reduction(max : mx)
   for (int64_t n = 0; n < W; ++n) {
-    const bool self = pk[n] == pq;
-    const bool hidden = !self && (kpad[n] || (causal && pk[n] > pq));
-    const T x = self ? static_cast<T>(kSelfMask) : (hidden ? neg_inf : s[n] * scale);
-    s[n] = x;
-    mx = mx > x ? mx : x;
+    const T raw = s[n] * scale;
+    const T x = pk[n] == pq ? static_cast<T>(kSelfMask) : raw;
+    const T y = is_hidden(pk[n], kpad[n], pq, causal) ? neg_inf : x;
+    s[n] = y;
+    mx = mx > y ? mx : y;
   }
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -358,11 +382,11 @@ __attribute__((always_inline)) inline void fwd_row_impl(T* __restrict s, const i
   m_out = mx;
   l_out = sum;
 }
-LK_CLONES void fwd_row(float* s, const int32_t* pk, const uint8_t* kpad, int64_t W, int32_t pq, bool causal,
+LK_CLONES void fwd_row(float* s, const int32_t* pk, const int32_t* kpad, int64_t W, int32_t pq, int32_t causal,
                        float scale, float& m, float& l) {
   fwd_row_impl<float>(s, pk, kpad, W, pq, causal, scale, m, l);
 }
-void fwd_row(double* s, const int32_t* pk, const uint8_t* kpad, int64_t W, int32_t pq, bool causal, double scale,
+void fwd_row(double* s, const int32_t* pk, const int32_t* kpad, int64_t W, int32_t pq, int32_t causal, double scale,
              double& m, double& l) {
   fwd_row_impl<double>(s, pk, kpad, W, pq, causal, scale, m, l);
 }
@@ -372,23 +396,24 @@ void fwd_row(double* s, const int32_t* pk, const uint8_t* kpad, int64_t W, int32
 template <typename T>
 __attribute__((always_inline)) inline void bwd_row_impl(T* __restrict s, T* __restrict dp,
                                                         const int32_t* __restrict pk,
-                                                        const uint8_t* __restrict kpad, int64_t W, int32_t pq,
-                                                        bool causal, T scale, T mx, T log_sum, T delta) {
+                                                        const int32_t* __restrict kpad, int64_t W, int32_t pq,
+                                                        int32_t causal, T scale, T mx, T log_sum, T delta) {
 #pragma omp simd
   for (int64_t n = 0; n < W; ++n) {
-    const bool self = pk[n] == pq;
-    const bool hidden = !self && (kpad[n] || (causal && pk[n] > pq));
+    const int32_t self = pk[n] == pq;
+    const int32_t hidden = is_hidden(pk[n], kpad[n], pq, causal);
     const T x = self ? static_cast<T>(kSelfMask) : s[n] * scale;
-    const T p = hidden ? T(0) : exp_approx((x - mx) - log_sum);
+    const T e = exp_approx((x - mx) - log_sum);
+    const T p = hidden ? T(0) : e;
     s[n] = p;
-    dp[n] = (self || hidden) ? T(0) : p * (dp[n] - delta);
+    dp[n] = (self | hidden) ? T(0) : p * (dp[n] - delta);
   }
 }
-LK_CLONES void bwd_row(float* s, float* dp, const int32_t* pk, const uint8_t* kpad, int64_t W, int32_t pq,
-                       bool causal, float scale, float mx, float log_sum, float delta) {
+LK_CLONES void bwd_row(float* s, float* dp, const int32_t* pk, const int32_t* kpad, int64_t W, int32_t pq,
+                       int32_t causal, float scale, float mx, float log_sum, float delta) {
   bwd_row_impl<float>(s, dp, pk, kpad, W, pq, causal, scale, mx, log_sum, delta);
 }
-void bwd_row(double* s, double* dp, const int32_t* pk, const uint8_t* kpad, int64_t W, int32_t pq, bool causal,
+void bwd_row(double* s, double* dp, const int32_t* pk, const int32_t* kpad, int64_t W, int32_t pq, int32_t causal,
              double scale, double mx, double log_sum, double delta) {
   bwd_row_impl<double>(s, dp, pk, kpad, W, pq, causal, scale, mx, log_sum, delta);
 }
@@ -422,6 +447,11 @@ void forward_kernel(const Problem& P, const Inputs<T>& in, F32Tiles fast, const 
       const int64_t Wp = w.Wp, Cp = w.Cp;
       for (int64_t c = begin; c < end; ++c) {
         const int64_t r = c / rounds_chunks;
+        if (c + 1 < end) {
+          prefetch_chunk(P, in.qk, perm, b, h, c + 1 + P.after, P.D);
+          prefetch_chunk(P, in.v, perm, b, h, c + 1 + P.after, P.Dv);
+          if (P.after > 0) prefetch_chunk(P, in.qk, perm, b, h, c + 1, P.D);
+        }
         w.window(in, b, h, c, win.data());
         gather_rows(P, in.qk, perm, b, h, c, P.D, P.Dp, w.q.data());
         for (int64_t j = 0; j < P.nw; ++j)
@@ -542,6 +572,12 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
           const int64_t seg = n_seg == 1 ? 0 : 2 * item + phase;
           const int64_t c_begin = seg * P.T / n_seg, c_end = (seg + 1) * P.T / n_seg;
           for (int64_t c = c_begin; c < c_end; ++c) {
+            if (c + 1 < c_end) {
+              prefetch_chunk(P, in.qk, perm, b, h, c + 1 + P.after, P.D);
+              prefetch_chunk(P, in.v, perm, b, h, c + 1 + P.after, P.Dv);
+              prefetch_chunk(P, dout, perm, b, h, c + 1, P.Dv);
+              if (P.after > 0) prefetch_chunk(P, in.qk, perm, b, h, c + 1, P.D);
+            }
             w.window(in, b, h, c, win.data());
             gather_rows(P, in.qk, perm, b, h, c, P.D, P.Dp, w.q.data());
             gather_rows(P, dout, perm, b, h, c, P.Dv, P.Dvp, w.dout.data());
@@ -583,7 +619,19 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
     const T scale = static_cast<T>(P.scale);
     at::parallel_for(0, P.L, 256, [&](int64_t begin, int64_t end) {
       std::vector<T> x(P.D), gq(P.D), gk(P.D);
+      constexpr int64_t kAhead = 8;  // slots are scattered: fetch the rows of a later position
       for (int64_t i = begin; i < end; ++i) {
+        if (i + kAhead < end) {
+          for (int64_t r = 0; r < P.nh; ++r) {
+            const int64_t s = slot[r * P.Lp + i + kAhead];
+            for (int64_t off = 0; off < P.Dp; off += 64 / static_cast<int64_t>(sizeof(T))) {
+              __builtin_prefetch(dq_s.data() + s * P.Dp + off);
+              __builtin_prefetch(dk_s.data() + s * P.Dp + off);
+            }
+            for (int64_t off = 0; off < P.Dvp; off += 64 / static_cast<int64_t>(sizeof(T)))
+              __builtin_prefetch(dv_s.data() + s * P.Dvp + off);
+          }
+        }
         std::fill(gq.begin(), gq.end(), T(0));
         std::fill(gk.begin(), gk.end(), T(0));
         T* v_o = const_cast<T*>(dv.row(b, h, i));
