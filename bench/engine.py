@@ -52,7 +52,7 @@ AGREE_TOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torc
 # --------------------------------------------------------------------------------------------
 # Machine
 # --------------------------------------------------------------------------------------------
-from longkernels._machine import cpu_model  # noqa: E402  (one definition, shared with the CLI)
+from longkernels._machine import cpu_isa, cpu_model  # noqa: E402  (one definition, shared with the CLI)
 from longkernels.testing import saved_tensor_bytes  # noqa: E402
 
 
@@ -67,7 +67,10 @@ def device_name(device: torch.device) -> str:
 
 
 def device_slug(device: torch.device) -> str:
-    return slug(device_name(device)) if device.type == "cuda" else "cpu-" + slug(cpu_model())
+    if device.type == "cuda":
+        return slug(device_name(device))
+    isa = cpu_isa()  # one CPU model name covers parts with and without AVX-512 (AMD EPYC)
+    return "cpu-" + slug(cpu_model()) + (f"-{isa}" if isa else "")
 
 
 def git_commit() -> Optional[str]:
