@@ -150,7 +150,8 @@ void gemm_avx2(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, con
   const MicroAvx2 full = pick_avx2<AT>(kMR2);
   // A 16-column panel is one cache line per row: with a long row stride (keys packed for a whole
   // sequence) its K lines fall into few L1 sets and evict each other between row blocks, so a
-  // panel read by more than one row block is first copied into a contiguous buffer.
+  // panel read by more than one row block is first copied into a contiguous buffer (one core of
+  // the AVX2 EPYC, 256 x 512 x 64 with a row stride of 4096 floats: 37 GFLOP/s unpacked, 60 packed).
   thread_local std::vector<float> panel;
   const bool pack = M > kMR2 && ldb > 16;
   if (pack && static_cast<int64_t>(panel.size()) < 16 * K) panel.resize(16 * K);
