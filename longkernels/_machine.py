@@ -2,28 +2,26 @@
 import platform
 
 
-def cpu_model() -> str:
+def _cpuinfo(key: str):
+    """The value of the first ``key`` line of /proc/cpuinfo, or None (no such file or line)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_isa() -> str:
     """The widest x86 vector extension the CPU reports that our kernels use ("avx512" or "avx2"),
     else "": CPU kernels' speed depends on it, so CPU benchmark results are named with it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    if "avx512f" in flags:
-                        return "avx512"
-                    return "avx2" if {"avx2", "fma"} <= flags else ""
-    except OSError:
-        pass
-    return ""
+    flags = set((_cpuinfo("flags") or "").split())
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else ""

@@ -436,8 +436,8 @@ Tensor compute_view(const Tensor& t, at::ScalarType ct) { return t.detach().to(c
 // "blas" forces the BLAS path, "avx2" the AVX2 float32 kernels (tests cover every path on one
 // machine; benchmarks compare them).
 enum class Tiles { Blas, F32, Bf16 };
-Tiles forward_tiles(const Tensor& q) {
-  const F32Tiles f32 = f32_tiles();  // reads the environment per call: tests switch it
+// `f32`: f32_tiles() of this call (read once per call: it reads the environment, which tests switch).
+Tiles forward_tiles(const Tensor& q, F32Tiles f32) {
   if (f32 == F32Tiles::None && has_f32_tiles()) return Tiles::Blas;  // "blas" asked for
   if (q.scalar_type() == at::kBFloat16 && has_avx512_bf16()) return Tiles::Bf16;
   // float32, and bfloat16/float16 on CPUs without AVX-512 BF16 (read as float32, as the BLAS path does)
@@ -458,7 +458,8 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
   const Tensor slopes = optional_slopes(alibi_slopes, ct);
   Tensor out = at::empty({P.B, P.H, P.N, P.Dv}, q.options().dtype(ct));
   Tensor lse = at::empty({P.B, P.H, P.N}, q.options().dtype(ct));
-  const Tiles tiles_kind = forward_tiles(q);
+  const F32Tiles f32 = f32_tiles();
+  const Tiles tiles_kind = forward_tiles(q, f32);
   if (tiles_kind == Tiles::Bf16) {
     const PackedProducts<uint16_t>::Shared shared(P, F32Tiles::None, q, k, v, mem_k, mem_v);
     forward_kernel<float, PackedProducts<uint16_t>>(P, shared, slopes.defined() ? slopes.data_ptr<float>() : nullptr,
@@ -466,7 +467,7 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
   } else if (tiles_kind == Tiles::F32) {
     const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
     const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct);
-    const PackedProducts<float>::Shared shared(P, f32_tiles(), qc, kc, vc, mkc, mvc);
+    const PackedProducts<float>::Shared shared(P, f32, qc, kc, vc, mkc, mvc);
     forward_kernel<float, PackedProducts<float>>(P, shared, slopes.defined() ? slopes.data_ptr<float>() : nullptr,
                                                  out, lse);
   } else {
