@@ -3,9 +3,10 @@
     pytest bench/bench_lsh_attention.py --benchmark-enable                         # quick cases, timed
     LONGKERNELS_BENCH=full pytest bench/bench_lsh_attention.py --benchmark-enable  # the full sweep (slow)
 
-The implementations are layers over x (B, L, E): ``longkernels.nn.LSHSelfAttention`` (cpu backend on CPU,
-triton on CUDA), the same module on the reference, HuggingFace's ``LSHSelfAttention`` + output dense with
-the same weights and rotations, and a dense causal SDPA layer of the same width. With
+The implementations of variant ``causal`` are layers over x (B, L, E): ``longkernels.nn.LSHSelfAttention``
+(cpu backend on CPU, triton on CUDA), the same module on the reference, HuggingFace's ``LSHSelfAttention`` +
+output dense with the same weights and rotations, and a dense causal SDPA layer of the same width. Variant
+``op`` times the attention alone over (qk, v): ``longkernels.lsh_attention`` against dense causal SDPA. With
 ``--benchmark-disable`` (the project's default) every benchmark runs once: a smoke test that each
 implementation is wired up and runs. Implementations that cannot run a case are skipped with their
 reason. Timing comparisons belong to ``longkernels bench --ops lsh_attention`` (bench/engine.py); there
@@ -57,7 +58,7 @@ def test_lsh_layers_agree():
     """The LSH layers share weights and rotations, so their outputs (and input gradients) agree with
     the reference layer's: the benchmark compares like with like. (The engine checks this at every
     size it times; this is the quick version, float32, fwd+bwd.)"""
-    case = next(c for c in CASES if c.mode == "fwdbwd" and c.dtype == torch.float32)
+    case = next(c for c in CASES if c.mode == "fwdbwd" and c.dtype == torch.float32 and c.variant == "causal")
     results = {}
     for name in ("reference", "longkernels-cpu", "longkernels-triton", "hf_reformer"):
         impl = IMPLS[name]
@@ -74,3 +75,21 @@ def test_lsh_layers_agree():
         # HF loses ~3 digits in float32 on rows that see only themselves (see HFReformer.agree_tol).
         tol = IMPLS[name].agree_tol.get(torch.float32, 1e-4)
         assert err < tol and err_dx < tol, (name, err, err_dx, tol)
+
+
+def test_lsh_ops_agree():
+    """Variant op: the fused op's output and gradients of qk and v agree with the reference op's on the
+    same inputs and rotations (float32, fwd+bwd)."""
+    case = next(c for c in CASES if c.mode == "fwdbwd" and c.dtype == torch.float32 and c.variant == "op")
+    results = {}
+    for name in ("reference", "longkernels-cpu", "longkernels-triton"):
+        if IMPLS[name].reasons(case, DEVICE):
+            continue
+        runner = Runner(case, IMPLS[name], DEVICE, seed=0)
+        out = runner.step()
+        results[name] = [t.detach().double() for t in (out, runner.inputs["qk"].grad, runner.inputs["v"].grad)]
+    assert "reference" in results and len(results) >= 2, list(results)
+    ref = results.pop("reference")
+    for name, got in results.items():
+        errs = [((a - b).norm() / b.norm()).item() for a, b in zip(got, ref)]
+        assert max(errs) < 1e-4, (name, errs)

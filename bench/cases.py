@@ -430,8 +430,14 @@ class LSHAttentionCase:
         window = self.chunk_size * (1 + self.n_chunks_before + self.n_chunks_after)
         return self.n_hashes * padded_length(self.L, self.chunk_size) * window
 
+    @property
+    def layer(self) -> bool:
+        """``causal``: layers over x (projections included); ``op``: the causal attention op alone, over
+        (qk, v) as a layer's projections lay them out (docs/performance.md)."""
+        return self.variant != "op"
+
     def flops(self) -> float:
-        """Useful FLOPs of the layer:
+        """Useful FLOPs of the layer (the ``op`` variant: its attention term alone):
 
             attention (fwd)   = 4 * D * n_hashes * L * W * B * H,   W = (1 + before + after) * chunk_size
             projections (fwd) = 3 * 2 * B * L * E * E               (qk, v, out: no separate key projection)
@@ -444,26 +450,35 @@ class LSHAttentionCase:
         (2 * L * D * n_hashes * n_buckets / 2 per head) and the sort are not counted.
         """
         attention = 4 * self.D * self.pairs() * self.B * self.H
-        projections = 3 * 2 * self.B * self.L * self.E * self.E
+        projections = 3 * 2 * self.B * self.L * self.E * self.E if self.layer else 0
         if self.mode == "fwdbwd":
             return FWDBWD_FACTOR * attention + 3.0 * projections
         return float(attention + projections)
 
     def make_inputs(self, device, seed: int) -> dict:
-        """Standard-normal x (B, L, E); requires grad for fwd+bwd (weights are the modules' own)."""
+        """Layers: standard-normal x (B, L, E) (weights are the modules' own). The op: standard-normal
+        qk and v (B, H, L, D), each a transposed view of a (B, L, H, D) buffer, the layout a layer's
+        projections give. Requires grad for fwd+bwd."""
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(self.B, self.L, self.E, generator=g).to(device=device, dtype=self.dtype)
-        return dict(x=x.requires_grad_(self.mode == "fwdbwd"))
+        grad = self.mode == "fwdbwd"
+        if self.layer:
+            x = torch.randn(self.B, self.L, self.E, generator=g).to(device=device, dtype=self.dtype)
+            return dict(x=x.requires_grad_(grad))
+        qk, v = (torch.randn(self.B, self.L, self.H, self.D, generator=g).to(device=device, dtype=self.dtype)
+                 .transpose(1, 2).requires_grad_(grad) for _ in range(2))
+        return dict(qk=qk, v=v)
 
 
 def lsh_attention_cases(lengths: Sequence[int], dtypes: Sequence[torch.dtype], modes: Sequence[str],
                         variants: Sequence[str]) -> list:
-    """Causal (a decoder layer: Reformer's language-model setting) at every length."""
+    """Causal (a decoder layer: Reformer's language-model setting) at every length: ``causal``, layer
+    against layer; ``op``, the attention op against dense causal SDPA, projections left out."""
     cases = []
-    for mode in modes:
-        for dtype in dtypes:
-            if "causal" in variants:
-                cases += [LSHAttentionCase(mode, dtype, L=n) for n in sorted(lengths)]
+    for variant in ("causal", "op"):
+        if variant in variants:
+            for mode in modes:
+                for dtype in dtypes:
+                    cases += [LSHAttentionCase(mode, dtype, L=n, variant=variant) for n in sorted(lengths)]
     return cases
 
 
@@ -501,8 +516,8 @@ class LSHModule(Implementation):
         self.backend = backend
         self.name = "reference" if backend == "reference" else f"longkernels-{backend}"
         self.peer = backend == "reference"
-        self.note = (f"longkernels.nn.LSHSelfAttention(backend={backend!r}), eval, weights and rotations "
-                     "shared with hf_reformer")
+        self.note = (f"layers: longkernels.nn.LSHSelfAttention(backend={backend!r}), eval, weights and rotations "
+                     f"shared with hf_reformer; op: longkernels.lsh_attention(backend={backend!r})")
 
     def reasons(self, case, device):
         from longkernels.ops.lsh_attention import not_supported_reasons as lsh_reasons
@@ -516,8 +531,17 @@ class LSHModule(Implementation):
         return lsh_reasons(self.backend, probe, probe)
 
     def build(self, case, device):
+        from longkernels import lsh_attention
         from longkernels.nn import LSHSelfAttention
 
+        if not case.layer:
+            rotations = lsh_rotations(case, device)
+
+            def op(qk, v):
+                return lsh_attention(qk, v, n_hashes=case.n_hashes, chunk_size=case.chunk_size, causal=case.causal,
+                                     rotations=rotations, n_chunks_before=case.n_chunks_before,
+                                     n_chunks_after=case.n_chunks_after, backend=self.backend)
+            return op
         module = LSHSelfAttention(case.E, case.H, chunk_size=case.chunk_size, n_hashes=case.n_hashes,
                                   n_buckets=case.n_buckets, causal=case.causal,
                                   n_chunks_before=case.n_chunks_before, n_chunks_after=case.n_chunks_after,
@@ -542,6 +566,9 @@ class HFReformer(Implementation):
     agree_tol: ClassVar[dict] = {torch.float32: 5e-3, torch.bfloat16: 1.0}
 
     def reasons(self, case, device):
+        if not case.layer:
+            return ["HF's LSH attention core is not callable apart from its qk and v projections: "
+                    "compared layer against layer (variant causal)"]
         if importlib.util.find_spec("transformers") is None:
             return ["HuggingFace transformers is not installed"]
         if case.L % case.chunk_size:
@@ -573,7 +600,7 @@ class HFReformer(Implementation):
 class DenseCausalSdpa(Implementation):
     name = "sdpa_dense_causal"
     note = ("dense causal attention layer of the same width: the same qk (shared, as in Reformer), v and out "
-            "projections, SDPA(qk, qk, v, is_causal=True) over (B, H, L, D)")
+            "projections, SDPA(qk, qk, v, is_causal=True) over (B, H, L, D); op: that SDPA call alone")
     comparable = False  # another attention: its output is not expected to equal LSH's
 
     def reasons(self, case, device):
@@ -583,6 +610,8 @@ class DenseCausalSdpa(Implementation):
         return []
 
     def build(self, case, device):
+        if not case.layer:
+            return lambda qk, v: F.scaled_dot_product_attention(qk, qk, v, is_causal=case.causal)
         wqk, wv, wo = (torch.nn.Parameter(w) for w in _lsh_weights(case, device))
         params = torch.nn.ParameterList([wqk, wv, wo])
         B, L, H, D, E = case.B, case.L, case.H, case.D, case.E
@@ -630,10 +659,11 @@ OPERATIONS = {
         default_sweep=(1024, 2048, 4096, 8192, 16384, 32768),
         cuda_sweep=(1024, 2048, 4096, 8192, 16384, 32768, 65536),
         quick_sweep=(128, 256),
-        variants=("causal",),
-        flops_note=("layer: attention 4*D*n_hashes*L*W per head (W = (1+before+after)*chunk, the pairs the "
-                    "chunk windows compute) + projections 3*2*L*E^2; fwd+bwd = 3.5x attention + 3x projections; "
-                    "the same count for every implementation, dense attention included (LSHAttentionCase.flops)"),
+        variants=("causal", "op"),
+        flops_note=("layer (variant causal): attention 4*D*n_hashes*L*W per head (W = (1+before+after)*chunk, "
+                    "the pairs the chunk windows compute) + projections 3*2*L*E^2; fwd+bwd = 3.5x attention + 3x "
+                    "projections; the same count for every implementation, dense attention included; variant op: "
+                    "the attention term alone (LSHAttentionCase.flops)"),
     ),
 }
 

@@ -19,7 +19,8 @@ extra call each:
 Speed is useful FLOP/s (each operation's count, ``Operation.flops_note`` in bench/cases.py; attention:
 visible pairs only, fwd+bwd = 3.5x fwd) and the ratio to the best peer:
 ``best peer time / this time`` (above 1: faster than every peer; peers are everything that is not a
-longkernels backend, ``reference`` included). Results go to ``<out>/<op>_<device>.json`` and ``.png``.
+longkernels backend, ``reference`` included). Results go to ``<out>/<op>_<device>.json`` and ``.png``
+(``<op>_<device>-<variants>.json`` for a run of some of the operation's variants).
 """
 from __future__ import annotations
 
@@ -595,7 +596,10 @@ def main(argv=None) -> int:
                         status = 1  # a longkernels backend that crashes or disagrees is an error
                 records += recs
             sweep_name = selected[0].sweep_name if selected else "size"
-            stem = f"{op.name}_{device_slug(device)}{'-quick' if args.quick else ''}"
+            # A run of some of the variants gets its own file, so that it does not replace a full sweep's.
+            chosen = [v for v in op.variants if v in (_csv(args.variants) or op.variants)]
+            part = "" if len(chosen) == len(op.variants) else "-" + "+".join(chosen)
+            stem = f"{op.name}_{device_slug(device)}{part}{'-quick' if args.quick else ''}"
             files = [out_dir / f"{stem}.json"]
             doc = {"operation": op.name, **env, "loadavg_end": _loadavg(), "args": vars(args), "sweep_name": sweep_name,
                    "conventions": {**conventions, "flops": f"{conventions['flops']}; {op.name}: {op.flops_note}"},
