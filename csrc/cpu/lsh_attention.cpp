@@ -320,18 +320,23 @@ struct Scratch {
   }
 };
 
-// Prefetches the rows of sorted chunk c (wrapped) that the next step gathers: the rows sit at
-// scattered positions, so without it every row is a cache miss paid in the gather.
+// Prefetches rows [i0, i1) of sorted chunk c (wrapped), which a later step gathers: the rows sit at
+// scattered positions, so without it every row is a cache miss paid in the gather. Callers spread a
+// chunk's rows over the row loop of the chunk before (a few rows per step): a burst of a whole chunk
+// (512 lines for keys and values) overflowed the core's outstanding-miss slots, and the prefetches
+// beyond them were lost (perf on the AVX2 EPYC: the gathers still stalled).
 template <typename T>
-void prefetch_chunk(const Problem& P, const Rows<T>& src, const int32_t* perm_bh, int64_t b, int64_t h, int64_t c,
-                    int64_t d_len) {
+__attribute__((always_inline)) inline void prefetch_rows(const Problem& P, const Rows<T>& src,
+                                                         const int32_t* perm_bh, int64_t b, int64_t h, int64_t c,
+                                                         int64_t i0, int64_t i1, int64_t d_len) {
   c = ((c % P.T) + P.T) % P.T;
   const int64_t span = ((d_len - 1) * src.s3 + 1) * static_cast<int64_t>(sizeof(T));
-  for (int64_t i = 0; i < P.C; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const int32_t pos = perm_bh[c * P.C + i];
     if (pos >= P.L) continue;
-    const char* row = reinterpret_cast<const char*>(src.row(b, h, pos));
-    for (int64_t off = 0; off < span; off += 64) __builtin_prefetch(row + off);
+    const uintptr_t first = reinterpret_cast<uintptr_t>(src.row(b, h, pos));
+    for (uintptr_t line = first & ~uintptr_t(63); line < first + span; line += 64)
+      __builtin_prefetch(reinterpret_cast<const void*>(line));
   }
 }
 
@@ -447,16 +452,17 @@ void forward_kernel(const Problem& P, const Inputs<T>& in, F32Tiles fast, const 
       const int64_t Wp = w.Wp, Cp = w.Cp;
       for (int64_t c = begin; c < end; ++c) {
         const int64_t r = c / rounds_chunks;
-        if (c + 1 < end) {
-          prefetch_chunk(P, in.qk, perm, b, h, c + 1 + P.after, P.D);
-          prefetch_chunk(P, in.v, perm, b, h, c + 1 + P.after, P.Dv);
-          if (P.after > 0) prefetch_chunk(P, in.qk, perm, b, h, c + 1, P.D);
-        }
+        const bool ahead = c + 1 < end;  // prefetch the next chunk's new rows, spread over the row loop
         w.window(in, b, h, c, win.data());
         gather_rows(P, in.qk, perm, b, h, c, P.D, P.Dp, w.q.data());
         for (int64_t j = 0; j < P.nw; ++j)
           gemm(fast, P.C, Cp, P.D, w.q.data(), P.Dp, win[j]->kt.data(), Cp, w.s.data() + j * Cp, Wp, false);
         for (int64_t i = 0; i < P.C; ++i) {
+          if (ahead) {
+            prefetch_rows(P, in.qk, perm, b, h, c + 1 + P.after, i, i + 1, P.D);
+            prefetch_rows(P, in.v, perm, b, h, c + 1 + P.after, i, i + 1, P.Dv);
+            if (P.after > 0) prefetch_rows(P, in.qk, perm, b, h, c + 1, i, i + 1, P.D);
+          }
           const int32_t pq = perm[c * P.C + i];
           T* srow = w.s.data() + i * Wp;
           if (pq >= P.L) {  // internal padding: no output
@@ -572,12 +578,7 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
           const int64_t seg = n_seg == 1 ? 0 : 2 * item + phase;
           const int64_t c_begin = seg * P.T / n_seg, c_end = (seg + 1) * P.T / n_seg;
           for (int64_t c = c_begin; c < c_end; ++c) {
-            if (c + 1 < c_end) {
-              prefetch_chunk(P, in.qk, perm, b, h, c + 1 + P.after, P.D);
-              prefetch_chunk(P, in.v, perm, b, h, c + 1 + P.after, P.Dv);
-              prefetch_chunk(P, dout, perm, b, h, c + 1, P.Dv);
-              if (P.after > 0) prefetch_chunk(P, in.qk, perm, b, h, c + 1, P.D);
-            }
+            const bool ahead = c + 1 < c_end;  // as in the forward
             w.window(in, b, h, c, win.data());
             gather_rows(P, in.qk, perm, b, h, c, P.D, P.Dp, w.q.data());
             gather_rows(P, dout, perm, b, h, c, P.Dv, P.Dvp, w.dout.data());
@@ -587,6 +588,12 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
                    false);
             }
             for (int64_t i = 0; i < P.C; ++i) {
+              if (ahead) {
+                prefetch_rows(P, in.qk, perm, b, h, c + 1 + P.after, i, i + 1, P.D);
+                prefetch_rows(P, in.v, perm, b, h, c + 1 + P.after, i, i + 1, P.Dv);
+                prefetch_rows(P, dout, perm, b, h, c + 1, i, i + 1, P.Dv);
+                if (P.after > 0) prefetch_rows(P, in.qk, perm, b, h, c + 1, i, i + 1, P.D);
+              }
               const int32_t pq = perm[c * P.C + i];
               T* srow = w.s.data() + i * Wp;
               T* dprow = w.dp.data() + i * Wp;
