@@ -349,3 +349,30 @@ def test_cpu_hash_breaks_ties_like_argmax():
     want = lsh_hash(torch.nn.functional.pad(qk, (0, 0, 0, 6)), rot, padding_mask(2, 50, 56, None, "cpu"))
     assert torch.equal(buckets.long(), want)
     assert (buckets[0, 0, :, :5] == 0).all()
+
+
+@needs_ext
+def test_cpu_backward_heads_do_not_share_state():
+    """The C++ backward reuses one set of sorted-order accumulators for every head, each head
+    starting from zero (slots are cleared as they are read): a NaN in one head's input must leave
+    the other heads' gradients exactly those of the head computed alone. L is not a multiple of the
+    chunk (padding slots), two batches."""
+    g = torch.Generator().manual_seed(_seed("heads apart"))
+    B, H, L, D, C = 2, 3, 45, 16, 8
+    qk = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
+    dout = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
+    rot = torch.randn(H, D, 2, 4, generator=g, dtype=torch.float64)
+    qk[0, 0, 7, 3] = float("nan")  # batch 0, head 0
+    kw = dict(n_hashes=2, chunk_size=C, causal=True)
+
+    def grads(heads):
+        q, k = qk[:, heads].clone().requires_grad_(), v[:, heads].clone().requires_grad_()
+        longkernels.lsh_attention(q, k, rotations=rot[heads], backend="cpu", **kw).backward(dout[:, heads])
+        return q.grad, k.grad
+
+    dqk, dv = grads(slice(0, H))
+    assert torch.isnan(dqk[0, 0]).any()  # the poisoned head
+    for h in range(1, H):
+        alone_dqk, alone_dv = grads(slice(h, h + 1))
+        assert torch.equal(dqk[:, h : h + 1], alone_dqk) and torch.equal(dv[:, h : h + 1], alone_dv), h

@@ -556,15 +556,15 @@ template <typename T>
 void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout, const T* lse_max, const T* lse_log,
                      const T* delta, F32Tiles fast, const Rows<T>& dqk, const Rows<T>& dv) {
   const int64_t S = P.nh * P.Lp;  // sorted items per head
-  // Sorted-order accumulators of one head, and each (round, position)'s sorted slot.
+  // Sorted-order accumulators of one head, and each (round, position)'s sorted slot. dk_s and dv_s
+  // start at zero; the pass back to positions zeroes every slot it reads, and padding slots are
+  // zeroed after it, so each head starts from zero without a serial memset of both per head.
   std::vector<T> dq_s(S * P.Dp), dk_s(S * P.Dp), dv_s(S * P.Dvp);
   std::vector<int32_t> slot(S);
   const int64_t n_seg = segment_count(P);
   for (int64_t bh = 0; bh < P.B * P.H; ++bh) {
     const int64_t b = bh / P.H, h = bh % P.H;
     const int32_t* perm = in.perm + bh * S;
-    std::fill(dk_s.begin(), dk_s.end(), T(0));
-    std::fill(dv_s.begin(), dv_s.end(), T(0));
     const T* lm = lse_max + bh * P.L;
     const T* ll = lse_log + bh * P.L;
     const T* dl = delta + bh * P.L;
@@ -622,7 +622,13 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
     }
     // Back to positions, summing the rounds; dk goes through the key normalisation
     // k = x n, n = rsqrt(mean(x^2) + eps) / sqrt(D):  dx += n (dk - x <x, dk> / (D (mean(x^2) + eps))).
-    for (int64_t s = 0; s < S; ++s) slot[(s / P.Lp) * P.Lp + perm[s]] = static_cast<int32_t>(s);
+    for (int64_t s = 0; s < S; ++s) {
+      slot[(s / P.Lp) * P.Lp + perm[s]] = static_cast<int32_t>(s);
+      if (perm[s] >= P.L) {  // padding: never read below; its sums are zero unless inputs held NaN
+        std::fill_n(dk_s.data() + s * P.Dp, P.Dp, T(0));
+        std::fill_n(dv_s.data() + s * P.Dvp, P.Dvp, T(0));
+      }
+    }
     const T scale = static_cast<T>(P.scale);
     at::parallel_for(0, P.L, 256, [&](int64_t begin, int64_t end) {
       std::vector<T> x(P.D), gq(P.D), gk(P.D);
@@ -638,6 +644,11 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
             for (int64_t off = 0; off < P.Dvp; off += 64 / static_cast<int64_t>(sizeof(T)))
               __builtin_prefetch(dv_s.data() + s * P.Dvp + off);
           }
+          if (in.qk.s3 == 1) {  // the row of qk this position reads (2 KB apart in a layer's layout)
+            const uintptr_t x_row = reinterpret_cast<uintptr_t>(in.qk.row(b, h, i + kAhead));
+            for (uintptr_t line = x_row & ~uintptr_t(63); line < x_row + P.D * sizeof(T); line += 64)
+              __builtin_prefetch(reinterpret_cast<const void*>(line));
+          }
         }
         std::fill(gq.begin(), gq.end(), T(0));
         std::fill(gk.begin(), gk.end(), T(0));
@@ -646,15 +657,19 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
         for (int64_t r = 0; r < P.nh; ++r) {
           const int64_t s = slot[r * P.Lp + i];
           const T* q_s = dq_s.data() + s * P.Dp;
-          const T* k_s = dk_s.data() + s * P.Dp;
-          const T* v_s = dv_s.data() + s * P.Dvp;
+          T* k_s = dk_s.data() + s * P.Dp;
+          T* v_s = dv_s.data() + s * P.Dvp;
 #pragma omp simd
           for (int64_t d = 0; d < P.D; ++d) {
             gq[d] += q_s[d];
             gk[d] += k_s[d];
+            k_s[d] = T(0);  // ready for the next head
           }
 #pragma omp simd
-          for (int64_t d = 0; d < P.Dv; ++d) v_o[d] += v_s[d];
+          for (int64_t d = 0; d < P.Dv; ++d) {
+            v_o[d] += v_s[d];
+            v_s[d] = T(0);
+          }
         }
         Scratch<T>::copy_row(in.qk.row(b, h, i), in.qk.s3, P.D, x.data());
         T ss = 0, xk = 0;
