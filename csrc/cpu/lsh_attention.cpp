@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -446,45 +447,52 @@ void forward_kernel(const Problem& P, const Inputs<T>& in, F32Tiles fast, const 
   for (int64_t bh = 0; bh < P.B * P.H; ++bh) {
     const int64_t b = bh / P.H, h = bh % P.H;
     const int32_t* perm = in.perm + bh * P.nh * P.Lp;
-    at::parallel_for(0, P.T, 1, [&](int64_t begin, int64_t end) {
+    // Runs of consecutive chunks (a thread's ring of key chunks serves consecutive windows), several
+    // per thread, claimed one at a time as in the backward.
+    const int64_t n_runs = std::min<int64_t>(P.T, 8 * at::get_num_threads());
+    std::atomic<int64_t> next_run{0};
+    at::parallel_for(0, std::min<int64_t>(n_runs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
       Scratch<T> w(P, false);
       std::vector<KeyChunk<T>*> win(P.nw);
       const int64_t Wp = w.Wp, Cp = w.Cp;
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t r = c / rounds_chunks;
-        const bool ahead = c + 1 < end;  // prefetch the next chunk's new rows, spread over the row loop
-        w.window(in, b, h, c, win.data());
-        gather_rows(P, in.qk, perm, b, h, c, P.D, P.Dp, w.q.data());
-        for (int64_t j = 0; j < P.nw; ++j)
-          gemm(fast, P.C, Cp, P.D, w.q.data(), P.Dp, win[j]->kt.data(), Cp, w.s.data() + j * Cp, Wp, false);
-        for (int64_t i = 0; i < P.C; ++i) {
-          if (ahead) {
-            prefetch_rows(P, in.qk, perm, b, h, c + 1 + P.after, i, i + 1, P.D);
-            prefetch_rows(P, in.v, perm, b, h, c + 1 + P.after, i, i + 1, P.Dv);
-            if (P.after > 0) prefetch_rows(P, in.qk, perm, b, h, c + 1, i, i + 1, P.D);
+      for (int64_t run; (run = next_run.fetch_add(1, std::memory_order_relaxed)) < n_runs;) {
+        const int64_t begin = run * P.T / n_runs, end = (run + 1) * P.T / n_runs;
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t r = c / rounds_chunks;
+          const bool ahead = c + 1 < end;  // prefetch the next chunk's new rows, spread over the row loop
+          w.window(in, b, h, c, win.data());
+          gather_rows(P, in.qk, perm, b, h, c, P.D, P.Dp, w.q.data());
+          for (int64_t j = 0; j < P.nw; ++j)
+            gemm(fast, P.C, Cp, P.D, w.q.data(), P.Dp, win[j]->kt.data(), Cp, w.s.data() + j * Cp, Wp, false);
+          for (int64_t i = 0; i < P.C; ++i) {
+            if (ahead) {
+              prefetch_rows(P, in.qk, perm, b, h, c + 1 + P.after, i, i + 1, P.D);
+              prefetch_rows(P, in.v, perm, b, h, c + 1 + P.after, i, i + 1, P.Dv);
+              if (P.after > 0) prefetch_rows(P, in.qk, perm, b, h, c + 1, i, i + 1, P.D);
+            }
+            const int32_t pq = perm[c * P.C + i];
+            T* srow = w.s.data() + i * Wp;
+            if (pq >= P.L) {  // internal padding: no output
+              std::fill(srow, srow + Wp, T(0));
+              continue;
+            }
+            T m, l;
+            fwd_row(srow, w.pk.data(), w.kpad.data(), Wp, pq, P.causal, static_cast<T>(P.scale), m, l);
+            m_r[r * P.L + pq] = m;
+            l_r[r * P.L + pq] = l;
           }
-          const int32_t pq = perm[c * P.C + i];
-          T* srow = w.s.data() + i * Wp;
-          if (pq >= P.L) {  // internal padding: no output
-            std::fill(srow, srow + Wp, T(0));
-            continue;
+          for (int64_t j = 0; j < P.nw; ++j)
+            gemm(fast, P.C, P.Dvp, P.C, w.s.data() + j * Cp, Wp, win[j]->vrows.data(), P.Dvp, w.o.data(), P.Dvp,
+                 j > 0);
+          for (int64_t i = 0; i < P.C; ++i) {
+            const int32_t pq = perm[c * P.C + i];
+            if (pq >= P.L) continue;
+            const T inv = T(1) / l_r[r * P.L + pq];
+            T* dst = o_r.data() + (r * P.L + pq) * P.Dv;
+            const T* src = w.o.data() + i * P.Dvp;
+  #pragma omp simd
+            for (int64_t d = 0; d < P.Dv; ++d) dst[d] = src[d] * inv;
           }
-          T m, l;
-          fwd_row(srow, w.pk.data(), w.kpad.data(), Wp, pq, P.causal, static_cast<T>(P.scale), m, l);
-          m_r[r * P.L + pq] = m;
-          l_r[r * P.L + pq] = l;
-        }
-        for (int64_t j = 0; j < P.nw; ++j)
-          gemm(fast, P.C, P.Dvp, P.C, w.s.data() + j * Cp, Wp, win[j]->vrows.data(), P.Dvp, w.o.data(), P.Dvp,
-               j > 0);
-        for (int64_t i = 0; i < P.C; ++i) {
-          const int32_t pq = perm[c * P.C + i];
-          if (pq >= P.L) continue;
-          const T inv = T(1) / l_r[r * P.L + pq];
-          T* dst = o_r.data() + (r * P.L + pq) * P.Dv;
-          const T* src = w.o.data() + i * P.Dvp;
-#pragma omp simd
-          for (int64_t d = 0; d < P.Dv; ++d) dst[d] = src[d] * inv;
         }
       }
     });
@@ -544,10 +552,12 @@ std::tuple<Tensor, Tensor, Tensor> lsh_attention_fwd(const Tensor& qk, const Ten
 // Backward.
 // ---------------------------------------------------------------------------------------------
 // Even count of segments of >= (before + after) chunks each (so same-parity segments never share a
-// key chunk), enough to give every thread work; 1 when the head is too short to split.
+// key chunk), several per thread, which threads claim one at a time (a thread slowed down, by the
+// machine or by its chunks, leaves its later segments to the others instead of holding everyone at
+// the barrier); 1 when the head is too short to split.
 int64_t segment_count(const Problem& P) {
   const int64_t reach = std::max<int64_t>(1, P.before + P.after);
-  int64_t n = std::min<int64_t>(2 * at::get_num_threads(), P.T / reach);
+  int64_t n = std::min<int64_t>(8 * at::get_num_threads(), P.T / reach);
   n -= n % 2;
   return n >= 2 ? n : 1;
 }
@@ -570,11 +580,12 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
     const T* dl = delta + bh * P.L;
     for (int64_t phase = 0; phase < std::min<int64_t>(2, n_seg); ++phase) {
       const int64_t n_items = n_seg == 1 ? 1 : n_seg / 2;
-      at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+      std::atomic<int64_t> next_item{0};
+      at::parallel_for(0, std::min<int64_t>(n_items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
         Scratch<T> w(P, true);
         std::vector<KeyChunk<T>*> win(P.nw);
         const int64_t Wp = w.Wp, Cp = w.Cp;
-        for (int64_t item = begin; item < end; ++item) {
+        for (int64_t item; (item = next_item.fetch_add(1, std::memory_order_relaxed)) < n_items;) {
           const int64_t seg = n_seg == 1 ? 0 : 2 * item + phase;
           const int64_t c_begin = seg * P.T / n_seg, c_end = (seg + 1) * P.T / n_seg;
           for (int64_t c = c_begin; c < c_end; ++c) {
