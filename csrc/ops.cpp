@@ -29,12 +29,13 @@ TORCH_LIBRARY(longkernels, m) {
   m.def(
       "lsh_attention_fwd(Tensor qk, Tensor v, Tensor perm, Tensor? key_padding_mask, int chunk_size, "
       "int n_chunks_before, int n_chunks_after, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
-  // delta = rowsum(dout * out) - dlse. Returns (dqk, dv) in the compute dtype, at original
-  // positions, summed over rounds: dqk through qk as queries and, by the chain through the key
-  // normalisation, as keys. Outputs (here and in the forward) take their input's memory layout.
+  // out: the forward's output; dlse: the LSE's gradient, if any (delta = rowsum(dout * out) - dlse
+  // is formed inside, in one pass). Returns (dqk, dv) in the compute dtype, at original positions,
+  // summed over rounds: dqk through qk as queries and, by the chain through the key normalisation,
+  // as keys. Outputs (here and in the forward) take their input's memory layout.
   m.def(
       "lsh_attention_bwd(Tensor dout, Tensor qk, Tensor v, Tensor perm, Tensor? key_padding_mask, "
-      "Tensor lse_max, Tensor lse_log, Tensor delta, int chunk_size, int n_chunks_before, "
+      "Tensor lse_max, Tensor lse_log, Tensor out, Tensor? dlse, int chunk_size, int n_chunks_before, "
       "int n_chunks_after, bool causal, float scale) -> (Tensor, Tensor)");
 
   // Coupling arithmetic of a reversible block's backward step (longkernels/reversible.py), one

@@ -256,9 +256,9 @@ def test_opcheck_cpu_ops():
     args = (qk, v, perm, mask, 8, 1, 0, True, 1.0)
     torch.library.opcheck(torch.ops.longkernels.lsh_attention_fwd.default, args)
     out, lm, ll = torch.ops.longkernels.lsh_attention_fwd(*args)
-    delta = (dout * out).sum(-1)
-    torch.library.opcheck(torch.ops.longkernels.lsh_attention_bwd.default,
-                          (dout, qk, v, perm, mask, lm, ll, delta, 8, 1, 0, True, 1.0))
+    for dlse in (None, torch.randn_like(lm)):
+        torch.library.opcheck(torch.ops.longkernels.lsh_attention_bwd.default,
+                              (dout, qk, v, perm, mask, lm, ll, out, dlse, 8, 1, 0, True, 1.0))
 
 
 def test_normalize_keys_backward_matches_autograd():

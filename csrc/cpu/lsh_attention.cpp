@@ -698,19 +698,47 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
   }
 }
 
+template <typename T>
+T row_dot(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
+  T acc = 0;
+  if (sa == 1 && sb == 1) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t e = 0; e < n; ++e) acc += a[e] * b[e];
+  } else {
+    for (int64_t e = 0; e < n; ++e) acc += a[e * sa] * b[e * sb];
+  }
+  return acc;
+}
+
 std::tuple<Tensor, Tensor> lsh_attention_bwd(const Tensor& dout, const Tensor& qk, const Tensor& v,
                                              const Tensor& perm,
                                                      const std::optional<Tensor>& key_padding_mask,
                                                      const Tensor& lse_max, const Tensor& lse_log,
-                                                     const Tensor& delta, int64_t chunk_size,
-                                                     int64_t n_chunks_before, int64_t n_chunks_after, bool causal,
-                                                     double scale) {
+                                                     const Tensor& out, const std::optional<Tensor>& dlse,
+                                                     int64_t chunk_size, int64_t n_chunks_before,
+                                                     int64_t n_chunks_after, bool causal, double scale) {
   const Problem P = describe(qk, v, perm, chunk_size, n_chunks_before, n_chunks_after, causal, scale);
   const auto ct = compute_type(v.scalar_type());
   const Tensor qkc = compute_view(qk, ct), vc = compute_view(v, ct), doc = compute_view(dout, ct);
   const Tensor permc = perm.to(at::kInt).contiguous();
   const Tensor lm = compute_view(lse_max, ct).contiguous(), ll = compute_view(lse_log, ct).contiguous();
-  const Tensor dl = compute_view(delta, ct).contiguous();
+  // delta = rowsum(dout * out) - dlse in one pass over the rows (as torch ops: a product tensor and
+  // its sum, ~25 ms at L = 16384, H = 8 on the AVX2 EPYC).
+  Tensor dl = at::empty({P.B, P.H, P.L}, v.options().dtype(ct));
+  AT_DISPATCH_FLOATING_TYPES(ct, "lsh_attention_delta_cpu", [&] {
+    const Tensor oc = compute_view(out, ct);
+    const Tensor gl = dlse.has_value() ? compute_view(*dlse, ct).contiguous() : Tensor();
+    const Rows<scalar_t> o_rows(oc), g_rows(doc);
+    const scalar_t* g_lse = gl.defined() ? gl.data_ptr<scalar_t>() : nullptr;
+    scalar_t* d = dl.data_ptr<scalar_t>();
+    at::parallel_for(0, P.B * P.H * P.L, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t b = k / (P.H * P.L), h = k / P.L % P.H, i = k % P.L;
+        const scalar_t acc = row_dot(o_rows.row(b, h, i), o_rows.s3, g_rows.row(b, h, i), g_rows.s3, P.Dv);
+        d[k] = g_lse ? acc - g_lse[k] : acc;
+      }
+    });
+  });
   Tensor kpm;
   if (key_padding_mask.has_value()) kpm = key_padding_mask->to(at::kBool).contiguous();
   Tensor dqk = like_rows(qk, ct), dv = like_rows(v, ct);

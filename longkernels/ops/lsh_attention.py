@@ -7,8 +7,8 @@ The math is in ``longkernels/reference/lsh_attention.py``. A call runs two stage
         on CUDA tensors, else ``torch.argsort`` on the composite key (the reference's code).
     fwd(qk, v, perm, key_padding_mask, chunk_size, before, after, causal, scale)
         -> (out, lse_max, lse_log)
-    bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size, before, after,
-        causal, scale) -> (dqk, dv)
+    bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, out, dlse, chunk_size, before, after,
+        causal, scale) -> (dqk, dv)      (delta = rowsum(dout * out) - dlse formed inside)
         C++ on CPU tensors, Triton (``triton_kernels/lsh_attention.py``) on CUDA tensors and, under
         ``TRITON_INTERPRET=1``, on CPU tensors.
 
@@ -165,7 +165,7 @@ def _triton_fwd_fake(qk, v, perm, key_padding_mask, chunk_size, n_chunks_before,
     return out.contiguous(), lse_max, lse_log  # the Triton launcher writes a contiguous output
 
 
-def _bwd_fake(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size, n_chunks_before,
+def _bwd_fake(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, out, dlse, chunk_size, n_chunks_before,
               n_chunks_after, causal, scale):
     ct = lse_dtype(v.dtype)
     return _like_rows(qk, ct), _like_rows(v, ct)
@@ -192,12 +192,19 @@ def _triton_fwd(qk: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, key_paddi
                                 causal, scale)
 
 
+def _delta(dout: torch.Tensor, out: torch.Tensor, dlse: Optional[torch.Tensor], ct: torch.dtype) -> torch.Tensor:
+    """delta_i = <dout_i, out_i> - dlse_i in the compute dtype (the C++ kernel forms it itself)."""
+    delta = (dout.to(ct) * out.to(ct)).sum(-1)
+    return delta if dlse is None else delta - dlse.to(ct)
+
+
 @torch.library.custom_op("longkernels::lsh_attention_bwd_triton", mutates_args=())
 def _triton_bwd(dout: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, perm: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor], lse_max: torch.Tensor, lse_log: torch.Tensor,
-                delta: torch.Tensor, chunk_size: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                out: torch.Tensor, dlse: Optional[torch.Tensor], chunk_size: int, n_chunks_before: int,
+                n_chunks_after: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton_kernels import lsh_attention as tk
+    delta = _delta(dout, out, dlse, lse_max.dtype)
     dq, dk, dv = tk.lsh_attention_bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size,
                                       n_chunks_before, n_chunks_after, causal, scale)
     dqk = dq + normalize_keys_backward(qk.to(dq.dtype), dk)
@@ -256,17 +263,14 @@ class LSHAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         qk, v, perm, key_padding_mask, out, lse_max, lse_log = ctx.saved_tensors
         chunk_size, before, after, causal, scale, backend = ctx.args
-        ct = lse_max.dtype
         if dout is None:
             dout = torch.zeros_like(out)
-        # delta_i = <dout_i, out_i> - dlse_i. With P the combined probabilities over all rounds'
-        # windows (exp(s - lse)), ds = P (dP - delta): the rounds' weights need no term of their
-        # own, because the combination is one softmax over the union of the windows.
-        delta = (dout.to(ct) * out.to(ct)).sum(-1)
-        if dlse is not None:
-            delta = delta - dlse.to(ct)
+        # The kernels form delta_i = <dout_i, out_i> - dlse_i (_delta). With P the combined
+        # probabilities over all rounds' windows (exp(s - lse)), ds = P (dP - delta): the rounds'
+        # weights need no term of their own, because the combination is one softmax over the union
+        # of the windows.
         _, bwd = _kernels(backend)
-        dqk, dv = bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size, before, after,
+        dqk, dv = bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, out, dlse, chunk_size, before, after,
                       causal, scale)
         return dqk.to(qk.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None, None
 
