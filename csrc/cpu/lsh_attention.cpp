@@ -323,7 +323,7 @@ struct Scratch {
 
 // Prefetches rows [i0, i1) of sorted chunk c (wrapped), which a later step gathers: the rows sit at
 // scattered positions, so without it every row is a cache miss paid in the gather. Callers spread a
-// chunk's rows over the row loop of the chunk before (a few rows per step): a burst of a whole chunk
+// chunk's rows over the row loop of the chunk before (a row per step): a burst of a whole chunk
 // (512 lines for keys and values) overflowed the core's outstanding-miss slots, and the prefetches
 // beyond them were lost (perf on the AVX2 EPYC: the gathers still stalled).
 template <typename T>
@@ -490,7 +490,7 @@ void forward_kernel(const Problem& P, const Inputs<T>& in, F32Tiles fast, const 
             const T inv = T(1) / l_r[r * P.L + pq];
             T* dst = o_r.data() + (r * P.L + pq) * P.Dv;
             const T* src = w.o.data() + i * P.Dvp;
-  #pragma omp simd
+#pragma omp simd
             for (int64_t d = 0; d < P.Dv; ++d) dst[d] = src[d] * inv;
           }
         }
@@ -698,6 +698,7 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
   }
 }
 
+// sum_e a[e * sa] * b[e * sb]: the backward's delta rows.
 template <typename T>
 T row_dot(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
   T acc = 0;
