@@ -29,7 +29,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["cpu_avx512_bf16"] = longkernels::cpu::has_avx512_bf16();
     d["cpu_avx2_fma"] = longkernels::cpu::has_avx2_fma();
     d["cpu_f32_tiles"] = std::string(longkernels::cpu::f32_tiles_name(longkernels::cpu::f32_tiles()));
+    // setup.py passes torch.__version__ itself (local suffix included, e.g. "+cpu"); CMake builds get
+    // the headers' version.
+#ifdef LONGKERNELS_TORCH_VERSION
+    d["torch_version_built"] = std::string(LONGKERNELS_TORCH_VERSION);
+#else
     d["torch_version_built"] = std::string(TORCH_VERSION);
+#endif
     return d;
   });
 }
