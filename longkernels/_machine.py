@@ -25,3 +25,9 @@ def cpu_isa() -> str:
     if "avx512f" in flags:
         return "avx512"
     return "avx2" if {"avx2", "fma"} <= flags else ""
+
+
+def slug(text: str) -> str:
+    """``text`` in lower case with every run of other characters than letters and digits made one dash."""
+    import re
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")

@@ -175,13 +175,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_bench(args, rest) -> int:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "bench", "engine.py")):
-        print("longkernels bench runs from a source checkout (bench/ beside the package); not found at "
-              f"{root}", file=sys.stderr)
-        return 2
-    sys.path.insert(0, root)
-    from bench import engine
+    from longkernels.benchmarks import engine
 
     return engine.main(rest)
 

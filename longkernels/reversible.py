@@ -329,15 +329,15 @@ def _fused_coupling(y: torch.Tensor, fy: torch.Tensor) -> bool:
     comes in another dtype than the stream's (the kernel fuses the cast; with no cast it only ties the torch
     ops: docs/decisions.md, "Reversible coupling kernel")."""
     return (y.device.type == "cpu" and fy.dtype != y.dtype and y.dtype in (torch.float32, torch.float64)
-            and _ops_reversible() is not None)
+            and _ops_coupling() is not None)
 
 
-def _ops_reversible():
+def _ops_coupling():
     from . import _ext
     if not _ext.available():
         return None
-    from .ops import reversible
-    return reversible
+    from .ops import reversible_coupling
+    return reversible_coupling
 
 
 def _couple(y: torch.Tensor, fy: torch.Tensor, dy: Optional[torch.Tensor], dgrad: Optional[torch.Tensor],
@@ -348,7 +348,7 @@ def _couple(y: torch.Tensor, fy: torch.Tensor, dy: Optional[torch.Tensor], dgrad
     if dgrad is None or dy is None:
         return y - fy.to(y.dtype), (dy if dgrad is None else dgrad), owned if dgrad is None else False
     if _fused_coupling(y, fy):
-        x, dy = _ops_reversible().coupling(y, fy, dy, dgrad, inplace=owned, backend="cpu")
+        x, dy = _ops_coupling().reversible_coupling(y, fy, dy, dgrad, inplace=owned, backend="cpu")
         return x, dy, True
     x = y - fy.to(y.dtype)
     return x, (dy.add_(dgrad) if owned else dy + dgrad), True

@@ -515,7 +515,7 @@ def test_reconstruction_drift():
     and reconstruction reproduces those roundings except where a float32 round-off flips one (a
     probability of ~2^-16 per element and function; each flip is a bf16 ulp in one F/G input): the
     issue's target, 1e-3 after 48 blocks, and at least 10x better than the bf16 stream. (The flips
-    grow with the number of elements: ~2e-3 at 48 blocks of 2x256x256, bench/reversible_depth.py.)
+    grow with the number of elements: ~2e-3 at 48 blocks of 2x256x256, `longkernels bench --ops reversible`.)
     bf16 blocks in a float64 stream: a float32 input plus sums of bf16 outputs (8 significant bits)
     fit float64's 53 bits unless magnitudes differ by ~2^29, so the stream is reconstructed exactly and
     no rounding flips: float64 round-off at most (1e-12).

@@ -1,4 +1,4 @@
-"""The fused coupling of the reversible backward step (longkernels/ops/reversible.py) against the torch
+"""The fused coupling of the reversible backward step (longkernels/ops/reversible_coupling.py) against the torch
 expressions it replaces, ``y - fy.to(y.dtype)`` and ``dy + dgrad.to(dy.dtype)``: bitwise, for every
 backend (C++ on CPU tensors; Triton on CUDA tensors, or on CPU tensors under the interpreter, which
 tests/conftest.py switches on where there is no GPU)."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longkernels import _ext
-from longkernels.ops.reversible import choose_backend, coupling
+from longkernels.ops.reversible_coupling import choose_backend, reversible_coupling
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -48,10 +48,10 @@ def test_bitwise(device, shape, stream, branch):
         dg_ = dg.to(grad_dtype)
         ref_d = dy + dg_.to(stream)
         for backend in _backends(device, stream):
-            x, d = coupling(y, fy, dy, dg_, backend=backend)
+            x, d = reversible_coupling(y, fy, dy, dg_, backend=backend)
             assert _bitwise(x, ref_x) and _bitwise(d, ref_d), backend
             acc = dy.clone()
-            x, d = coupling(y, fy, acc, dg_, inplace=True, backend=backend)
+            x, d = reversible_coupling(y, fy, acc, dg_, inplace=True, backend=backend)
             assert d is acc and _bitwise(x, ref_x) and _bitwise(acc, ref_d), backend
 
 
@@ -65,7 +65,7 @@ def test_every_half_value(branch):
         y[:100] = 0
         ref_x, ref_d = y - fy.to(stream), y + fy.to(stream)
         for backend in _backends("cpu", stream):
-            x, d = coupling(y, fy, y, fy, backend=backend)
+            x, d = reversible_coupling(y, fy, y, fy, backend=backend)
             for got, ref in ((x, ref_x), (d, ref_d)):
                 assert torch.equal(got.isnan(), ref.isnan()), backend
                 keep = ~ref.isnan()
@@ -80,44 +80,44 @@ def test_non_contiguous(device):
     assert not (y.is_contiguous() or dy.is_contiguous() or dg.is_contiguous())
     ref_x, ref_d = y - fy.to(torch.float32), dy + dg
     for backend in _backends(device, torch.float32):
-        x, d = coupling(y, fy, dy, dg, backend=backend)
+        x, d = reversible_coupling(y, fy, dy, dg, backend=backend)
         assert _bitwise(x, ref_x) and _bitwise(d, ref_d), backend
         acc = dy.clone().transpose(0, 2).contiguous().transpose(0, 2)  # owned, non-contiguous
         assert not acc.is_contiguous()
-        x, d = coupling(y, fy, acc, dg, inplace=True, backend=backend)
+        x, d = reversible_coupling(y, fy, acc, dg, inplace=True, backend=backend)
         assert d is acc and _bitwise(x, ref_x) and _bitwise(acc, ref_d), backend
 
 
 def test_empty():
     y = torch.empty(0, 4)
     for backend in _backends("cpu", torch.float32):
-        x, d = coupling(y, y.bfloat16(), y, y, backend=backend)
+        x, d = reversible_coupling(y, y.bfloat16(), y, y, backend=backend)
         assert x.shape == d.shape == (0, 4)
 
 
 def test_bad_inputs():
     y, fy, dy, dg = _inputs((2, 3), torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="fy must have y's shape"):
-        coupling(y, fy[:, :2], dy, dg)
+        reversible_coupling(y, fy[:, :2], dy, dg)
     with pytest.raises(ValueError, match="dgrad must have y's shape"):
-        coupling(y, fy, dy, dg.reshape(3, 2))
+        reversible_coupling(y, fy, dy, dg.reshape(3, 2))
     with pytest.raises(TypeError, match="dgrad must be float16"):
-        coupling(y, fy, dy, dg.to(torch.int32))
+        reversible_coupling(y, fy, dy, dg.to(torch.int32))
     with pytest.raises(TypeError, match="fy must be float16"):
-        coupling(y, fy.to(torch.int64), dy, dg)
+        reversible_coupling(y, fy.to(torch.int64), dy, dg)
     with pytest.raises(TypeError, match="y must be float16"):
-        coupling(y.to(torch.int32), fy, dy, dg)
+        reversible_coupling(y.to(torch.int32), fy, dy, dg)
     with pytest.raises(TypeError, match="dy must have the stream dtype"):
-        coupling(y, fy, dy.double(), dg)
+        reversible_coupling(y, fy, dy.double(), dg)
     with pytest.raises(TypeError, match="dy must be a torch.Tensor"):
-        coupling(y, fy, dy.tolist(), dg)
+        reversible_coupling(y, fy, dy.tolist(), dg)
     with pytest.raises(ValueError, match="dgrad must be on y's device"):
-        coupling(y, fy, dy, dg.to("meta"))
+        reversible_coupling(y, fy, dy, dg.to("meta"))
     with pytest.raises(ValueError, match="backend must be one of"):
-        coupling(y, fy, dy, dg, backend="nope")
+        reversible_coupling(y, fy, dy, dg, backend="nope")
     if _ext.available():
         with pytest.raises(ValueError, match="float32 or float64 stream"):
-            coupling(y.bfloat16(), fy, dy.bfloat16(), dg, backend="cpu")
+            reversible_coupling(y.bfloat16(), fy, dy.bfloat16(), dg, backend="cpu")
         with pytest.raises(RuntimeError, match="dy must have y's shape"):  # the op's own check
             torch.ops.longkernels.reversible_coupling(y, fy, dy[:1], dg)
 
@@ -126,7 +126,7 @@ def test_default_backend():
     y = torch.zeros(3)
     assert choose_backend(y, None) == ("cpu" if _ext.available() else "torch")
     assert choose_backend(y.bfloat16(), None) == "torch"  # a bfloat16 stream: the torch expressions
-    x, d = coupling(y.bfloat16(), y.bfloat16(), y.bfloat16(), y)
+    x, d = reversible_coupling(y.bfloat16(), y.bfloat16(), y.bfloat16(), y)
     assert x.dtype == d.dtype == torch.bfloat16
 
 
@@ -136,8 +136,8 @@ def test_torch_compile_traces():
     y, fy, dy, dg = _inputs((4, 8), torch.float32, torch.bfloat16)
 
     def step(y, fy, dy, dg):
-        x, d = coupling(y, fy, dy, dg)
-        x2 = coupling(y, fy, d, dg, inplace=True)[0]
+        x, d = reversible_coupling(y, fy, dy, dg)
+        x2 = reversible_coupling(y, fy, d, dg, inplace=True)[0]
         return x + x2, d
 
     x, d = torch.compile(step, backend="aot_eager", fullgraph=True)(y, fy, dy, dg)
@@ -190,16 +190,16 @@ def test_reversible_backward_bitwise(monkeypatch, f_dtype, g_dtype, stream):
         return [xi.grad] + [p.grad for p in seq.parameters()]
 
     calls = []
-    fused = rev._ops_reversible()
+    fused = rev._ops_coupling()
 
     class Spy:
         @staticmethod
-        def coupling(*args, **kwargs):
+        def reversible_coupling(*args, **kwargs):
             calls.append(kwargs.get("inplace"))
-            return fused.coupling(*args, **kwargs)
+            return fused.reversible_coupling(*args, **kwargs)
 
     if fused is not None:
-        monkeypatch.setattr(rev, "_ops_reversible", lambda: Spy)
+        monkeypatch.setattr(rev, "_ops_coupling", lambda: Spy)
     got = grads()
     monkeypatch.setattr(rev, "_couple", _plain_couple)
     ref = grads()

@@ -9,7 +9,7 @@
 // range's start and never straddle the two, so the kernels read mem_k/k (mem_v/v) in place, with
 // their own strides, and never concatenate. For a query tile the visible keys form one interval;
 // only key tiles meeting it are visited, and the per-element mask runs only on tiles that the causal
-// diagonal, the window edge or a range end cuts. The schedule lives in memory_attention_tiles.h,
+// diagonal, the window edge or a range end cuts. The schedule lives in memory_attention_schedule.h,
 // host-includable so it can be checked without a GPU.
 //
 // Backward = two kernels, both free of atomics and hence deterministic:
@@ -36,7 +36,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "memory_attention_tiles.h"
+#include "cuda/memory_attention_schedule.h"
 
 namespace longkernels::gpu {
 namespace {

@@ -22,38 +22,32 @@ layout, so a layer's (B, L, H, D) <-> (B, H, L, D) transposes stay views.
 from __future__ import annotations
 
 import math
-import numbers
-import os
 from typing import Optional
 
 import torch
 
 from .. import _ext
+from . import dispatch
 from ..reference import lsh_attention as _reference
 from ..reference.lsh_attention import (NORM_EPS, default_n_buckets, draw_rotations, lsh_hash, lsh_sort,
                                        padded_length, padding_mask)
-from .memory_attention import _check_tensor, cpu_reasons, lse_dtype, select_backend, triton_reasons
+from .memory_attention import TRITON_MAX_HEAD_DIM
+from .validation import INT32_MAX, check_int, check_scale, check_tensor, lse_dtype
 
 BACKENDS = ("cpu", "triton", "reference")
-_INT32_MAX = 2**31 - 1
 
 
 # --------------------------------------------------------------------------------------------
 # Validation: once, here, before any backend is chosen. Backends trust what passes.
 # --------------------------------------------------------------------------------------------
-def _check_int(name, value, *, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def validate(qk, v, n_hashes, chunk_size, n_buckets, causal, rotations, n_chunks_before, n_chunks_after,
              key_padding_mask, scale):
-    """Checks every argument; returns (n_hashes, chunk_size, n_buckets, before, after, scale)."""
-    _check_tensor("qk", qk, ndim=4)
-    _check_tensor("v", v, ndim=4)
+    """Checks every argument; returns (n_hashes, chunk_size, n_buckets, before, after, scale).
+
+    A ``chunk_size`` above ``L`` comes back as ``L``: either way each round is one chunk, and the
+    internal padding a larger chunk would add is masked, so the result is the same (without the work)."""
+    check_tensor("qk", qk, ndim=4)
+    check_tensor("v", v, ndim=4)
     if v.dtype != qk.dtype:
         raise TypeError(f"v must have the dtype of qk ({qk.dtype}), got {v.dtype}")
     if v.device != qk.device:
@@ -63,14 +57,15 @@ def validate(qk, v, n_hashes, chunk_size, n_buckets, causal, rotations, n_chunks
         raise ValueError(f"v must be (B, H, L, Dv) = ({B}, {H}, {L}, Dv) like qk, got {tuple(v.shape)}")
     if L < 1 or D < 1 or v.shape[3] < 1 or B < 1 or H < 1:
         raise ValueError(f"qk and v need non-empty dimensions, got qk {tuple(qk.shape)}, v {tuple(v.shape)}")
-    n_hashes = _check_int("n_hashes", n_hashes, minimum=1)
-    chunk_size = _check_int("chunk_size", chunk_size, minimum=1)
-    before = _check_int("n_chunks_before", n_chunks_before, minimum=0)
-    after = _check_int("n_chunks_after", n_chunks_after, minimum=0)
+    if L > INT32_MAX:
+        raise ValueError(f"qk's length {L} exceeds the int32 positions of the kernels")
+    n_hashes = check_int("n_hashes", n_hashes, minimum=1, maximum=INT32_MAX)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1, maximum=INT32_MAX)
+    before = check_int("n_chunks_before", n_chunks_before, minimum=0, maximum=INT32_MAX)
+    after = check_int("n_chunks_after", n_chunks_after, minimum=0, maximum=INT32_MAX)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite real number, got {scale!r}")
+    scale = check_scale("scale", scale)
     if rotations is not None:
         if not isinstance(rotations, torch.Tensor):
             raise TypeError(f"rotations must be a torch.Tensor or None, got {type(rotations).__name__}")
@@ -85,7 +80,7 @@ def validate(qk, v, n_hashes, chunk_size, n_buckets, causal, rotations, n_chunks
             n_buckets = 2 * rotations.shape[3]
     if n_buckets is None:
         n_buckets = default_n_buckets(L, chunk_size)
-    n_buckets = _check_int("n_buckets", n_buckets, minimum=2)
+    n_buckets = check_int("n_buckets", n_buckets, minimum=2, maximum=INT32_MAX - 1)
     if n_buckets % 2:
         raise ValueError(f"n_buckets must be even (buckets come in +/- pairs of rotations), got {n_buckets}")
     if rotations is not None and rotations.shape[3] != n_buckets // 2:
@@ -101,34 +96,46 @@ def validate(qk, v, n_hashes, chunk_size, n_buckets, causal, rotations, n_chunks
         if key_padding_mask.device != qk.device:
             raise ValueError(f"key_padding_mask must be on the device of qk ({qk.device}), "
                              f"got {key_padding_mask.device}")
+    chunk_size = min(chunk_size, L)
     Lp = padded_length(L, chunk_size)
-    if n_hashes * Lp > _INT32_MAX:
-        raise ValueError(f"n_hashes * padded length = {n_hashes * Lp} exceeds the int32 indices of the kernels")
-    return n_hashes, chunk_size, n_buckets, before, after, float(scale)
+    if n_hashes * Lp > INT32_MAX:
+        raise ValueError(f"n_hashes * padded length = {n_hashes} * {Lp} exceeds the int32 indices of the kernels: "
+                         "fewer n_hashes or a shorter sequence")
+    if (before + 1 + after) * chunk_size > INT32_MAX:
+        raise ValueError(f"n_chunks_before + 1 + n_chunks_after = {before + 1 + after} chunks of {chunk_size} "
+                         "exceed the int32 columns of the kernels' look-around window")
+    return n_hashes, chunk_size, n_buckets, before, after, scale
 
 
 # --------------------------------------------------------------------------------------------
-# Backends: each says why it cannot take an input; dispatch picks the first that can.
+# Backends: each says why it cannot take an input; ops/dispatch.py picks one.
 # --------------------------------------------------------------------------------------------
 def not_supported_reasons(backend: str, qk: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Why ``backend`` cannot run LSH attention on these inputs (empty list: it can)."""
+    device = qk.device.type
     if backend == "reference":
         return []
     if backend == "cpu":
-        return cpu_reasons(qk)
+        return dispatch.extension_reasons(device)
     if backend == "triton":
-        return triton_reasons(qk, v)
+        reasons = dispatch.triton_reasons(device)
+        if max(qk.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
+            reasons.append(f"head dim {max(qk.shape[-1], v.shape[-1])} exceeds the Triton kernel's "
+                           f"{TRITON_MAX_HEAD_DIM}")
+        if qk.dtype == torch.float64 and device == "cuda":
+            reasons.append("float64 runs on the CPU backends and the Triton interpreter, not on GPU Triton")
+        return reasons
     return [f"unknown backend {backend!r}; expected one of {BACKENDS}"]
 
 
+def device_order(device_type: str) -> tuple[str, ...]:
+    return ("triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+
+
 def choose_backend(qk: torch.Tensor, v: torch.Tensor, backend: Optional[str]) -> str:
-    """Explicit choice (argument, then LONGKERNELS_BACKEND) or the device's default order."""
-    if backend is None:
-        backend = os.environ.get("LONGKERNELS_BACKEND") or None
-        if backend == "cuda":  # memory attention's CUDA kernels; LSH attends with Triton on CUDA
-            backend = "triton"
-    order = ("triton", "reference") if qk.device.type == "cuda" else ("cpu", "reference")
-    return select_backend(BACKENDS, not_supported_reasons, qk, v, backend, order)
+    """``backend`` (a demand), else ``LONGKERNELS_BACKEND`` (a preference), else the device's order."""
+    return dispatch.choose("lsh_attention", BACKENDS, lambda name: not_supported_reasons(name, qk, v),
+                           device_order(qk.device.type), backend)
 
 
 def hash_sort_backend(qk: torch.Tensor) -> str:

@@ -13,39 +13,23 @@ memory) and ``delta = rowsum(dout * out) - dlse`` (the LSE's own gradient folded
 """
 from __future__ import annotations
 
-import math
-import numbers
-import os
 from typing import Optional
 
 import torch
 
 from .. import _ext
+from . import dispatch
 from ..reference import memory_attention as _reference
+from .validation import INT64_MAX, check_int, check_scale, check_tensor, lse_dtype
 
 BACKENDS = ("cpu", "triton", "cuda", "reference")
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Triton's tile sizes are powers of two; larger head dims do not fit its shared-memory budget.
 TRITON_MAX_HEAD_DIM = 256
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """LSE is float32, except for float64 inputs, where float64 keeps parity tests exact."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
 # Validation: once, here, before any backend is chosen. Backends trust what passes.
 # --------------------------------------------------------------------------------------------
-def _check_tensor(name, t, *, ndim):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions (B, H, L, D), got shape {tuple(t.shape)}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-
-
 def _check_like_q(q, **named):
     for name, t in named.items():
         if t.dtype != q.dtype:
@@ -55,10 +39,13 @@ def _check_like_q(q, **named):
 
 
 def validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes):
-    """Checks every argument; returns (mem_k, mem_v, window, scale, alibi_slopes) normalised."""
-    _check_tensor("q", q, ndim=4)
-    _check_tensor("k", k, ndim=4)
-    _check_tensor("v", v, ndim=4)
+    """Checks every argument; returns (mem_k, mem_v, window, scale, alibi_slopes) normalised.
+
+    ``window`` comes back as 0 for no window, and also for a window that hides nothing
+    (``window >= M + N``: the same visible keys), so the kernels never see a window beyond the keys."""
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4)
+    check_tensor("v", v, ndim=4)
     _check_like_q(q, k=k, v=v)
     B, H, N, D = q.shape
     if k.shape[0] != B or k.shape[2] != N or k.shape[3] != D:
@@ -80,8 +67,8 @@ def validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes):
         mem_k = q.new_empty(B, Hkv, 0, D)
         mem_v = q.new_empty(B, Hkv, 0, Dv)
     else:
-        _check_tensor("mem_k", mem_k, ndim=4)
-        _check_tensor("mem_v", mem_v, ndim=4)
+        check_tensor("mem_k", mem_k, ndim=4)
+        check_tensor("mem_v", mem_v, ndim=4)
         _check_like_q(q, mem_k=mem_k, mem_v=mem_v)
         M = mem_k.shape[2]
         if tuple(mem_k.shape) != (B, Hkv, M, D):
@@ -93,17 +80,13 @@ def validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if window is None:
         window = 0
-    elif isinstance(window, bool) or not isinstance(window, numbers.Integral):
-        raise TypeError(f"window must be an int or None, got {type(window).__name__}")
-    elif window < 1:
-        raise ValueError(f"window must be >= 1 (a query sees at most `window` keys, itself included); "
-                         f"window={window} leaves a query with no visible key")
-    window = int(window)
-    if scale is None:
-        scale = D ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite number or None, got {scale!r}")
-    scale = float(scale)
+    else:
+        window = check_int("window", window, minimum=1, maximum=INT64_MAX,
+                           why=" (a query sees at most `window` keys, itself included: a window below 1 "
+                               "leaves it no visible key)")
+        if window >= mem_k.shape[2] + N:
+            window = 0
+    scale = check_scale("scale", scale, default=D ** -0.5)
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor):
             raise TypeError(f"alibi_slopes must be a torch.Tensor of shape (H,), got {type(alibi_slopes).__name__}")
@@ -121,86 +104,36 @@ def validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes):
 
 
 # --------------------------------------------------------------------------------------------
-# Backends: each says why it cannot take an input; dispatch picks the first that can.
+# Backends: each says why it cannot take an input; ops/dispatch.py picks one.
 # --------------------------------------------------------------------------------------------
-def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not installed ({exc})"
-    return None
-
-
-def cpu_reasons(q: torch.Tensor) -> list[str]:
-    """Why the C++ CPU kernels (of any operation) cannot take ``q``."""
-    reasons = []
-    if not _ext.available():
-        reasons.append(_ext.LOAD_ERROR)
-    if q.device.type != "cpu":
-        reasons.append(f"the C++ CPU kernels take CPU tensors, got {q.device.type}")
-    return reasons
-
-
-def triton_reasons(q: torch.Tensor, v: torch.Tensor) -> list[str]:
-    """Why the Triton kernels (of any operation) cannot take ``q`` and ``v``."""
-    reasons = []
-    err = _triton_import_error()
-    if err:
-        reasons.append(err)
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        reasons.append("Triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
-                       "before triton is imported")
-    elif q.device.type not in ("cpu", "cuda"):
-        reasons.append(f"Triton kernels take CUDA tensors, got {q.device.type}")
-    if max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
-        reasons.append(f"head dim {max(q.shape[-1], v.shape[-1])} exceeds the Triton kernel's "
-                       f"{TRITON_MAX_HEAD_DIM}")
-    if q.dtype == torch.float64 and q.device.type == "cuda":
-        reasons.append("float64 runs on the CPU backends and the Triton interpreter, not on GPU Triton")
-    return reasons
-
-
 def not_supported_reasons(backend: str, q: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Why ``backend`` cannot run memory attention on these inputs (empty list: it can)."""
+    device = q.device.type
     if backend == "reference":
         return []
     if backend == "cpu":
-        return cpu_reasons(q)
+        return dispatch.extension_reasons(device)
     if backend == "triton":
-        return triton_reasons(q, v)
-    if backend == "cuda":
-        reasons = []
-        if not _ext.cuda_compiled():
-            reasons.append("longkernels._C was built without CUDA kernels" if _ext.available() else _ext.LOAD_ERROR)
-        if q.device.type != "cuda":
-            reasons.append(f"the CUDA kernels take CUDA tensors, got {q.device.type}")
+        reasons = dispatch.triton_reasons(device)
+        if max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
+            reasons.append(f"head dim {max(q.shape[-1], v.shape[-1])} exceeds the Triton kernel's "
+                           f"{TRITON_MAX_HEAD_DIM}")
+        if q.dtype == torch.float64 and device == "cuda":
+            reasons.append("float64 runs on the CPU backends and the Triton interpreter, not on GPU Triton")
         return reasons
+    if backend == "cuda":
+        return dispatch.cuda_extension_reasons(device)
     return [f"unknown backend {backend!r}; expected one of {BACKENDS}"]
 
 
-def select_backend(backends, reasons, q: torch.Tensor, v: torch.Tensor, backend: Optional[str],
-                   order: tuple[str, ...]) -> str:
-    """An explicit ``backend`` (checked, with its reasons in the error) or the first of ``order``
-    that ``reasons(name, q, v)`` accepts; ``reference`` as the last resort."""
-    if backend is not None:
-        if backend not in backends:
-            raise ValueError(f"backend must be one of {backends} or None, got {backend!r}")
-        why = reasons(backend, q, v)
-        if why:
-            raise ValueError(f"backend {backend!r} cannot run these inputs: " + "; ".join(why))
-        return backend
-    for name in order:
-        if not reasons(name, q, v):
-            return name
-    return "reference"
+def device_order(device_type: str) -> tuple[str, ...]:
+    return ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
 
 
 def choose_backend(q: torch.Tensor, v: torch.Tensor, backend: Optional[str]) -> str:
-    """Explicit choice (argument, then LONGKERNELS_BACKEND) or the device's default order."""
-    if backend is None:
-        backend = os.environ.get("LONGKERNELS_BACKEND") or None
-    order = ("triton", "cuda", "reference") if q.device.type == "cuda" else ("cpu", "reference")
-    return select_backend(BACKENDS, not_supported_reasons, q, v, backend, order)
+    """``backend`` (a demand), else ``LONGKERNELS_BACKEND`` (a preference), else the device's order."""
+    return dispatch.choose("memory_attention", BACKENDS, lambda name: not_supported_reasons(name, q, v),
+                           device_order(q.device.type), backend)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,19 +2,19 @@
 
 ``longkernels/reversible.py`` does, per block and branch, ``x = y - fy.to(stream)`` (reconstruct the
 block's input) and ``dy = dy + dgrad`` (accumulate the gradient that came back through F or G).
-:func:`coupling` does both in one pass: ``csrc/cpu/reversible.cpp`` on CPU tensors,
-``triton_kernels/reversible.py`` on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``), and
+:func:`reversible_coupling` does both in one pass: ``csrc/cpu/reversible_coupling.cpp`` on CPU tensors,
+``triton_kernels/reversible_coupling.py`` on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``), and
 the torch expressions themselves (``torch``) for everything else. All three give bitwise the same result:
 every widening is exact and each output element is one IEEE add or subtract in the stream dtype.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from .. import _ext
+from . import dispatch
 
 BACKENDS = ("cpu", "triton", "torch")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -43,43 +43,29 @@ def not_supported_reasons(backend: str, y: torch.Tensor) -> list[str]:
     """Why ``backend`` cannot run the coupling of stream ``y`` (empty list: it can)."""
     if backend == "torch":
         return []
+    if backend not in BACKENDS:
+        return [f"unknown backend {backend!r}; expected one of {BACKENDS}"]
+    device = y.device.type
     reasons = []
     if y.dtype not in _STREAMS:
         reasons.append(f"the fused kernels take a float32 or float64 stream, got {y.dtype}")
     if backend == "cpu":
-        if not _ext.available():
-            reasons.append(_ext.LOAD_ERROR)
-        if y.device.type != "cpu":
-            reasons.append(f"the C++ CPU kernel takes CPU tensors, got {y.device.type}")
-        return reasons
-    if backend == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError as exc:
-            reasons.append(f"triton is not installed ({exc})")
-        if y.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            reasons.append("Triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
-                           "before triton is imported")
-        elif y.device.type not in ("cpu", "cuda"):
-            reasons.append(f"Triton kernels take CUDA tensors, got {y.device.type}")
-        if y.dtype == torch.float64 and y.device.type == "cuda":
-            reasons.append("a float64 stream runs on the CPU kernel and the Triton interpreter, not on GPU Triton")
-        return reasons
-    return [f"unknown backend {backend!r}; expected one of {BACKENDS}"]
+        return reasons + dispatch.extension_reasons(device)
+    reasons += dispatch.triton_reasons(device)
+    if y.dtype == torch.float64 and device == "cuda":
+        reasons.append("a float64 stream runs on the CPU kernel and the Triton interpreter, not on GPU Triton")
+    return reasons
+
+
+def device_order(device_type: str) -> tuple[str, ...]:
+    return {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}.get(device_type, ("torch",))
 
 
 def choose_backend(y: torch.Tensor, backend: Optional[str]) -> str:
-    """An explicit ``backend`` (checked: a ValueError lists why it cannot run), else ``cpu`` for CPU
-    tensors and ``triton`` for CUDA tensors where they can, else ``torch``."""
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-        why = not_supported_reasons(backend, y)
-        if why:
-            raise ValueError(f"backend {backend!r} cannot run these inputs: " + "; ".join(why))
-        return backend
-    name = "cpu" if y.device.type == "cpu" else "triton" if y.device.type == "cuda" else "torch"
-    return name if not not_supported_reasons(name, y) else "torch"
+    """``backend`` (a demand), else ``LONGKERNELS_BACKEND`` (a preference), else ``cpu`` for CPU tensors
+    and ``triton`` for CUDA tensors where they can run the input, else ``torch``."""
+    return dispatch.choose("reversible_coupling", BACKENDS, lambda name: not_supported_reasons(name, y),
+                           device_order(y.device.type), backend)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,13 +83,13 @@ def _fake_(y, fy, dy, dgrad):
 @torch.library.custom_op("longkernels::reversible_coupling_triton", mutates_args=())
 def _triton_coupling(y: torch.Tensor, fy: torch.Tensor, dy: torch.Tensor,
                      dgrad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..triton_kernels import reversible as tk
+    from ..triton_kernels import reversible_coupling as tk
     return tk.reversible_coupling(y, fy, dy, dgrad)
 
 
 @torch.library.custom_op("longkernels::reversible_coupling_triton_", mutates_args=("dy",))
 def _triton_coupling_(y: torch.Tensor, fy: torch.Tensor, dy: torch.Tensor, dgrad: torch.Tensor) -> torch.Tensor:
-    from ..triton_kernels import reversible as tk
+    from ..triton_kernels import reversible_coupling as tk
     return tk.reversible_coupling_(y, fy, dy, dgrad)
 
 
@@ -115,7 +101,7 @@ if _ext.available():
     torch.library.register_fake("longkernels::reversible_coupling_")(_fake_)
 
 
-def coupling(y: torch.Tensor, fy: torch.Tensor, dy: torch.Tensor, dgrad: torch.Tensor, *,
+def reversible_coupling(y: torch.Tensor, fy: torch.Tensor, dy: torch.Tensor, dgrad: torch.Tensor, *,
              inplace: bool = False, backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y - fy.to(y.dtype), dy + dgrad.to(dy.dtype))`` in one pass over the stream.
 
