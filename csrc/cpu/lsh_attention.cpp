@@ -43,6 +43,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/op_checks.h"
 #include "cpu/cpu_features.h"
 #include "cpu/tile_gemm.h"
 #include "cpu/vec_math.h"
@@ -62,9 +63,15 @@ inline int64_t round_up16(int64_t x) { return (x + 15) / 16 * 16; }
 // ---------------------------------------------------------------------------------------------
 // argmax over [y ; -y], first index on ties: the first half wins a tie between halves, and within a
 // half the first position holding the extreme wins. Three vector reductions instead of 2K
-// compare-and-branch steps.
+// compare-and-branch steps. A NaN counts as the largest value, as in torch.argmax (the reference's
+// rule): the first NaN of y wins (-NaN is NaN at the same position of the second half, later), so a
+// token with a NaN projection lands in the bucket the reference gives it and moves no other token.
 template <typename T>
 __attribute__((always_inline)) inline int32_t argmax_pm_impl(const T* __restrict y, int64_t K) {
+  int32_t first_nan = static_cast<int32_t>(K);
+#pragma omp simd reduction(min : first_nan)
+  for (int32_t j = 0; j < static_cast<int32_t>(K); ++j) first_nan = std::min(first_nan, y[j] != y[j] ? j : first_nan);
+  if (first_nan < K) return first_nan;
   T hi = y[0], lo = y[0];
 #pragma omp simd reduction(max : hi) reduction(min : lo)
   for (int64_t k = 0; k < K; ++k) {
@@ -83,9 +90,9 @@ LK_CLONES int32_t argmax_pm(const float* y, int64_t K) { return argmax_pm_impl(y
 std::tuple<Tensor, Tensor> lsh_hash_sort(const Tensor& qk, const Tensor& rotations,
                                          const std::optional<Tensor>& key_padding_mask, int64_t n_buckets,
                                          int64_t padded_len) {
+  checks::lsh_hash_sort("lsh_hash_sort", qk, rotations, key_padding_mask, n_buckets, padded_len);
   const int64_t B = qk.size(0), H = qk.size(1), L = qk.size(2), D = qk.size(3);
   const int64_t nh = rotations.size(2), K = n_buckets / 2, Lp = padded_len;
-  TORCH_CHECK(rotations.size(3) == K && Lp >= L, "lsh_hash_sort: inconsistent sizes");
   const Tensor x = qk.detach().to(at::kFloat);
   const Tensor rot = rotations.detach().to(at::kFloat).contiguous().view({H, D, nh * K});
   Tensor kpm;
@@ -409,7 +416,10 @@ __attribute__((always_inline)) inline void bwd_row_impl(T* __restrict s, T* __re
     const int32_t self = pk[n] == pq;
     const int32_t hidden = is_hidden(pk[n], kpad[n], pq, causal);
     const T x = self ? static_cast<T>(kSelfMask) : s[n] * scale;
-    const T e = exp_approx((x - mx) - log_sum);
+    // Recomputed from the saved statistics, p can round a hair above 1 (huge logits); a probability
+    // never exceeds 1, and the comparison keeps a NaN a NaN.
+    const T e0 = exp_approx((x - mx) - log_sum);
+    const T e = e0 > T(1) ? T(1) : e0;
     const T p = hidden ? T(0) : e;
     s[n] = p;
     dp[n] = (self | hidden) ? T(0) : p * (dp[n] - delta);
@@ -524,10 +534,38 @@ void forward_kernel(const Problem& P, const Inputs<T>& in, F32Tiles fast, const 
 // it to cover every path on one machine.
 F32Tiles use_fast_tiles(at::ScalarType ct) { return ct == at::kFloat ? f32_tiles() : F32Tiles::None; }
 
+// Every round of perm must be a permutation of [0, Lp): the kernels index rows by its entries and the
+// backward inverts it. O(B H n_hashes Lp), a bitmap per round: small beside the attention itself.
+void check_permutation(const char* op, const Tensor& perm) {
+  const int64_t rows = perm.size(0) * perm.size(1) * perm.size(2), Lp = perm.size(3);
+  const Tensor p = perm.contiguous();
+  const int32_t* d = p.data_ptr<int32_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> seen(Lp);
+    for (int64_t r = begin; r < end; ++r) {
+      std::fill(seen.begin(), seen.end(), uint8_t(0));
+      const int32_t* row = d + r * Lp;
+      bool ok = true;
+      for (int64_t i = 0; i < Lp; ++i) {
+        const int32_t x = row[i];
+        const bool in = x >= 0 && x < Lp;
+        ok &= in && !seen[in ? x : 0];
+        if (in) seen[x] = 1;
+      }
+      TORCH_CHECK(ok, op, ": perm must hold a permutation of [0, ", Lp, ") in every round (entry out of range or "
+                  "repeated in round ", r % perm.size(2), " of batch ", r / (perm.size(1) * perm.size(2)), ", head ",
+                  r / perm.size(2) % perm.size(1), ")");
+    }
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor> lsh_attention_fwd(const Tensor& qk, const Tensor& v, const Tensor& perm,
                                                      const std::optional<Tensor>& key_padding_mask,
                                                      int64_t chunk_size, int64_t n_chunks_before,
                                                      int64_t n_chunks_after, bool causal, double scale) {
+  checks::lsh_attention("lsh_attention_fwd", qk, v, perm, key_padding_mask, chunk_size, n_chunks_before,
+                        n_chunks_after);
+  check_permutation("lsh_attention_fwd", perm);
   const Problem P = describe(qk, v, perm, chunk_size, n_chunks_before, n_chunks_after, causal, scale);
   const auto ct = compute_type(v.scalar_type());
   const Tensor qkc = compute_view(qk, ct), vc = compute_view(v, ct);
@@ -712,12 +750,15 @@ T row_dot(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
 }
 
 std::tuple<Tensor, Tensor> lsh_attention_bwd(const Tensor& dout, const Tensor& qk, const Tensor& v,
-                                             const Tensor& perm,
-                                                     const std::optional<Tensor>& key_padding_mask,
-                                                     const Tensor& lse_max, const Tensor& lse_log,
-                                                     const Tensor& out, const std::optional<Tensor>& dlse,
-                                                     int64_t chunk_size, int64_t n_chunks_before,
-                                                     int64_t n_chunks_after, bool causal, double scale) {
+                                             const Tensor& perm, const std::optional<Tensor>& key_padding_mask,
+                                             const Tensor& lse_max, const Tensor& lse_log, const Tensor& out,
+                                             const std::optional<Tensor>& dlse, int64_t chunk_size,
+                                             int64_t n_chunks_before, int64_t n_chunks_after, bool causal,
+                                             double scale) {
+  const auto dims = checks::lsh_attention("lsh_attention_bwd", qk, v, perm, key_padding_mask, chunk_size,
+                                          n_chunks_before, n_chunks_after);
+  checks::lsh_attention_grads("lsh_attention_bwd", dims, qk, dout, lse_max, lse_log, out, dlse);
+  check_permutation("lsh_attention_bwd", perm);
   const Problem P = describe(qk, v, perm, chunk_size, n_chunks_before, n_chunks_after, causal, scale);
   const auto ct = compute_type(v.scalar_type());
   const Tensor qkc = compute_view(qk, ct), vc = compute_view(v, ct), doc = compute_view(dout, ct);

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/memory_attention_tiles.h"
+#include "common/op_checks.h"
 #include "cpu/tile_gemm.h"
 #include "cpu/cpu_features.h"
 #include "cpu/vec_math.h"
@@ -60,19 +61,30 @@ template <typename T>
 __attribute__((always_inline)) inline T fwd_row_impl(T* __restrict s, int64_t bk, int64_t c0, int64_t c1,
                                                      T scale, T slope, T dist0, T& m, T& l) {
   // ALiBi: -slope * (qpos - kpos) = slope * (c - dist0) for column c, dist0 = qpos - kpos(c = 0).
+  // A NaN logit must reach the row (the reference's softmax gives NaN): max reductions may drop
+  // it, so the scaling pass flags it and the running max becomes NaN, which stays NaN.
+  int32_t nan = 0;
   if (slope != T(0)) {
     // 32-bit column index: int64 -> float vector conversion needs AVX512DQ, which the clone lacks.
     // The distance kpos - qpos is an exact integer; one rounding, in the multiply.
     T* __restrict sr = s + c0;
     const int32_t d0 = static_cast<int32_t>(static_cast<int64_t>(c0) - static_cast<int64_t>(dist0));
     const int32_t n = static_cast<int32_t>(c1 - c0);
-#pragma omp simd
-    for (int32_t c = 0; c < n; ++c) sr[c] = sr[c] * scale + slope * static_cast<T>(c + d0);
+#pragma omp simd reduction(| : nan)
+    for (int32_t c = 0; c < n; ++c) {
+      const T x = sr[c] * scale + slope * static_cast<T>(c + d0);
+      sr[c] = x;
+      nan |= static_cast<int32_t>(x != x);
+    }
   } else {
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) s[c] *= scale;
+#pragma omp simd reduction(| : nan)
+    for (int64_t c = c0; c < c1; ++c) {
+      const T x = s[c] * scale;
+      s[c] = x;
+      nan |= static_cast<int32_t>(x != x);
+    }
   }
-  const T m_new = std::max(m, row_max(s, c0, c1));
+  const T m_new = (nan || m != m) ? std::numeric_limits<T>::quiet_NaN() : std::max(m, row_max(s, c0, c1));
   if (m_new == static_cast<T>(kNegInf)) {  // nothing visible yet in this row
     for (int64_t c = 0; c < bk; ++c) s[c] = T(0);
     return T(1);
@@ -86,7 +98,7 @@ __attribute__((always_inline)) inline T fwd_row_impl(T* __restrict s, int64_t bk
     sum += p;
   }
   for (int64_t c = c1; c < bk; ++c) s[c] = T(0);
-  const T alpha = m == static_cast<T>(kNegInf) ? T(0) : exp_approx(m - m_new);
+  const T alpha = m == static_cast<T>(kNegInf) ? T(0) : m_new != m_new ? m_new : exp_approx(m - m_new);
   l = l * alpha + sum;
   m = m_new;
   return alpha;
@@ -103,7 +115,11 @@ __attribute__((always_inline)) inline void bwd_row_impl(T* __restrict s, T* __re
   const int32_t n = static_cast<int32_t>(c1 - c0);  // 32-bit: see fwd_row_impl
 #pragma omp simd
   for (int32_t c = 0; c < n; ++c) {
-    const T p = exp_approx(sr[c] * scale + slope * static_cast<T>(c + d0) - lse);
+    // Recomputed from the LSE, p can round above 1 where logits are huge (|s| ~ 1e7 in float32: the
+    // LSE's last bit is worth more than 1); a probability never exceeds 1, and the comparison keeps a
+    // NaN a NaN.
+    const T e = exp_approx(sr[c] * scale + slope * static_cast<T>(c + d0) - lse);
+    const T p = e > T(1) ? T(1) : e;
     sr[c] = p;
     dpr[c] = p * (dpr[c] - delta);
   }
@@ -453,7 +469,8 @@ Tensor optional_slopes(const std::optional<Tensor>& alibi, at::ScalarType ct) {
 std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k,
                                                 const Tensor& mem_v, const std::optional<Tensor>& alibi_slopes,
                                                 bool causal, int64_t window, double scale) {
-  const Problem P = describe(q, k, v, mem_k, causal, window, scale);
+  const auto dims = checks::memory_attention("memory_attention_fwd", q, k, v, mem_k, mem_v, alibi_slopes, window);
+  const Problem P = describe(q, k, v, mem_k, causal, dims.window, scale);
   const auto ct = compute_type(q.scalar_type());
   const Tensor slopes = optional_slopes(alibi_slopes, ct);
   Tensor out = at::empty({P.B, P.H, P.N, P.Dv}, q.options().dtype(ct));
@@ -486,7 +503,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, const Tensor& mem_v,
     const std::optional<Tensor>& alibi_slopes, const Tensor& lse, const Tensor& delta, bool causal, int64_t window,
     double scale) {
-  const Problem P = describe(q, k, v, mem_k, causal, window, scale);
+  const auto dims = checks::memory_attention("memory_attention_bwd", q, k, v, mem_k, mem_v, alibi_slopes, window);
+  checks::memory_attention_grads("memory_attention_bwd", dims, q, dout, lse, delta);
+  const Problem P = describe(q, k, v, mem_k, causal, dims.window, scale);
   const auto ct = compute_type(q.scalar_type());
   const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
   const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct), doc = compute_view(dout, ct);

@@ -14,6 +14,7 @@
 // gradient, whose page faults cost more than the arithmetic on a machine with little bandwidth.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -194,6 +195,15 @@ std::tuple<Tensor, Tensor> reversible_coupling(const Tensor& y, const Tensor& fy
 
 Tensor reversible_coupling_(const Tensor& y, const Tensor& fy, Tensor& dy, const Tensor& dgrad) {
   check(y, fy, dy, dgrad);
+  // dy is written while y, fy and dgrad are read, by several threads: no element of dy may be another
+  // element of itself (an expanded view) or of an input (the result would depend on thread timing).
+  TORCH_CHECK(at::has_internal_overlap(dy) != at::MemOverlap::Yes,
+              "reversible_coupling_: dy must not have overlapping elements (an expanded view); pass dy.clone()");
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"y", y}, {"fy", fy}, {"dgrad", dgrad}}) {
+    const auto lap = at::get_overlap_status(dy, t);
+    TORCH_CHECK(lap != at::MemOverlapStatus::Partial && lap != at::MemOverlapStatus::Full,
+                "reversible_coupling_: dy (written in place) must not share memory with ", name);
+  }
   const Tensor yc = y.contiguous(), fc = fy.contiguous(), gc = dgrad.contiguous();
   Tensor x = at::empty(y.sizes(), y.options());
   if (dy.is_contiguous()) {

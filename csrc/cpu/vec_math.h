@@ -11,10 +11,12 @@ namespace longkernels::cpu {
 
 // ---------------------------------------------------------------------------------------------
 // exp: a Cephes-style polynomial that GCC vectorises (std::exp does not); ~1 ulp in float.
-// Inputs are <= 0 here (logit minus running max), and anything below -87 underflows to 0.
+// Inputs are <= 0 here (logit minus running max) but for rounding; anything below -87 underflows to
+// 0, anything above 88 is clamped there (a finite result: callers clamp probabilities to 1), and a NaN
+// stays NaN (std::max/min return their first argument when a comparison with NaN fails).
 // ---------------------------------------------------------------------------------------------
 __attribute__((always_inline)) inline float exp_approx(float x) {
-  const float xc = std::max(x, -87.0f);
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
   // Round x * log2(e) to the nearest integer with the 1.5 * 2^23 trick: plain adds, so the loop
   // vectorises on every ISA (nearbyint/floor become library calls on baseline x86-64).
   const float shifter = 12582912.0f;

@@ -53,6 +53,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/op_checks.h"
+
 namespace longkernels::gpu {
 namespace {
 
@@ -251,22 +253,11 @@ __global__ void __launch_bounds__(kThreads) hash_sort_kernel(const HashSortParam
 std::tuple<Tensor, Tensor> lsh_hash_sort(const Tensor& qk, const Tensor& rotations,
                                          const std::optional<Tensor>& key_padding_mask, int64_t n_buckets,
                                          int64_t padded_len) {
-  TORCH_CHECK(qk.is_cuda() && qk.dim() == 4, "lsh_hash_sort (CUDA): qk must be a 4-D CUDA tensor");
+  checks::lsh_hash_sort("lsh_hash_sort", qk, rotations, key_padding_mask, n_buckets, padded_len);
+  TORCH_CHECK(qk.is_cuda(), "lsh_hash_sort (CUDA): qk must be a CUDA tensor");
+  TORCH_CHECK(rotations.scalar_type() == at::kFloat, "lsh_hash_sort (CUDA): rotations must be float32");
+  TORCH_CHECK(padded_len < INT_MAX - kThreads, "lsh_hash_sort (CUDA): padded_len must fit in int32, got ", padded_len);
   const int64_t B = qk.size(0), H = qk.size(1), L = qk.size(2), D = qk.size(3);
-  TORCH_CHECK(rotations.device() == qk.device() && rotations.dim() == 4 && rotations.scalar_type() == at::kFloat,
-              "lsh_hash_sort (CUDA): rotations must be a 4-D float32 tensor on ", qk.device());
-  TORCH_CHECK(n_buckets >= 2 && n_buckets % 2 == 0 && n_buckets < INT_MAX,
-              "lsh_hash_sort (CUDA): n_buckets must be even and >= 2, got ", n_buckets);
-  TORCH_CHECK(rotations.size(0) == H && rotations.size(1) == D && rotations.size(3) == n_buckets / 2,
-              "lsh_hash_sort (CUDA): rotations must have shape (H, D, n_hashes, n_buckets / 2)");
-  TORCH_CHECK(padded_len >= L && padded_len < INT_MAX - kThreads,
-              "lsh_hash_sort (CUDA): padded_len must be >= L and fit in int32, got ", padded_len);
-  if (key_padding_mask.has_value()) {
-    const Tensor& m = *key_padding_mask;
-    TORCH_CHECK(m.device() == qk.device() && m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B &&
-                    m.size(1) == L,
-                "lsh_hash_sort (CUDA): key_padding_mask must be a (B, L) bool tensor on ", qk.device());
-  }
   const c10::cuda::CUDAGuard guard(qk.device());
   const int64_t n_hashes = rotations.size(2);
   const int64_t n_blocks = B * H * n_hashes;

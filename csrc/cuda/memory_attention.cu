@@ -36,6 +36,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/op_checks.h"
 #include "cuda/memory_attention_schedule.h"
 
 namespace longkernels::gpu {
@@ -119,13 +120,28 @@ __device__ void load_tile(acc_t* dst, int ld, const scalar_t* src, int64_t sl, i
       dst[r * ld + c] = r < valid ? static_cast<acc_t>(src[r * sl + c * sd]) : acc_t(0);
 }
 
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+// A NaN wins (x != x keeps it; a comparison with a NaN y fails and takes y): a NaN logit must reach its
+// row, as in the reference's softmax.
+template <typename T>
+__device__ __forceinline__ T nan_max(T x, T y) {
+  return (x != x || x > y) ? x : y;
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_max(T x) {
-  for (int o = kWarp / 2; o > 0; o /= 2) {
-    const T y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = x > y ? x : y;
-  }
+  for (int o = kWarp / 2; o > 0; o /= 2) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
+}
+
+// exp(logit - lse) in the backward, at most 1: recomputed from the LSE it can round above 1 where logits
+// are huge; the comparison keeps a NaN a NaN.
+template <typename T>
+__device__ __forceinline__ T prob(T x) {
+  const T p = exp_acc(x);
+  return p > T(1) ? T(1) : p;
 }
 
 template <typename T>
@@ -134,8 +150,6 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
@@ -244,7 +258,7 @@ __global__ void __launch_bounds__(kQWarps * kWarp) fwd_kernel(const Params<scala
         acc_t x = s[r] * p.scale - slope * static_cast<acc_t>(p.M + i - j);
         if (masked && !(lane < bk && tiles::visible(g, i, j))) x = neg_inf<acc_t>();
         const acc_t x_max = warp_max(x);
-        const acc_t m_new = m[r] > x_max ? m[r] : x_max;
+        const acc_t m_new = nan_max(m[r], x_max);
         // A row that has seen nothing yet (m_new = -inf) gets p = 0 and keeps o = l = 0,
         // instead of exp(-inf - -inf) = NaN.
         const acc_t m_use = m_new == neg_inf<acc_t>() ? acc_t(0) : m_new;
@@ -383,9 +397,11 @@ __global__ void __launch_bounds__(kQWarps * kWarp) dq_kernel(const Params<scalar
       for (int r = 0; r < kRows; ++r) {
         const int64_t i = i0 + warp * kRows + r;
         const acc_t x = s[r] * p.scale - slope * static_cast<acc_t>(p.M + i - j);
-        acc_t pr = exp_acc(x - lse_r[r]);
-        if (masked && !(lane < bk && tiles::visible(g, i, j))) pr = 0;
-        ds_rows[r * kBK + lane] = pr * (dp[r] - delta_r[r]);
+        // Hidden pairs get exact zeros, not 0 * (dp - delta): a NaN row (NaN delta) must not reach
+        // keys it does not see.
+        const bool hidden = masked && !(lane < bk && tiles::visible(g, i, j));
+        const acc_t pr = hidden ? acc_t(0) : prob(x - lse_r[r]);
+        ds_rows[r * kBK + lane] = hidden ? acc_t(0) : pr * (dp[r] - delta_r[r]);
       }
       __syncwarp();  // dS rows are private to the warp
 
@@ -512,10 +528,10 @@ __global__ void __launch_bounds__(kv_warps<scalar_t>() * kWarp, kv_min_blocks<sc
       for (int r = 0; r < kKRows; ++r) {
         const int64_t j = a0 + warp * kKRows + r;
         const acc_t x = s[r] * p.scale - slope * static_cast<acc_t>(p.M + i - j);
-        acc_t pr = exp_acc(x - lse_i);
-        if (masked && !(lane < bq && tiles::visible(g, i, j))) pr = 0;
+        const bool hidden = masked && !(lane < bq && tiles::visible(g, i, j));  // exact zeros, as in dq
+        const acc_t pr = hidden ? acc_t(0) : prob(x - lse_i);
         p_rows[r * kBQkv + lane] = pr;
-        ds_rows[r * kBQkv + lane] = pr * (dp[r] - delta_i);
+        ds_rows[r * kBQkv + lane] = hidden ? acc_t(0) : pr * (dp[r] - delta_i);
       }
       __syncwarp();  // P^T and dS^T rows are private to the warp
 
@@ -591,18 +607,17 @@ void launch(Kernel kernel, int64_t blocks, int threads, int64_t smem_bytes, cons
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, const Tensor& mem_v) {
-  for (const Tensor* t : {&q, &k, &v, &mem_k, &mem_v}) {
-    TORCH_CHECK(t->is_cuda() && t->device() == q.device(), "memory_attention (CUDA): all tensors must be on ",
-                q.device());
-    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == q.scalar_type(),
-                "memory_attention (CUDA): q, k, v, mem_k, mem_v must be 4-D tensors of one dtype");
-  }
-  const int64_t D = q.size(3), Dv = v.size(3);
-  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim && Dv >= 1 && Dv <= kMaxHeadDim,
-              "memory_attention (CUDA): head dims must be in [1, ", kMaxHeadDim, "], got D=", D, ", Dv=", Dv);
-  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
-              "memory_attention (CUDA): query heads must be a multiple of kv heads");
+// The shared checks (common/op_checks.h), then what these kernels add: CUDA tensors, head dims their
+// register tiles hold. The window in the result is the one the kernels use (0 for one that hides nothing).
+checks::MemoryAttentionDims check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const Tensor& mem_k, const Tensor& mem_v,
+                                         const std::optional<Tensor>& alibi, int64_t window) {
+  const auto d = checks::memory_attention(op, q, k, v, mem_k, mem_v, alibi, window);
+  TORCH_CHECK(q.is_cuda(), op, " (CUDA): tensors must be on a CUDA device, got ", q.device());
+  TORCH_CHECK(d.D <= kMaxHeadDim && d.Dv <= kMaxHeadDim, op, " (CUDA): head dims must be in [1, ", kMaxHeadDim,
+              "], got D=", d.D, ", Dv=", d.Dv);
+  TORCH_CHECK(d.N <= INT_MAX && d.M <= INT_MAX, op, " (CUDA): lengths beyond int32 are not supported");
+  return d;
 }
 
 template <typename scalar_t>
@@ -631,15 +646,13 @@ Params<scalar_t> make_params(const Tensor& q, const Tensor& k, const Tensor& v, 
 
 Tensor slopes_for(const std::optional<Tensor>& alibi, const Tensor& q, at::ScalarType acc) {
   if (!alibi.has_value()) return Tensor();
-  TORCH_CHECK(alibi->device() == q.device() && alibi->numel() == q.size(1),
-              "memory_attention (CUDA): alibi_slopes must have shape (H,) on ", q.device());
   return alibi->to(acc).contiguous();
 }
 
 std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k,
                                                 const Tensor& mem_v, const std::optional<Tensor>& alibi_slopes,
                                                 bool causal, int64_t window, double scale) {
-  check_inputs(q, k, v, mem_k, mem_v);
+  window = check_inputs("memory_attention_fwd", q, k, v, mem_k, mem_v, alibi_slopes, window).window;
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dv = v.size(3);
   const auto acc = acc_dtype(q.scalar_type());
@@ -664,9 +677,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, const Tensor& mem_v,
     const std::optional<Tensor>& alibi_slopes, const Tensor& lse, const Tensor& delta, bool causal, int64_t window,
     double scale) {
-  check_inputs(q, k, v, mem_k, mem_v);
-  TORCH_CHECK(dout.is_cuda() && dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}),
-              "memory_attention (CUDA): dout must be a CUDA tensor of shape (B, H, N, Dv)");
+  const auto dims = check_inputs("memory_attention_bwd", q, k, v, mem_k, mem_v, alibi_slopes, window);
+  checks::memory_attention_grads("memory_attention_bwd", dims, q, dout, lse, delta);
+  window = dims.window;
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Hkv = k.size(1), M = mem_k.size(2);
   const auto acc = acc_dtype(q.scalar_type());

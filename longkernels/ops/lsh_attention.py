@@ -181,6 +181,8 @@ def _bwd_fake(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, out, dlse, 
 @torch.library.custom_op("longkernels::lsh_hash_sort_torch", mutates_args=())
 def _torch_hash_sort(qk: torch.Tensor, rotations: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                      n_buckets: int, padded_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton_kernels import checks
+    checks.lsh_hash_sort("lsh_hash_sort_torch", qk, rotations, key_padding_mask, n_buckets, padded_len)
     B, H, L, _ = qk.shape
     pad = padding_mask(B, L, padded_len, key_padding_mask, qk.device)
     qk_p = torch.nn.functional.pad(qk.detach().float(), (0, 0, 0, padded_len - L))
@@ -194,7 +196,9 @@ def _torch_hash_sort(qk: torch.Tensor, rotations: torch.Tensor, key_padding_mask
 def _triton_fwd(qk: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                 chunk_size: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..triton_kernels import lsh_attention as tk
+    from ..triton_kernels import checks, lsh_attention as tk
+    checks.lsh_attention("lsh_attention_fwd_triton", qk, v, perm, key_padding_mask, chunk_size, n_chunks_before,
+                         n_chunks_after)
     return tk.lsh_attention_fwd(qk, v, perm, key_padding_mask, chunk_size, n_chunks_before, n_chunks_after,
                                 causal, scale)
 
@@ -210,7 +214,12 @@ def _triton_bwd(dout: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, perm: tor
                 key_padding_mask: Optional[torch.Tensor], lse_max: torch.Tensor, lse_log: torch.Tensor,
                 out: torch.Tensor, dlse: Optional[torch.Tensor], chunk_size: int, n_chunks_before: int,
                 n_chunks_after: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..triton_kernels import lsh_attention as tk
+    from ..triton_kernels import checks, lsh_attention as tk
+    op = "lsh_attention_bwd_triton"
+    checks.lsh_attention(op, qk, v, perm, key_padding_mask, chunk_size, n_chunks_before, n_chunks_after)
+    checks.lsh_attention_grads(op, qk, v, dout, lse_max, lse_log, dlse)
+    checks.floating(op, "out", out, 4, qk.device)
+    checks.shape(op, "out", out, dout.shape)
     delta = _delta(dout, out, dlse, lse_max.dtype)
     dq, dk, dv = tk.lsh_attention_bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, delta, chunk_size,
                                       n_chunks_before, n_chunks_after, causal, scale)

@@ -156,7 +156,8 @@ def _bwd_fake(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, win
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
                 alibi_slopes: Optional[torch.Tensor], causal: bool, window: int,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..triton_kernels import memory_attention as tk
+    from ..triton_kernels import checks, memory_attention as tk
+    window = checks.memory_attention("memory_attention_fwd_triton", q, k, v, mem_k, mem_v, alibi_slopes, window)
     return tk.memory_attention_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale)
 
 
@@ -165,7 +166,10 @@ def _triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                 mem_v: torch.Tensor, alibi_slopes: Optional[torch.Tensor], lse: torch.Tensor, delta: torch.Tensor,
                 causal: bool, window: int, scale: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..triton_kernels import memory_attention as tk
+    from ..triton_kernels import checks, memory_attention as tk
+    op = "memory_attention_bwd_triton"
+    window = checks.memory_attention(op, q, k, v, mem_k, mem_v, alibi_slopes, window)
+    checks.memory_attention_grads(op, q, k, v, dout, lse, delta)
     return tk.memory_attention_bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale)
 
 

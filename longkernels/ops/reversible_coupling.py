@@ -83,13 +83,15 @@ def _fake_(y, fy, dy, dgrad):
 @torch.library.custom_op("longkernels::reversible_coupling_triton", mutates_args=())
 def _triton_coupling(y: torch.Tensor, fy: torch.Tensor, dy: torch.Tensor,
                      dgrad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..triton_kernels import reversible_coupling as tk
+    from ..triton_kernels import checks, reversible_coupling as tk
+    checks.reversible_coupling("reversible_coupling_triton", y, fy, dy, dgrad, inplace=False)
     return tk.reversible_coupling(y, fy, dy, dgrad)
 
 
 @torch.library.custom_op("longkernels::reversible_coupling_triton_", mutates_args=("dy",))
 def _triton_coupling_(y: torch.Tensor, fy: torch.Tensor, dy: torch.Tensor, dgrad: torch.Tensor) -> torch.Tensor:
-    from ..triton_kernels import reversible_coupling as tk
+    from ..triton_kernels import checks, reversible_coupling as tk
+    checks.reversible_coupling("reversible_coupling_triton_", y, fy, dy, dgrad, inplace=True)
     return tk.reversible_coupling_(y, fy, dy, dgrad)
 
 
@@ -120,6 +122,15 @@ def reversible_coupling(y: torch.Tensor, fy: torch.Tensor, dy: torch.Tensor, dgr
         ``dy + dgrad.to(dy.dtype)`` (``dy`` itself when ``inplace``).
     """
     validate(y, fy, dy, dgrad)
+    if inplace and not torch.compiler.is_compiling():  # traced: the op checks at run time (C++, Triton body)
+        from ..triton_kernels.checks import shares_memory
+
+        if shares_memory(dy, dy, internal=True):
+            raise ValueError("dy (written in place) must not have overlapping elements (an expanded view); "
+                             "pass dy.clone() or inplace=False")
+        for name, t in (("y", y), ("fy", fy), ("dgrad", dgrad)):
+            if shares_memory(dy, t):
+                raise ValueError(f"dy (written in place) must not share memory with {name}; pass inplace=False")
     name = choose_backend(y, backend)
     if name == "torch":
         x = y - fy.to(y.dtype)
