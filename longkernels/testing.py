@@ -17,6 +17,7 @@ Tolerances live here and only here.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Optional
 
 import torch
@@ -26,6 +27,12 @@ LOWP_FACTOR = 2.0
 # Relative-norm floors: a few units of the dtype's rounding (2^-24, 2^-8, 2^-11) times a safety
 # factor for accumulation order in the tile products (float32 logits over D up to 128).
 LOWP_FLOOR = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def case_seed(*parts) -> int:
+    """A seed from a case's id (its parts' reprs): the same in every run and process (Python's ``hash`` of a
+    string is salted per process), different for different cases. Tests print it on failure."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

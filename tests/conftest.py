@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Triton kernels run on CPU tensors under the interpreter; it must be switched on before triton is
@@ -8,3 +9,33 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def _id_seed(item) -> int:
+    from longkernels.testing import case_seed
+    return case_seed(item.nodeid)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A seed made of the test's id (longkernels.testing.case_seed): the same in every run and process,
+    different for every case."""
+    return _id_seed(request.node)
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng(request):
+    """Every test starts with torch's global RNG seeded from its id, so draws it does not seed itself are
+    reproducible too; a failure prints the seed (below)."""
+    torch.manual_seed(_id_seed(request.node))
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("seed", f"torch's global RNG (and the `seed` fixture) started from "
+                                        f"{_id_seed(item)} = case_seed({item.nodeid!r}); cases that seed "
+                                        "their own draws print those seeds in the assertion"))

@@ -1,7 +1,7 @@
 """LSH attention: every backend against the reference (docs/semantics.md §2).
 
-Inputs are drawn fresh per run (the seed comes from Python's per-process string hashing, as in
-test_memory_attention.py) and printed on failure. Tolerances: longkernels/testing.py.
+Inputs are drawn from a seed made of the case's id (``longkernels.testing.case_seed``: the same in every
+run, different per case) and printed on failure. Tolerances: longkernels/testing.py.
 """
 import math
 
@@ -14,7 +14,7 @@ from longkernels.ops import lsh_attention as lsh_ops
 from longkernels.reference import lsh_attention as reference
 from longkernels.reference.lsh_attention import (default_n_buckets, lsh_hash, lsh_sort, normalize_keys,
                                                  padded_length, padding_mask)
-from longkernels.testing import LSHCase, compare_lsh, make_lsh_inputs, rel_err, run_lsh
+from longkernels.testing import LSHCase, case_seed, compare_lsh, make_lsh_inputs, rel_err, run_lsh
 
 from conftest import HAS_CUDA
 
@@ -40,7 +40,7 @@ TRITON_CASES = [CASES[i] for i in (0, 2, 4, 5, 8)]
 
 
 def _seed(*key):
-    return hash(key) % 2**31
+    return case_seed(*key)
 
 
 def _check(case, backend, dtype, **kw):

@@ -12,7 +12,7 @@ import longkernels
 from longkernels import _ext
 import longkernels.ops.memory_attention as ops_ma
 from longkernels.ops.memory_attention import choose_backend, not_supported_reasons
-from longkernels.testing import Case, compare, make_inputs, run
+from longkernels.testing import Case, case_seed, compare, make_inputs, run
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -45,9 +45,10 @@ BIG_CASES = [
 
 
 def _check(case, backend, dtype, device="cpu"):
-    rows = compare(case, backend, dtype, device=device, seed=hash((case, str(dtype))) % 2**31)
+    seed = case_seed(case, str(dtype), backend, os.environ.get("LONGKERNELS_CPU_TILES"))
+    rows = compare(case, backend, dtype, device=device, seed=seed)
     bad = [f"{name}: err {err:.2e} > {allowed:.2e}" for name, err, allowed, ok in rows if not ok]
-    assert not bad, f"{backend} {dtype} {case.describe()}: " + "; ".join(bad)
+    assert not bad, f"{backend} {dtype} {case.describe()} (seed {seed}): " + "; ".join(bad)
 
 
 def test_extension_is_built():

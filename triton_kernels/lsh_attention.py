@@ -361,6 +361,7 @@ def _dkdv_kernel(
         s_t, is_self = _mask_logits(s_t, pq, pk, key_ok, CAUSAL, True)
         # lse_max first: exact for rows whose logits sit near -1e5.
         p_t = tl.exp((s_t - lm[None, :]) - ll[None, :])
+        p_t = tl.where(p_t > 1.0, 1.0, p_t)  # at most 1 (rounding of the saved statistics); NaN stays NaN
         dv += tl.dot(p_t, do, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = tl.where(is_self, 0.0, p_t * (dp_t - delta[None, :]))
@@ -439,6 +440,7 @@ def _dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         s, is_self = _mask_logits(s, pq, pk, key_ok, CAUSAL, False)
         p = tl.exp((s - lm[:, None]) - ll[:, None])
+        p = tl.where(p > 1.0, 1.0, p)  # as in _dkdv_kernel
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = tl.where(is_self, 0.0, p * (dp - delta[:, None]))
         dq += tl.dot(ds, k, input_precision=DOT_PREC)
@@ -486,20 +488,6 @@ def _compute_dtype(v: torch.Tensor) -> torch.dtype:
     return torch.float64 if v.dtype == torch.float64 else torch.float32
 
 
-def _check(qk, v, perm, key_padding_mask, chunk_size):
-    B, H, L, D = qk.shape
-    if v.shape[:3] != (B, H, L):
-        raise ValueError(f"v {tuple(v.shape)} does not match qk {tuple(qk.shape)}")
-    if perm.dim() != 4 or perm.shape[:2] != (B, H) or perm.dtype != torch.int32:
-        raise ValueError(f"perm must be int32 (B, H, n_hashes, Lp), got {perm.dtype} {tuple(perm.shape)}")
-    Lp = perm.shape[3]
-    if chunk_size <= 0 or Lp % chunk_size != 0 or Lp < L:
-        raise ValueError(f"padded length {Lp} must be a multiple of chunk_size {chunk_size} and >= L = {L}")
-    if key_padding_mask is not None and (key_padding_mask.shape != (B, L) or key_padding_mask.dtype != torch.bool):
-        raise ValueError(f"key_padding_mask must be bool (B, L), got {key_padding_mask.dtype} "
-                         f"{tuple(key_padding_mask.shape)}")
-
-
 def _common(qk, v, perm, key_padding_mask, chunk_size, n_chunks_before, n_chunks_after, causal, scale):
     """Kernel arguments shared by the three attention kernels: (leading tensors, strides, ints, meta)."""
     B, H, L, D = qk.shape
@@ -533,7 +521,6 @@ def lsh_attention_fwd(qk, v, perm, key_padding_mask, chunk_size: int, n_chunks_b
 
     lse = lse_max + lse_log is the log-sum-exp over all rounds' windows; kept as two parts.
     """
-    _check(qk, v, perm, key_padding_mask, chunk_size)
     B, H, L, D = qk.shape
     Dv = v.shape[-1]
     NH = perm.shape[2]
@@ -568,7 +555,6 @@ def lsh_attention_bwd(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, del
     """(dq (B, H, L, D), dk (B, H, L, D), dv (B, H, L, Dv)), contiguous, in the compute dtype, summed over
     rounds. dq: through qk as queries; dk: w.r.t. the normalised keys (the chain through the
     normalisation is the caller's); delta = rowsum(dout * out) - dlse."""
-    _check(qk, v, perm, key_padding_mask, chunk_size)
     B, H, L, D = qk.shape
     Dv = v.shape[-1]
     NH = perm.shape[2]

@@ -65,6 +65,14 @@ def _exp(x, EXP2: tl.constexpr):
 
 
 @triton.jit
+def _prob(x, EXP2: tl.constexpr):
+    """exp(logit - lse) in the backward, at most 1: recomputed from the LSE it can round above 1 where
+    logits are huge (the LSE's last bit worth more than 1); the comparison keeps a NaN a NaN."""
+    p = _exp(x, EXP2)
+    return tl.where(p > 1.0, 1.0, p)
+
+
+@triton.jit
 def _dot(a, b, DOT_PREC: tl.constexpr):
     if _BF16_DOT_IN_F32:
         if a.dtype == tl.bfloat16:
@@ -348,17 +356,20 @@ def _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, stride_qn, stride_qd, stride_do
         s_t = _dot(k, tl.trans(q), DOT_PREC) * qk_scale
         if HAS_ALIBI:
             s_t -= slope * (qpos[None, :] - kpos[:, None]).to(s_t.dtype)
+        p_t = _prob(s_t - lse[None, :], EXP2)
+        dp_t = _dot(v, tl.trans(do), DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
         if MASKED:
+            # Exact zeros on hidden pairs (after the exp, not -inf before it): a row whose LSE or delta
+            # is NaN must not reach the keys it does not see.
             vis = row_ok[None, :]
             if CAUSAL:
                 vis = vis & (kpos[:, None] <= qpos[None, :])
             if HAS_WINDOW:
                 vis = vis & (kpos[:, None] > qpos[None, :] - window)
-            s_t = tl.where(vis, s_t, _NEG_INF)
-        p_t = _exp(s_t - lse[None, :], EXP2)
+            p_t = tl.where(vis, p_t, 0.0)
+            ds_t = tl.where(vis, ds_t, 0.0)
         dv += _dot(p_t.to(do.dtype), do, DOT_PREC)
-        dp_t = _dot(v, tl.trans(do), DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q, DOT_PREC)
         q_ptrs += BLOCK_M * stride_qn
         do_ptrs += BLOCK_M * stride_don
@@ -521,7 +532,7 @@ def _dq_stage(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stri
         v = _load_rows(v_ptrs, jl < L, offs_dv, HEAD_DV, BLOCK_DV, MASKED)
         s = _scores(q, tl.trans(k), qk_scale, slope, qpos, rs + jl, jl, L, window,
                     MASKED, CAUSAL, HAS_WINDOW, HAS_ALIBI, DOT_PREC)
-        p = _exp(s - lse[:, None], EXP2)
+        p = _prob(s - lse[:, None], EXP2)
         dp = _dot(do, tl.trans(v), DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, DOT_PREC)
