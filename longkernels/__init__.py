@@ -8,9 +8,10 @@ from . import _ext
 from . import nn, reference
 from .ops.lsh_attention import lsh_attention
 from .ops.memory_attention import memory_attention
+from .ops.reversible_coupling import reversible_coupling
 from .reversible import ReversibleBlock, ReversibleSequence
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["lsh_attention", "memory_attention", "nn", "reference", "ReversibleBlock", "ReversibleSequence",
-           "__version__"]
+__all__ = ["lsh_attention", "memory_attention", "nn", "reference", "reversible_coupling", "ReversibleBlock",
+           "ReversibleSequence", "__version__"]

@@ -73,6 +73,14 @@ class Progress:
         self.done += work
         self._show()
 
+    def clear(self) -> None:
+        """Erases the progress line on a terminal (before other output goes to the screen); the next update
+        draws it again."""
+        if self.tty and self._drawn:
+            self.stream.write("\r" + " " * 118 + "\r")
+            self.stream.flush()
+            self._drawn = False
+
     def write(self, text: str) -> None:
         """A message on its own line (above the progress line on a terminal)."""
         if self.tty and self._drawn:

@@ -83,13 +83,14 @@ def test_check_unknown_op(capsys):
 def test_info_lists_lsh(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "backends for lsh_attention:" in out
-    section = out.split("backends for lsh_attention:")[1]
+    assert "\nlsh_attention:" in out
+    section = out.split("\nlsh_attention:")[1].split("\nreversible_coupling:")[0]
     for backend in ("cpu", "triton", "reference"):
         assert any(line.split()[1:2] == [backend] for line in section.splitlines() if line.strip()), section
-    assert "hash+sort" in section
-    for op in ("lsh_hash_sort", "lsh_attention_fwd", "lsh_attention_bwd"):
-        assert op in section
+    assert "a call gets: " + ("cpu" if _available("cpu") else "reference") in section
+    assert "hash+sort" in out
+    for op in ("lsh_hash_sort", "lsh_attention_fwd", "lsh_attention_bwd", "lsh_attention_fwd_triton"):
+        assert op in out.split("torch ops:")[1].splitlines()[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
