@@ -1,12 +1,18 @@
-# The two commands of the README:
-#   make test   sets up the test extras and runs the whole suite (C++ ctest, CUDA compile check, pytest)
-#   make bench  sets up and runs the parity report and the benchmarks on this machine
+# The README's commands:
+#   make test        sets up the test extras and runs the whole suite (C++ ctest, CUDA compile check, pytest)
+#   make bench       sets up, prints `longkernels info`, runs `longkernels check`, then the representative
+#                    benchmarks (under 10 minutes on a 2-core CPU); results in ./longkernels-bench/
+#   make bench-full  the same with the whole sweep (an hour or more on a 2-core CPU)
+#   make gpu-check   on a machine with a GPU: build for it, GPU tests, check and benchmarks on CUDA tensors
+#   make dist-check  builds the sdist and builds the package from it in a fresh folder
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 CMAKE_BUILD := build/cmake
+BENCH_OUT ?= longkernels-bench
 
-.PHONY: setup-build setup setup-test setup-bench test test-python test-cpp cuda-check check bench clean
+.PHONY: setup-build setup setup-test setup-bench test test-python test-cpp cuda-check check bench bench-full \
+	gpu-check dist-check clean
 
 # torch is installed only when none is: a CUDA build already present is kept as it is. The build
 # runs without isolation, against that torch (isolation would fetch another one).
@@ -44,7 +50,19 @@ check: setup-test
 bench: setup-bench
 	$(PYTHON) -m longkernels info
 	$(PYTHON) -m longkernels check
-	$(PYTHON) -m longkernels bench
+	$(PYTHON) -m longkernels bench --out $(BENCH_OUT)
+
+bench-full: setup-bench
+	$(PYTHON) -m longkernels info
+	$(PYTHON) -m longkernels check
+	$(PYTHON) -m longkernels bench --full --out $(BENCH_OUT)
+
+# No setup step: a GPU machine has torch, triton, nvcc and ninja, and no network; the script builds in place.
+gpu-check:
+	bash .ci/gpu_check.sh
+
+dist-check:
+	bash .ci/dist_check.sh
 
 clean:
-	rm -rf build $(CMAKE_BUILD) longkernels/_C*.so *.egg-info
+	rm -rf build $(CMAKE_BUILD) dist longkernels/_C*.so longkernels/_built_with.py *.egg-info

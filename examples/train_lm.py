@@ -15,9 +15,12 @@ Each configuration trains in its own process (so its peak resident memory is its
 same seed and data: by default memory attention, reversible and plain, with and without memory.
 Prints a table and writes JSON (and a PNG of the loss curves when matplotlib is installed).
 
+    python examples/train_lm.py --quick                 # a smaller model and fewer steps: under 3 minutes
     python examples/train_lm.py                         # both tasks, the default configurations
     python examples/train_lm.py --task recall --steps 300 --configs rev-mem,rev-nomem
-    python examples/train_lm.py --task text --steps 200 --out bench/results/train_lm_mybox.json
+    python examples/train_lm.py --task text --steps 200 --out results/train_lm_mybox.json
+
+Results go to ./longkernels-bench/train_lm_<machine>.json (and .png) unless --out says otherwise.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import resource
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +40,7 @@ import torch
 from torch.nn import functional as F
 
 import longkernels
+from longkernels._progress import Progress, format_seconds
 from longkernels.nn import LongContextLM
 
 CONFIGS = {  # name: (reversible, use memory)
@@ -198,12 +203,8 @@ def worker(args) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 50))
     gen = torch.Generator().manual_seed(args.seed)
     history, tokens, train_time = [], 0, 0.0
-    try:
-        from tqdm import tqdm
-        bar = tqdm(range(args.steps), desc=f"{args.task} {args.config}", leave=False, disable=args.no_progress)
-    except ImportError:
-        bar = range(args.steps)
-    for step in bar:
+    progress = Progress(args.steps, label=f"{args.task} {args.config}", enabled=not args.no_progress, interval=10)
+    for step in range(args.steps):
         x, y, w, _ = data.batch(args.batch, gen)
         t0 = time.perf_counter()
         nll, _ = run_sequence(model, x, y, w, use_memory, args.seg_len, opt)
@@ -211,10 +212,11 @@ def worker(args) -> dict:
         sched.step()
         tokens += x.numel()
         loss = float((nll * w).sum() / w.sum())
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / train_time:.0f}")
+        progress.describe(f"step {step + 1}/{args.steps} loss {loss:.3f} {tokens / train_time:.0f} tokens/s")
+        progress.update()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             history.append({"step": step + 1, "train_loss": loss, **evaluate(model, data, args, use_memory)})
+    progress.close()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"task": args.task, "config": args.config, "reversible": reversible, "memory": use_memory,
             "tokens_per_s": tokens / train_time, "train_seconds": train_time, "peak_rss_bytes": peak_rss,
@@ -224,32 +226,55 @@ def worker(args) -> dict:
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
-def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--task", choices=["text", "recall", "both"], default="both")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {list(CONFIGS)}")
-    p.add_argument("--steps", type=int, default=300, help="training sequences per configuration")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seg-len", type=int, default=64, help="tokens per segment")
-    p.add_argument("--segments", type=int, default=4, help="segments per training sequence")
+QUICK = dict(steps=150, batch=8, dim=64, eval_every=50, eval_batches=2, text_mb=2)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="a short run (150 steps, batch 8, dim 64, 2 MB of text): both tasks in under 3 minutes on "
+                        "2 cores; flags given explicitly still win")
+    p.add_argument("--task", choices=["text", "recall", "both"], default="both",
+                   help="text: bits per byte on standard-library source; recall: answers stored in earlier "
+                        "segments (default both)")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"comma list of configurations, of {list(CONFIGS)}: reversible or plain stack, with or "
+                        "without memory (default all)")
+    p.add_argument("--steps", type=int, default=300, help="training sequences per configuration (default 300)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
+    p.add_argument("--seg-len", type=int, default=64, help="tokens per segment (default 64)")
+    p.add_argument("--segments", type=int, default=4, help="segments per training sequence (default 4)")
     p.add_argument("--mem-len", type=int, default=None,
                    help="memory of each layer, in tokens (default: the earlier segments, (segments - 1) * seg-len)")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ff-chunks", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--text-mb", type=int, default=8, help="MB of standard-library source to read")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/train_lm_<machine>.json)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dim", type=int, default=128, help="model width (default 128)")
+    p.add_argument("--depth", type=int, default=2, help="blocks (default 2)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--ff-chunks", type=int, default=2, help="chunks of the feed-forward's sequence (default 2)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout in the blocks (default 0)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, 50 warm-up steps (default 2e-3)")
+    p.add_argument("--text-mb", type=int, default=8, help="MB of standard-library source to read (default 8)")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations (default 50)")
+    p.add_argument("--eval-batches", type=int, default=8, help="batches per evaluation (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data, the same for every configuration")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help=f"torch threads (default {torch.get_num_threads()})")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default ./longkernels-bench/train_lm_<machine>.json); a PNG goes beside it")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.add_argument("--config", help=argparse.SUPPRESS)  # worker mode: run one configuration
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    return p
+
+
+def parse(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
+    if args.quick:
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
+        for name, value in QUICK.items():
+            if name not in given:
+                setattr(args, name, value)
     for name in ("steps", "batch", "seg_len", "segments", "dim", "depth", "heads", "eval_every", "eval_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -273,17 +298,23 @@ def main(argv=None):
     from longkernels._machine import cpu_model
     machine = cpu_model()
     results = []
-    out_dir = Path(args.out).parent if args.out else Path(__file__).resolve().parent.parent / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = machine.lower().replace(" ", "-")
+    out = Path(args.out) if args.out else Path("longkernels-bench") / f"train_lm_{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
-    for task in tasks:
-        for config in configs:
-            tmp = out_dir / f".train_lm_{task}_{config}.json"
+    runs = [(task, config) for task in tasks for config in configs]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        for i, (task, config) in enumerate(runs):
+            if i and not args.no_progress:
+                elapsed = time.perf_counter() - start
+                print(f"[{i}/{len(runs)} runs done in {format_seconds(elapsed)}, "
+                      f"~{format_seconds(elapsed / i * (len(runs) - i))} left]", file=sys.stderr, flush=True)
+            tmp = Path(tmp_dir) / f"train_lm_{task}_{config}.json"
             cmd = [sys.executable, __file__, *passthrough, "--task", task, "--config", config,
                    "--worker-out", str(tmp)]
             subprocess.run(cmd, check=True)
             results.append(json.loads(tmp.read_text()))
-            tmp.unlink()
     print(f"\nLongContextLM (memory attention), dim {args.dim}, depth {args.depth}, segments {args.segments} x "
           f"{args.seg_len}, mem_len {args.mem_len}, batch {args.batch}, {args.steps} steps, {machine}, "
           f"{args.threads} threads")
@@ -298,8 +329,6 @@ def main(argv=None):
               f"{r['tokens_per_s']:9.0f} {r['peak_rss_bytes'] / 2**20:8.0f}M")
     if any(r["task"] == "recall" for r in results):
         print(f"(chance on recall: {1 / 8:.3f})")
-    slug = machine.lower().replace(" ", "-")
-    out = Path(args.out) if args.out else out_dir / f"train_lm_{slug}.json"
     meta = {"machine": machine, "torch": torch.__version__, "longkernels": longkernels.__version__,
             "args": {k: v for k, v in vars(args).items() if k not in ("config", "worker_out", "out")}}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -37,12 +37,29 @@ def test_train_lm_example_runs(tmp_path):
     assert "remote" in proc.stdout and "wrote" in proc.stdout
 
 
-def test_recall_data_marks_remote_answers():
+def _module():
     sys.path.insert(0, str(EXAMPLE.parent))
     try:
         import train_lm
     finally:
         sys.path.pop(0)
+    return train_lm
+
+
+def test_every_flag_has_help_and_quick_is_small():
+    train_lm = _module()
+    parser = train_lm.make_parser()
+    for action in parser._actions:
+        if action.help is not None and action.help != "==SUPPRESS==":
+            assert action.help.strip(), action.option_strings
+        elif action.help is None:
+            raise AssertionError(f"{action.option_strings} has no help text")
+    args = train_lm.parse(["--quick", "--steps", "7"])
+    assert args.steps == 7 and args.dim == train_lm.QUICK["dim"]  # explicit flags win over --quick
+
+
+def test_recall_data_marks_remote_answers():
+    train_lm = _module()
     data = train_lm.RecallData(32, 3)
     x, y, w, remote = data.batch(4, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == w.shape == remote.shape == (4, 96)

@@ -302,3 +302,63 @@ def test_triton_ops_read_nothing_past_their_inputs():
     _lsh_views(ops.lsh_hash_sort_torch, "_triton")
     _coupling_views("reversible_coupling_triton")
     _coupling_views("reversible_coupling_triton_")
+
+
+# --------------------------------------------------------------------------------------------
+# The same on CUDA tensors (the CUDA kernels' checks and the Triton ops on the GPU); the CPU tests above
+# are their twins
+# --------------------------------------------------------------------------------------------
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine); the CPU tests "
+                                                     "above run the same checks on the C++ and interpreter paths")
+CUDA_OPS = ["lsh_hash_sort_torch", "lsh_attention_fwd_triton", "lsh_attention_bwd_triton", "memory_attention_fwd_triton",
+            "memory_attention_bwd_triton", "reversible_coupling_triton", "reversible_coupling_triton_"]
+if _ext.cuda_compiled():
+    CUDA_OPS += ["memory_attention_fwd", "memory_attention_bwd", "lsh_hash_sort"]
+
+
+def _cuda(args):
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", CUDA_OPS)
+def test_cuda_ops_check_their_arguments(name):
+    op, make, bad, _ = OPS[name]
+    op()(**_cuda(make()))  # the valid call runs
+    for what, (key, mutate) in bad.items():
+        args = _cuda(make())
+        args[key] = mutate(args)
+        if isinstance(args[key], torch.Tensor):
+            args[key] = args[key].cuda()
+        with pytest.raises(RuntimeError):
+            op()(**args)
+        torch.cuda.synchronize()  # nothing was launched that could fault later
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_ops_read_nothing_past_their_inputs():
+    # .cuda() of a view copies it densely: the NaN-padded buffers are made on the GPU.
+    def gpu_nan_view(t):
+        shape = [n + 2 for n in t.shape]
+        buf = torch.full(shape, float("nan"), dtype=t.dtype, device="cuda")
+        view = buf[tuple(slice(1, 1 + n) for n in t.shape)]
+        view.copy_(t)
+        return view
+
+    a = {k: gpu_nan_view(v) if isinstance(v, torch.Tensor) else v for k, v in mem_fwd_args().items()}
+    suffixes = ["_triton"] + ([""] if _ext.cuda_compiled() else [])
+    for suffix in suffixes:
+        out, lse = getattr(ops, "memory_attention_fwd" + suffix)(**a)
+        _no_nan((out, lse))
+    h = {k: gpu_nan_view(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else
+         (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in hash_args().items()}
+    _, perm = (ops.lsh_hash_sort if _ext.cuda_compiled() else ops.lsh_hash_sort_torch)(**h)
+    f = lsh_fwd_args()
+    out, lse_max, lse_log = ops.lsh_attention_fwd_triton(gpu_nan_view(f["qk"]), gpu_nan_view(f["v"]), perm,
+                                                         h["key_padding_mask"], C, 1, 1, True, 1.0)
+    _no_nan((out, lse_max, lse_log))
+    c = {k: gpu_nan_view(v) for k, v in coupling_args().items()}
+    _no_nan(ops.reversible_coupling_triton(**c))

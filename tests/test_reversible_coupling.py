@@ -40,7 +40,8 @@ CASES = [((1,), torch.float32), ((7,), torch.float32), ((3, 5, 7), torch.float32
 @pytest.mark.parametrize("branch", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
                          ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape,stream", CASES, ids=lambda c: str(c))
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (none here); the cpu case is its twin")])])
 def test_bitwise(device, shape, stream, branch):
     y, fy, dy, dg = _inputs(shape, stream, branch, device=device)
     ref_x, ref_d = y - fy.to(stream), dy + dg.to(stream)
@@ -72,7 +73,8 @@ def test_every_half_value(branch):
                 assert torch.equal(got[keep], ref[keep]), backend
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (none here); the cpu case is its twin")])])
 def test_non_contiguous(device):
     y, fy, dy, _ = (t.transpose(0, 2) for t in _inputs((6, 10, 9), torch.float32, torch.bfloat16, device=device))
     fy = fy.contiguous()[:, :, :]                   # one contiguous among strided ones

@@ -273,7 +273,8 @@ OPERATION = Operation(
     variants=("causal", "op"),
     sweeps={"quick": Sweep((128, 256)), "default": Sweep((1024, 4096), dtypes=("float32",)),
             "full": Sweep((1024, 2048, 4096, 8192, 16384, 32768))},
-    cuda_sweeps={"full": Sweep((1024, 2048, 4096, 8192, 16384, 32768, 65536))},
+    cuda_sweeps={"default": Sweep((8192,), dtypes=("bfloat16",)),
+                 "full": Sweep((1024, 2048, 4096, 8192, 16384, 32768, 65536))},
     flops_note=("layer (variant causal): attention 4*D*n_hashes*L*W per head (W = (1+before+after)*chunk, "
                 "the pairs the chunk windows compute) + projections 3*2*L*E^2; fwd+bwd = 3.5x attention + 3x "
                 "projections; the same count for every implementation, dense attention included; variant op: "

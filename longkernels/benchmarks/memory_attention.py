@@ -323,5 +323,8 @@ OPERATION = Operation(
     implementations=(Longkernels("cpu"), Longkernels("cuda"), Longkernels("triton"), Longkernels("reference"),
                      SdpaMask(), SdpaLowerRight(), SdpaTiled(), Flex(), FlashAttn()),
     variants=("causal", "window", "gqa"),
-    sweeps={"quick": Sweep((128, 256)), "default": Sweep((512, 2048)), "full": Sweep((512, 1024, 2048, 4096))},
+    sweeps={"quick": Sweep((128, 256)), "default": Sweep((512, 1024)), "full": Sweep((512, 1024, 2048, 4096))},
+    # On a GPU the default level is make gpu-check's short run (FlexAttention compiles once per case).
+    cuda_sweeps={"default": Sweep((4096,), dtypes=("bfloat16",)),
+                 "full": Sweep((1024, 2048, 4096, 8192, 16384), dtypes=("bfloat16", "float16"))},
 )

@@ -227,6 +227,7 @@ OPERATION = Operation(
     sweeps={"quick": Sweep((2, 4), dtypes=("float32",), variants=("mlp",)),
             "default": Sweep((2, 8, 24), dtypes=("float32",)),
             "full": Sweep((2, 4, 8, 16, 32, 48), dtypes=("float32",))},
+    cuda_sweeps={"default": Sweep((2, 8), dtypes=("float32",))},
     flops_note="mlp blocks: 2 linear layers x 2 branches per block, 2*B*L*dim*hidden each, x3 for fwd+bwd; lsh: "
                "time only",
     summarize=summarize,

@@ -104,7 +104,7 @@ OPERATION = Operation(
                      Coupling("torch_add_")),
     variants=("float32-stream",),
     modes=("fwd",),
-    sweeps={"quick": Sweep((1 << 16,)), "default": Sweep((1 << 20, 1 << 23)),
+    sweeps={"quick": Sweep((1 << 20,)), "default": Sweep((1 << 20, 1 << 23)),
             "full": Sweep((1 << 18, 1 << 20, 1 << 23, 1 << 25))},
     flops_note="no FLOPs counted: bytes moved (inputs read once, outputs written once) per second",
 )

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# make gpu-check: everything a GPU can tell us, in one call, within 9 minutes on an H100/H200 machine that has
+# torch, triton, nvcc and ninja but no network and nothing of ours installed.
+#
+#   1. builds the extension with the CUDA kernels for the GPU found (all cores, TORCH_CUDA_ARCH_LIST set to it)
+#   2. longkernels info
+#   3. the GPU tests (pytest -m gpu), and the op checks on CUDA tensors
+#   4. longkernels check on CUDA tensors (every backend against the reference)
+#   5. a short benchmark of every operation against its peers on the GPU (JSON and PNG named by the device)
+#
+# Each step has a time limit taken from what is left of the budget (GPU_CHECK_BUDGET_S, default 540 s), a
+# failing step does not stop the later ones, and a table of the steps comes last. Results and logs go to
+# GPU_CHECK_OUT (default: $OUT where the device tool sets it, else bench/results).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUTDIR=${GPU_CHECK_OUT:-${OUT:-bench/results}}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+declare -a SUMMARY
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu-check: torch sees no CUDA device here; nothing to check" >&2
+  exit 2
+fi
+device=$("$PYTHON" -c "import re, torch; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))")
+arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+LOG="$OUTDIR/gpu_check_${device}.log"
+: > "$LOG"
+echo "gpu-check on $device (sm ${arch}), budget ${BUDGET}s, results in $OUTDIR" | tee -a "$LOG"
+
+# step NAME MAX_SECONDS COMMAND...: runs COMMAND under the smaller of MAX_SECONDS and the budget left.
+step() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$(( BUDGET - ($(date +%s) - start) ))
+  local limit=$(( cap < left ? cap : left ))
+  if (( limit < 10 )); then
+    SUMMARY+=("$(printf '%-12s %-8s %s' "$name" "SKIPPED" "no time left in the budget")")
+    return
+  fi
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$(date +%s)
+  timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  local took=$(( $(date +%s) - t0 ))
+  local state=ok
+  (( rc == 124 )) && state=TIMEOUT
+  (( rc != 0 && rc != 124 )) && state="FAILED($rc)"
+  SUMMARY+=("$(printf '%-12s %-8s %4ss' "$name" "$state" "$took")")
+}
+
+{
+  nvidia-smi -L 2>/dev/null || true
+  "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  command -v nvcc >/dev/null && nvcc --version | tail -n 1
+} 2>&1 | tee -a "$LOG"
+
+step build 300 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
+  "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
+step info 60 "$PYTHON" -m longkernels info
+step gpu-tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu -x tests
+step check 90 "$PYTHON" -m longkernels check --device cuda --no-progress
+step bench 300 "$PYTHON" -m longkernels bench --device cuda --out "$OUTDIR" --no-progress
+
+echo | tee -a "$LOG"
+echo "gpu-check summary ($device, $(( $(date +%s) - start ))s of ${BUDGET}s):" | tee -a "$LOG"
+failed=0
+for line in "${SUMMARY[@]}"; do
+  echo "  $line" | tee -a "$LOG"
+  [[ "$line" == *" ok "* ]] || failed=1
+done
+exit $failed
