@@ -285,25 +285,10 @@ def parse(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse(argv)
-    if args.config:  # one configuration, in its own process
-        Path(args.worker_out).write_text(json.dumps(worker(args)))
-        return
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    for c in configs:
-        if c not in CONFIGS:
-            raise SystemExit(f"unknown configuration {c!r}; choose from {list(CONFIGS)}")
-    tasks = ["text", "recall"] if args.task == "both" else [args.task]
-    from longkernels._machine import cpu_model
-    machine = cpu_model()
-    results = []
-    slug = machine.lower().replace(" ", "-")
-    out = Path(args.out) if args.out else Path("longkernels-bench") / f"train_lm_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
-    runs = [(task, config) for task in tasks for config in configs]
-    start = time.perf_counter()
+def run_all(args, argv, runs) -> list[dict]:
+    """Each (task, configuration) in a process of its own (its peak resident memory is its own)."""
+    passthrough = list(argv if argv is not None else sys.argv[1:])
+    results, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_dir:
         for i, (task, config) in enumerate(runs):
             if i and not args.no_progress:
@@ -315,6 +300,10 @@ def main(argv=None):
                    "--worker-out", str(tmp)]
             subprocess.run(cmd, check=True)
             results.append(json.loads(tmp.read_text()))
+    return results
+
+
+def print_table(args, results, machine) -> None:
     print(f"\nLongContextLM (memory attention), dim {args.dim}, depth {args.depth}, segments {args.segments} x "
           f"{args.seg_len}, mem_len {args.mem_len}, batch {args.batch}, {args.steps} steps, {machine}, "
           f"{args.threads} threads")
@@ -329,15 +318,16 @@ def main(argv=None):
               f"{r['tokens_per_s']:9.0f} {r['peak_rss_bytes'] / 2**20:8.0f}M")
     if any(r["task"] == "recall" for r in results):
         print(f"(chance on recall: {1 / 8:.3f})")
-    meta = {"machine": machine, "torch": torch.__version__, "longkernels": longkernels.__version__,
-            "args": {k: v for k, v in vars(args).items() if k not in ("config", "worker_out", "out")}}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"wrote {out}")
+
+
+def plot(results, tasks, path: Path) -> None:
+    """Held-out bits per byte (text) and recall of remote answers (recall) against training sequences."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("plot skipped: matplotlib is not installed")
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -349,8 +339,31 @@ def main(argv=None):
         ax.set_xlabel("training sequences")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=100)
-    print(f"wrote {out.with_suffix('.png')}")
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.config:  # one configuration, in its own process
+        Path(args.worker_out).write_text(json.dumps(worker(args)))
+        return
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        if c not in CONFIGS:
+            raise SystemExit(f"unknown configuration {c!r}; choose from {list(CONFIGS)}")
+    tasks = ["text", "recall"] if args.task == "both" else [args.task]
+    from longkernels._machine import cpu_model, slug
+    machine = cpu_model()
+    out = Path(args.out) if args.out else Path("longkernels-bench") / f"train_lm_{slug(machine)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = run_all(args, argv, [(task, config) for task in tasks for config in configs])
+    print_table(args, results, machine)
+    meta = {"machine": machine, "torch": torch.__version__, "longkernels": longkernels.__version__,
+            "args": {k: v for k, v in vars(args).items() if k not in ("config", "worker_out", "out")}}
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {out}")
+    plot(results, tasks, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -225,12 +225,8 @@ def cmd_check(args) -> int:
     for name, backend, device, case, dtype in jobs:
         progress.describe(f"{name} {backend} {device} {str(dtype)[6:]}")
         seed = testing.case_seed(case, str(dtype), backend)
-        if name == "memory_attention":
-            rows = testing.compare(case, backend, dtype, device=device, seed=seed)
-            description = case.describe()
-        else:
-            rows = testing.compare_lsh(case, backend, dtype, device=device, seed=seed)
-            description = "lsh " + case.describe()
+        rows = testing.compare(case, backend, dtype, device=device, seed=seed)
+        description = case.describe() if name == "memory_attention" else "lsh " + case.describe()
         progress.clear()  # a terminal shows the row where the progress line was, then the line again
         failures += _print_row(backend, device, dtype, description, rows)
         progress.update()

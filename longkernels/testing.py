@@ -122,13 +122,15 @@ def run(case: Case, inputs, *, backend: Optional[str], dtype: Optional[torch.dty
     return result
 
 
-def compare(case: Case, backend: str, dtype: torch.dtype, *, device="cpu", seed: int = 0,
+def compare(case, backend: str, dtype: torch.dtype, *, device="cpu", seed: int = 0,
             with_grad: bool = True) -> list[tuple[str, float, float, bool]]:
-    """Backend against the reference: rows of (quantity, error, allowed, ok)."""
-    inputs = make_inputs(case, dtype, device, seed)
-    truth = run(case, inputs, backend="reference", dtype=torch.float64, with_grad=with_grad)
-    got = run(case, inputs, backend=backend, with_grad=with_grad)
-    lowp = None if dtype == torch.float64 else run(case, inputs, backend="reference", with_grad=with_grad)
+    """Backend against the reference on fresh inputs drawn from ``seed``, for a memory-attention ``Case`` or
+    an ``LSHCase``: rows of (quantity, error, allowed, ok) under the rules at the top of this module."""
+    make, go = (make_lsh_inputs, run_lsh) if isinstance(case, LSHCase) else (make_inputs, run)
+    inputs = make(case, dtype, device, seed)
+    truth = go(case, inputs, backend="reference", dtype=torch.float64, with_grad=with_grad)
+    got = go(case, inputs, backend=backend, with_grad=with_grad)
+    lowp = None if dtype == torch.float64 else go(case, inputs, backend="reference", with_grad=with_grad)
     return _rows(truth, got, lowp, dtype)
 
 
@@ -203,16 +205,6 @@ def run_lsh(case: LSHCase, inputs, *, backend: Optional[str], dtype: Optional[to
         for name, grad in zip(LSH_GRAD_NAMES, torch.autograd.grad(loss, (qk, v))):
             result[name] = grad
     return result
-
-
-def compare_lsh(case: LSHCase, backend: str, dtype: torch.dtype, *, device="cpu", seed: int = 0,
-                with_grad: bool = True) -> list[tuple[str, float, float, bool]]:
-    """Backend against the reference: rows of (quantity, error, allowed, ok)."""
-    inputs = make_lsh_inputs(case, dtype, device, seed)
-    truth = run_lsh(case, inputs, backend="reference", dtype=torch.float64, with_grad=with_grad)
-    got = run_lsh(case, inputs, backend=backend, with_grad=with_grad)
-    lowp = None if dtype == torch.float64 else run_lsh(case, inputs, backend="reference", with_grad=with_grad)
-    return _rows(truth, got, lowp, dtype)
 
 
 def _rows(truth: dict, got: dict, lowp: Optional[dict], dtype: torch.dtype):

@@ -5,7 +5,7 @@
   rule of longkernels/testing.py), prints the rows in the check table and exits 0;
 * a backend that disagrees makes it exit 1 with a MISMATCH row;
 * ``info`` lists the LSH backends, the hash+sort implementation and the LSH torch ops;
-* the helpers behind it (``longkernels.testing.compare_lsh``) hold a wrong result to the rule.
+* the helpers behind it (``longkernels.testing.compare``) hold a wrong result to the rule.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_info_lists_lsh(capsys):
 def test_compare_lsh_rule(dtype):
     """The rule behind the rows passes the reference against itself and fails a perturbed result."""
     case = testing.LSHCase(B=2, L=40, chunk_size=8, causal=True, padding=True)
-    rows = testing.compare_lsh(case, "reference", dtype)
+    rows = testing.compare(case, "reference", dtype)
     assert [r[0] for r in rows] == ["out", "lse", "dqk", "dv"]
     assert all(r[3] for r in rows), rows
     inputs = testing.make_lsh_inputs(case, dtype)

@@ -14,7 +14,7 @@ from longkernels.ops import lsh_attention as lsh_ops
 from longkernels.reference import lsh_attention as reference
 from longkernels.reference.lsh_attention import (default_n_buckets, lsh_hash, lsh_sort, normalize_keys,
                                                  padded_length, padding_mask)
-from longkernels.testing import LSHCase, case_seed, compare_lsh, make_lsh_inputs, rel_err, run_lsh
+from longkernels.testing import LSHCase, case_seed, compare, make_lsh_inputs, rel_err, run_lsh
 
 from conftest import HAS_CUDA
 
@@ -45,7 +45,7 @@ def _seed(*key):
 
 def _check(case, backend, dtype, **kw):
     seed = _seed(case, str(dtype), backend)
-    rows = compare_lsh(case, backend, dtype, seed=seed, **kw)
+    rows = compare(case, backend, dtype, seed=seed, **kw)
     bad = [f"{name}: {err:.2e} > {allowed:.2e}" for name, err, allowed, ok in rows if not ok]
     assert not bad, f"{backend} {case.describe()} {dtype} (seed {seed}): " + "; ".join(bad)
 

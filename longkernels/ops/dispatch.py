@@ -66,9 +66,17 @@ def triton_import_error() -> Optional[str]:
     return None
 
 
-def triton_reasons(device_type: str) -> list:
-    """Why Triton kernels (of any operation) cannot run on ``device_type`` at all."""
+def triton_reasons(device_type: str, *, head_dim: Optional[int] = None, max_head_dim: Optional[int] = None,
+                   dtype=None) -> list:
+    """Why Triton kernels (of any operation) cannot run on ``device_type``; with ``head_dim``/``max_head_dim``
+    and ``dtype``, also why not for that attention input (float64 runs only under the interpreter)."""
+    import torch
+
     reasons = []
+    if head_dim is not None and max_head_dim is not None and head_dim > max_head_dim:
+        reasons.append(f"head dim {head_dim} exceeds the Triton kernel's {max_head_dim}")
+    if dtype == torch.float64 and device_type == "cuda":
+        reasons.append("float64 runs on the CPU backends and the Triton interpreter, not on GPU Triton")
     err = triton_import_error()
     if err:
         reasons.append(err)

@@ -118,13 +118,8 @@ def not_supported_reasons(backend: str, qk: torch.Tensor, v: torch.Tensor) -> li
     if backend == "cpu":
         return dispatch.extension_reasons(device)
     if backend == "triton":
-        reasons = dispatch.triton_reasons(device)
-        if max(qk.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
-            reasons.append(f"head dim {max(qk.shape[-1], v.shape[-1])} exceeds the Triton kernel's "
-                           f"{TRITON_MAX_HEAD_DIM}")
-        if qk.dtype == torch.float64 and device == "cuda":
-            reasons.append("float64 runs on the CPU backends and the Triton interpreter, not on GPU Triton")
-        return reasons
+        return dispatch.triton_reasons(device, head_dim=max(qk.shape[-1], v.shape[-1]),
+                                       max_head_dim=TRITON_MAX_HEAD_DIM, dtype=qk.dtype)
     return [f"unknown backend {backend!r}; expected one of {BACKENDS}"]
 
 

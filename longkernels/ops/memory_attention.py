@@ -114,13 +114,8 @@ def not_supported_reasons(backend: str, q: torch.Tensor, v: torch.Tensor) -> lis
     if backend == "cpu":
         return dispatch.extension_reasons(device)
     if backend == "triton":
-        reasons = dispatch.triton_reasons(device)
-        if max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
-            reasons.append(f"head dim {max(q.shape[-1], v.shape[-1])} exceeds the Triton kernel's "
-                           f"{TRITON_MAX_HEAD_DIM}")
-        if q.dtype == torch.float64 and device == "cuda":
-            reasons.append("float64 runs on the CPU backends and the Triton interpreter, not on GPU Triton")
-        return reasons
+        return dispatch.triton_reasons(device, head_dim=max(q.shape[-1], v.shape[-1]),
+                                       max_head_dim=TRITON_MAX_HEAD_DIM, dtype=q.dtype)
     if backend == "cuda":
         return dispatch.cuda_extension_reasons(device)
     return [f"unknown backend {backend!r}; expected one of {BACKENDS}"]
