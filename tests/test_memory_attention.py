@@ -43,6 +43,21 @@ BIG_CASES = [
     Case(N=777, M=260, D=32, window=513),
 ]
 
+# Few queries per key/value head: the CPU kernels' decode path (the GQA group's rows together, keys split
+# across threads and merged by LSE; float64 through plain loops, float32/bf16/fp16 through the micro-kernels).
+# N in {1, 2, 3, 16, 17}, caches up to 5000, GQA groups 1 to 8, windows shorter and longer than the cache.
+DECODE_CASES = [
+    Case(N=1, M=5000, D=64, H=8, Hkv=8),
+    Case(N=1, M=3000, D=128, H=8, Hkv=1),
+    Case(N=2, M=1500, D=80, Dv=48, H=4, Hkv=2, alibi=True),
+    Case(N=3, M=2000, D=32, H=6, Hkv=3, window=700),
+    Case(N=16, M=4000, D=64, H=4, Hkv=1, window=5000),
+    Case(N=17, M=900, D=15, Dv=9, H=8, Hkv=2, strided=True),
+    Case(B=2, N=16, M=1100, D=64, H=8, Hkv=8, window=40),
+    Case(N=5, M=600, D=16, H=4, Hkv=4, causal=False, window=100),
+    Case(N=2, M=0, D=64, H=8, Hkv=1),
+]
+
 
 def _check(case, backend, dtype, device="cpu"):
     seed = case_seed(case, str(dtype), backend, os.environ.get("LONGKERNELS_CPU_TILES"))
@@ -84,6 +99,24 @@ def test_cpu_avx2_tiles(case, monkeypatch):
     # The AVX2 float32 micro-kernels (CPUs without AVX-512), also on a machine that has AVX-512.
     monkeypatch.setenv("LONGKERNELS_CPU_TILES", "avx2")
     _check(case, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=Case.describe)
+def test_cpu_decode(case, dtype):
+    _check(case, "cpu", dtype)
+
+
+@pytest.mark.parametrize("tiles", ["blas", "avx2"])
+@pytest.mark.parametrize("case", [DECODE_CASES[i] for i in (1, 2, 5, 6)], ids=Case.describe)
+def test_cpu_decode_twins(case, tiles, monkeypatch):
+    # The portable BLAS tiles (LONGKERNELS_CPU_TILES=blas bypasses the decode path) and the AVX2 kernels, on
+    # the decode shapes, where an AVX-512 machine would take its own kernels.
+    if tiles == "avx2" and _ext.available() and not _ext.build_info().get("cpu_avx2_fma"):
+        pytest.skip("this CPU has no AVX2 + FMA")
+    monkeypatch.setenv("LONGKERNELS_CPU_TILES", tiles)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        _check(case, "cpu", dtype)
 
 
 @pytest.mark.parametrize("case", CASES, ids=Case.describe)

@@ -461,6 +461,310 @@ Tiles forward_tiles(const Tensor& q, F32Tiles f32) {
   return Tiles::Blas;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Decode: few query rows per key/value head (decoding, speculative decoding, short chunks). Work item:
+// (b, kv head, chunk of keys). The R = G * N query rows of a GQA group (G = H / Hkv heads, N queries) go
+// through the chunk together, so each key and value row is read once per group, where it lies (memory or
+// segment, any strides, bfloat16 / float16 as stored: no upcast copy, no packing of the whole cache), a
+// block of keys at a time. A (b, kv head) is cut into chunks so that every thread has work even at
+// B * Hkv = 1; the chunks' partial results are merged by their LSE (float32; float64 for float64) at the end
+// (flash-decoding).
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kDecodeMaxRows = 128;    // G * N: the group's rows and their accumulators stay in L2
+constexpr int64_t kDecodeMaxQueries = 64;  // N
+constexpr int64_t kDecodeBlock = 64;       // keys per block
+constexpr int64_t kDecodeMinChunk = 512;   // keys per work item, at least (amortises the item's setup)
+
+template <typename E>
+struct RowView {  // a (B, Hkv, L, d) tensor as rows of d elements of E
+  const E* base;
+  int64_t sb, sh, sl, sd;
+  explicit RowView(const Tensor& t)
+      : base(reinterpret_cast<const E*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)),
+        sd(t.stride(3)) {}
+  const E* row(int64_t b, int64_t h, int64_t j) const { return base + b * sb + h * sh + j * sl; }
+  // Whether every row starts 4-byte aligned with unit element stride (rows readable as 32-bit words).
+  bool words(int64_t d) const {
+    return sd == 1 && reinterpret_cast<uintptr_t>(base) % 4 == 0 &&
+           (sizeof(E) == 4 || (sb % 2 == 0 && sh % 2 == 0 && sl % 2 == 0 && d % 2 == 0));
+  }
+};
+
+template <typename T, typename S>
+inline T widen_to(S x) { return static_cast<T>(static_cast<std::conditional_t<std::is_same_v<S, double>, double, float>>(x)); }
+
+// How the decode products run: bf16 dot products (AVX-512 BF16, bfloat16 inputs), float32 micro-kernels
+// (AVX-512 / AVX2: float32, and bfloat16 / float16 widened as rows are read), plain loops (float64).
+enum class DecodeKind { None, Bf16, F32, Loops };
+
+// Src: the inputs' element type (float, double, at::BFloat16, at::Half); T: the accumulators' (float, or
+// double for double inputs).
+template <typename Src, typename T, DecodeKind kKind>
+class Decoder {
+ public:
+  static constexpr bool kBf16 = kKind == DecodeKind::Bf16;
+  using E = std::conditional_t<kBf16, uint16_t, T>;  // the products' operand type
+  static constexpr int64_t kp = kBf16 ? 2 : 1;      // pairs along the reduction (bf16)
+
+  Decoder(const Problem& P, F32Tiles isa, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mk,
+          const Tensor& mv, const T* slopes)
+      : P_(P), isa_(isa), q_(q), k_(k), v_(v), mk_(mk), mv_(mv), slopes_(slopes), R_(P.group() * P.N),
+        Dq_(round_up(P.D, kp)), Dvp_(round_up(P.Dv, 16)) {}
+
+  // Keys [lo, hi) of (b, hkv), all R rows: the unnormalised output (R x Dvp), row max and row sum per row.
+  void run(int64_t b, int64_t hkv, int64_t lo, int64_t hi, T* o, T* m, T* l) {
+    alloc();
+    load_queries(b, hkv);
+    std::fill(o, o + R_ * Dvp_, T(0));
+    std::fill(m, m + R_, -std::numeric_limits<T>::infinity());
+    std::fill(l, l + R_, T(0));
+    const tiles::Geometry geo = P_.geometry();
+    for (int64_t a0 = lo; a0 < hi; a0 += kDecodeBlock) {
+      const int64_t bk = std::min(kDecodeBlock, hi - a0);
+      scores(b, hkv, a0, bk);
+      const bool full = tiles::tile_fully_visible(geo, 0, P_.N, a0, bk);
+      for (int64_t r = 0; r < R_; ++r) {
+        const int64_t g = r / P_.N, i = r % P_.N;
+        int64_t c0 = 0, c1 = bk;
+        if (!full) tiles::row_columns(geo, i, a0, bk, &c0, &c1);
+        const T slope = slopes_ ? slopes_[hkv * P_.group() + g] : T(0);
+        const T dist0 = static_cast<T>(P_.M + i - a0);
+        const T alpha = fwd_row(S_.data() + r * kDecodeBlock, kDecodeBlock, c0, c1, static_cast<T>(P_.scale), slope,
+                                dist0, m[r], l[r]);
+        if (alpha != T(1)) scale_row(o + r * Dvp_, P_.Dv, alpha);
+      }
+      accumulate(b, hkv, a0, bk, o);
+    }
+  }
+
+ private:
+  void alloc() {
+    if (!Q_.empty()) return;
+    Q_.assign(R_ * Dq_, E(0));
+    S_.assign(R_ * kDecodeBlock, T(0));
+    stage_.assign(kDecodeBlock * std::max(Dq_, Dvp_), E(0));
+    if constexpr (kKind == DecodeKind::Bf16) {
+      K_.assign((Dq_ / 2) * kDecodeBlock, 0u);
+      Pb_.assign(R_ * kDecodeBlock, uint16_t(0));
+      Vp_.assign((kDecodeBlock / 2) * 2 * Dvp_, uint16_t(0));
+    } else if constexpr (kKind == DecodeKind::F32) {
+      K_.assign(Dq_ * kDecodeBlock, 0u);
+      Vf_.assign(kDecodeBlock * Dvp_, T(0));
+    }
+  }
+
+  // The group's query rows, row r = (g, i): head hkv * G + g, query i; widened, or as bf16 bits.
+  void load_queries(int64_t b, int64_t hkv) {
+    const RowView<Src> qv(q_);
+    for (int64_t r = 0; r < R_; ++r) {
+      const Src* src = qv.row(b, hkv * P_.group() + r / P_.N, r % P_.N);
+      E* dst = Q_.data() + r * Dq_;
+      for (int64_t d = 0; d < P_.D; ++d) dst[d] = element(src[d * qv.sd]);
+    }
+  }
+
+  static E element(Src x) {
+    if constexpr (kBf16) {
+      return x.x;  // bf16 bits, as stored
+    } else {
+      return widen_to<T>(x);
+    }
+  }
+
+  template <typename X>
+  static const X* row_of(const RowView<X>& mem, const RowView<X>& cur, int64_t M, int64_t b, int64_t hkv, int64_t j) {
+    return j < M ? mem.row(b, hkv, j) : cur.row(b, hkv, j - M);
+  }
+
+  // Rows [a0, a0 + bk) of the keys (or values), as pointers to `width` contiguous elements of E (zero
+  // padded past `d`): in place where they lie so (unit stride, of E itself; 32-bit aligned rows for bf16
+  // pairs), else widened or gathered into the staging buffer.
+  void rows_of(const Tensor& mem_t, const Tensor& cur_t, int64_t b, int64_t hkv, int64_t a0, int64_t bk, int64_t d_len,
+               int64_t width, bool words, const E** rows) {
+    const RowView<Src> cur(cur_t), mem(mem_t);
+    const bool same = std::is_same_v<Src, E> || kBf16;
+    const bool direct = same && cur.sd == 1 && mem.sd == 1 && (!words || (cur.words(d_len) && mem.words(d_len)));
+    for (int64_t j = 0; j < bk; ++j) {
+      const Src* src = row_of(mem, cur, P_.M, b, hkv, a0 + j);
+      if (direct) {
+        rows[j] = reinterpret_cast<const E*>(src);
+        continue;
+      }
+      E* dst = stage_.data() + j * width;
+      const int64_t sd = a0 + j < P_.M ? mem.sd : cur.sd;
+      for (int64_t d = 0; d < d_len; ++d) dst[d] = element(src[d * sd]);
+      for (int64_t d = d_len; d < width; ++d) dst[d] = E(0);
+      rows[j] = dst;
+    }
+  }
+
+  // S = Q K^T for the block (columns past bk are left stale: fwd_row zeroes all but the visible ones).
+  // Up to kDotRows query rows: dot products on the key rows as they are (AVX-512); more: the keys transposed
+  // into a panel (Dq / kp words x 64 keys) for the micro-kernels, whose register tiles then pay off.
+  static constexpr int64_t kDotRows = 4;
+  void scores(int64_t b, int64_t hkv, int64_t a0, int64_t bk) {
+    const E* rows[kDecodeBlock];
+    rows_of(mk_, k_, b, hkv, a0, bk, P_.D, Dq_, kBf16, rows);
+    if constexpr (kKind == DecodeKind::Loops) {
+      for (int64_t r = 0; r < R_; ++r) {
+        const E* qr = Q_.data() + r * Dq_;
+        for (int64_t j = 0; j < bk; ++j) {
+          T acc = 0;
+          for (int64_t d = 0; d < P_.D; ++d) acc += qr[d] * rows[j][d];
+          S_[r * kDecodeBlock + j] = acc;
+        }
+      }
+      return;
+    } else {
+      if (R_ <= kDotRows && (kBf16 || isa_ == F32Tiles::Avx512)) {
+        for (int64_t j0 = 0; j0 < bk; j0 += 16) {
+          const int64_t n = std::min<int64_t>(16, bk - j0);
+          if constexpr (kBf16) {
+            tile::dots_bf16(R_, P_.D, Q_.data(), Dq_, rows + j0, n, S_.data() + j0, kDecodeBlock);
+          } else {
+            tile::dots_f32(R_, P_.D, Q_.data(), Dq_, rows + j0, n, S_.data() + j0, kDecodeBlock);
+          }
+        }
+        return;
+      }
+      tile::transpose32(isa_, reinterpret_cast<const uint32_t* const*>(rows), bk, Dq_ / kp, K_.data(), kDecodeBlock,
+                        kDecodeBlock);
+      if constexpr (kBf16) {
+        tile::gemm_bf16(R_, kDecodeBlock, Dq_ / 2, Q_.data(), Dq_, reinterpret_cast<const uint16_t*>(K_.data()),
+                        2 * kDecodeBlock, S_.data(), kDecodeBlock, false);
+      } else {
+        tile::gemm_f32(isa_, R_, kDecodeBlock, Dq_, Q_.data(), Dq_, reinterpret_cast<const float*>(K_.data()),
+                       kDecodeBlock, S_.data(), kDecodeBlock, false);
+      }
+    }
+  }
+
+  // O += P V over the block's values (P in S_, zero past the visible columns).
+  void accumulate(int64_t b, int64_t hkv, int64_t a0, int64_t bk, T* o) {
+    const E* rows[kDecodeBlock];
+    if constexpr (kKind == DecodeKind::Loops) {
+      rows_of(mv_, v_, b, hkv, a0, bk, P_.Dv, Dvp_, false, rows);
+      for (int64_t r = 0; r < R_; ++r) {
+        T* orow = o + r * Dvp_;
+        const T* p = S_.data() + r * kDecodeBlock;
+        for (int64_t j = 0; j < bk; ++j)
+          for (int64_t d = 0; d < P_.Dv; ++d) orow[d] += p[j] * rows[j][d];
+      }
+    } else if constexpr (kBf16) {
+      rows_of(mv_, v_, b, hkv, a0, bk, P_.Dv, Dvp_, false, rows);
+      tile::interleave_rows_bf16(rows, bk, P_.Dv, Vp_.data(), 2 * Dvp_, Dvp_);
+      const int64_t pairs = (bk + 1) / 2;  // P rounded to bf16 for P V, as the forward's packed path does
+      for (int64_t r = 0; r < R_; ++r) tile::to_bf16(S_.data() + r * kDecodeBlock, Pb_.data() + r * kDecodeBlock, 2 * pairs);
+      tile::gemm_bf16(R_, Dvp_, pairs, Pb_.data(), kDecodeBlock, Vp_.data(), 2 * Dvp_, o, Dvp_, true);
+    } else {
+      // Values as the B panel: in place when they are float32 rows of a whole number of 16-column groups
+      // that do not straddle memory and segment; else widened into a padded copy.
+      const RowView<Src> cur(v_), mem(mv_);
+      const bool straddles = a0 < P_.M && a0 + bk > P_.M;
+      const RowView<Src>& seg = a0 < P_.M ? mem : cur;
+      const float* vrows = Vf_.data();
+      int64_t ld = Dvp_;
+      if (std::is_same_v<Src, float> && !straddles && seg.sd == 1 && P_.Dv % 16 == 0) {
+        vrows = reinterpret_cast<const float*>(row_of(mem, cur, P_.M, b, hkv, a0));
+        ld = seg.sl;
+      } else {
+        for (int64_t j = 0; j < bk; ++j) {
+          const Src* src = row_of(mem, cur, P_.M, b, hkv, a0 + j);
+          const int64_t sd = a0 + j < P_.M ? mem.sd : cur.sd;
+          float* dst = Vf_.data() + j * Dvp_;
+          for (int64_t d = 0; d < P_.Dv; ++d) dst[d] = widen_to<float>(src[d * sd]);
+          std::fill(dst + P_.Dv, dst + Dvp_, 0.0f);
+        }
+      }
+      tile::gemm_f32(isa_, R_, Dvp_, bk, S_.data(), kDecodeBlock, vrows, ld, o, Dvp_, true);
+    }
+  }
+
+  const Problem& P_;
+  F32Tiles isa_;
+  const Tensor &q_, &k_, &v_, &mk_, &mv_;
+  const T* slopes_;
+  int64_t R_, Dq_, Dvp_;
+  std::vector<E> Q_, stage_;
+  std::vector<T> S_, Vf_;
+  std::vector<uint32_t> K_;
+  std::vector<uint16_t> Pb_, Vp_;
+};
+
+// Whether the decode path takes this call, and with which products. LONGKERNELS_CPU_TILES=blas (f32 None on a
+// machine with the tile kernels) keeps every call on the BLAS tiles, the portable path tests compare with.
+DecodeKind decode_kind(const Problem& P, at::ScalarType t, F32Tiles f32) {
+  if (P.N > kDecodeMaxQueries || P.group() * P.N > kDecodeMaxRows) return DecodeKind::None;
+  if (t == at::kDouble) return f32 == F32Tiles::None && has_f32_tiles() ? DecodeKind::None : DecodeKind::Loops;
+  if (f32 == F32Tiles::None) return DecodeKind::None;
+  if (t == at::kBFloat16 && has_avx512_bf16()) return DecodeKind::Bf16;
+  return DecodeKind::F32;  // float32, and bfloat16 / float16 widened
+}
+
+// Chunks per (b, kv head): enough items for every thread (4 each), chunks of at least kDecodeMinChunk keys,
+// aligned to whole blocks.
+int64_t decode_chunk(const Problem& P, int64_t keys) {
+  const int64_t threads = at::get_num_threads(), groups = P.B * P.Hkv;
+  int64_t chunks = std::max<int64_t>(1, (4 * threads + groups - 1) / groups);
+  chunks = std::min(chunks, std::max<int64_t>(1, keys / kDecodeMinChunk));
+  return round_up((keys + chunks - 1) / chunks, kDecodeBlock);
+}
+
+template <typename Src, typename T, DecodeKind kKind>
+void decode_forward(const Problem& P, F32Tiles isa, const Tensor& q, const Tensor& k, const Tensor& v,
+                    const Tensor& mk, const Tensor& mv, const T* slopes, Tensor& out, Tensor& lse) {
+  // Keys any of the group's queries sees: [lo, M + N) (causal or not, the window bounds the start).
+  const int64_t lo = (P.window && P.causal) ? std::max<int64_t>(0, P.M - P.window + 1) : 0;
+  const int64_t hi = P.M + P.N, keys = hi - lo;
+  const int64_t chunk = decode_chunk(P, keys), n_chunks = (keys + chunk - 1) / chunk;
+  const int64_t R = P.group() * P.N, Dvp = round_up(P.Dv, 16), G = P.group(), stride = R * (Dvp + 2);
+  std::vector<T> part(P.B * P.Hkv * n_chunks * stride);  // per item, R rows of (o[Dvp]), then m[R], l[R]
+  at::parallel_for(0, P.B * P.Hkv * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    Decoder<Src, T, kKind> dec(P, isa, q, k, v, mk, mv, slopes);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t c = item % n_chunks, bh = item / n_chunks, b = bh / P.Hkv, hkv = bh % P.Hkv;
+      T* base = part.data() + item * stride;
+      const int64_t a0 = lo + c * chunk;
+      dec.run(b, hkv, a0, std::min(hi, a0 + chunk), base, base + R * Dvp, base + R * Dvp + R);
+    }
+  });
+  // Merge the chunks of every row by their LSE; a NaN max stays NaN (std::max would drop it).
+  T* out_d = out.data_ptr<T>();
+  T* lse_d = lse.data_ptr<T>();
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  at::parallel_for(0, P.B * P.Hkv * R, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(P.Dv);
+    for (int64_t x = begin; x < end; ++x) {
+      const int64_t r = x % R, bh = x / R, b = bh / P.Hkv, hkv = bh % P.Hkv;
+      const int64_t h = hkv * G + r / P.N, i = r % P.N;
+      const T* first = part.data() + bh * n_chunks * stride;
+      T mx = -kInf;
+      bool nan = false;
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const T mc = first[c * stride + R * Dvp + r];
+        nan |= mc != mc;
+        mx = std::max(mx, mc);
+      }
+      if (nan) mx = std::numeric_limits<T>::quiet_NaN();
+      T den = 0;
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const T* base = first + c * stride;
+        const T mc = base[R * Dvp + r], lc = base[R * Dvp + R + r];
+        if (mc == -kInf) continue;  // the chunk holds no key this row sees
+        const T w = n_chunks == 1 ? T(1) : std::exp(mc - mx);
+        den += w * lc;
+        const T* oc = base + r * Dvp;
+        for (int64_t d = 0; d < P.Dv; ++d) acc[d] += w * oc[d];
+      }
+      T* dst = out_d + ((b * P.H + h) * P.N + i) * P.Dv;
+      const T inv = T(1) / den;
+      for (int64_t d = 0; d < P.Dv; ++d) dst[d] = acc[d] * inv;
+      lse_d[(b * P.H + h) * P.N + i] = mx + std::log(den);
+    }
+  });
+}
+
 Tensor optional_slopes(const std::optional<Tensor>& alibi, at::ScalarType ct) {
   if (!alibi.has_value()) return Tensor();
   return alibi->to(ct).contiguous();
@@ -476,6 +780,26 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
   Tensor out = at::empty({P.B, P.H, P.N, P.Dv}, q.options().dtype(ct));
   Tensor lse = at::empty({P.B, P.H, P.N}, q.options().dtype(ct));
   const F32Tiles f32 = f32_tiles();
+  const DecodeKind decode = decode_kind(P, q.scalar_type(), f32);
+  if (decode != DecodeKind::None) {
+    if (decode == DecodeKind::Loops) {
+      decode_forward<double, double, DecodeKind::Loops>(P, f32, q, k, v, mem_k, mem_v,
+                                                        slopes.defined() ? slopes.data_ptr<double>() : nullptr, out,
+                                                        lse);
+      return {out, lse};
+    }
+    const float* sl = slopes.defined() ? slopes.data_ptr<float>() : nullptr;
+    if (decode == DecodeKind::Bf16) {
+      decode_forward<at::BFloat16, float, DecodeKind::Bf16>(P, f32, q, k, v, mem_k, mem_v, sl, out, lse);
+    } else if (q.scalar_type() == at::kFloat) {
+      decode_forward<float, float, DecodeKind::F32>(P, f32, q, k, v, mem_k, mem_v, sl, out, lse);
+    } else if (q.scalar_type() == at::kBFloat16) {
+      decode_forward<at::BFloat16, float, DecodeKind::F32>(P, f32, q, k, v, mem_k, mem_v, sl, out, lse);
+    } else {
+      decode_forward<at::Half, float, DecodeKind::F32>(P, f32, q, k, v, mem_k, mem_v, sl, out, lse);
+    }
+    return {out.to(q.scalar_type()), lse};
+  }
   const Tiles tiles_kind = forward_tiles(q, f32);
   if (tiles_kind == Tiles::Bf16) {
     const PackedProducts<uint16_t>::Shared shared(P, F32Tiles::None, q, k, v, mem_k, mem_v);

@@ -283,6 +283,175 @@ LK_BF16_TARGET void to_bf16(const float* src, uint16_t* dst, int64_t n) {
   }
 }
 
+namespace {
+
+LK_F32_TARGET void transpose16x16(const uint32_t* const* rows, int64_t c0, uint32_t* dst, int64_t dld) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(rows[i] + c0);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * dld, r[i]);
+}
+
+LK_AVX2_TARGET void transpose8x8(const uint32_t* const* rows, int64_t c0, uint32_t* dst, int64_t dld) {
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(rows[i] + c0));
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+    r[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(reinterpret_cast<float*>(dst + i * dld), r[i]);
+}
+
+}  // namespace
+
+void transpose32(F32Tiles isa, const uint32_t* const* rows, int64_t n_rows, int64_t cols, uint32_t* dst,
+                 int64_t dst_ld, int64_t rows_pad) {
+  const int64_t b = isa == F32Tiles::Avx512 ? 16 : isa == F32Tiles::Avx2 ? 8 : 1;
+  const int64_t r_full = b > 1 ? n_rows / b * b : 0, c_full = b > 1 ? cols / b * b : 0;
+  for (int64_t r0 = 0; r0 < r_full; r0 += b)
+    for (int64_t c0 = 0; c0 < c_full; c0 += b) {
+      if (b == 16) {
+        transpose16x16(rows + r0, c0, dst + c0 * dst_ld + r0, dst_ld);
+      } else {
+        transpose8x8(rows + r0, c0, dst + c0 * dst_ld + r0, dst_ld);
+      }
+    }
+  // Edges (rows or columns past the last full block) word by word.
+  for (int64_t c = 0; c < cols; ++c) {
+    uint32_t* d = dst + c * dst_ld;
+    for (int64_t r = c < c_full ? r_full : 0; r < n_rows; ++r) d[r] = rows[r][c];
+    std::fill(d + n_rows, d + rows_pad, 0u);
+  }
+}
+
+LK_BF16_TARGET void interleave_rows_bf16(const uint16_t* const* rows, int64_t n_rows, int64_t cols, uint16_t* dst,
+                                         int64_t dst_ld, int64_t cols_pad) {
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int i = 0; i < 16; ++i) {
+    lo_idx[2 * i] = static_cast<uint16_t>(i), lo_idx[2 * i + 1] = static_cast<uint16_t>(32 + i);
+    hi_idx[2 * i] = static_cast<uint16_t>(16 + i), hi_idx[2 * i + 1] = static_cast<uint16_t>(48 + i);
+  }
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  const int64_t c_full = cols / 32 * 32;
+  for (int64_t t = 0; 2 * t < n_rows; ++t) {
+    const uint16_t* a = rows[2 * t];
+    const bool has_b = 2 * t + 1 < n_rows;
+    const uint16_t* b = has_b ? rows[2 * t + 1] : nullptr;
+    uint16_t* d = dst + t * dst_ld;
+    for (int64_t c = 0; c < c_full; c += 32) {
+      const __m512i x = _mm512_loadu_si512(a + c);
+      const __m512i y = has_b ? _mm512_loadu_si512(b + c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(d + 2 * c, _mm512_permutex2var_epi16(x, lo, y));
+      _mm512_storeu_si512(d + 2 * c + 32, _mm512_permutex2var_epi16(x, hi, y));
+    }
+    for (int64_t c = c_full; c < cols; ++c) {
+      d[2 * c] = a[c];
+      d[2 * c + 1] = has_b ? b[c] : uint16_t(0);
+    }
+    std::fill(d + 2 * cols, d + 2 * cols_pad, uint16_t(0));
+  }
+}
+
+namespace {
+
+// Lane j of the result: the sum of v[j]'s 16 lanes. Pairs within 128-bit lanes, then 64-bit halves, then the
+// four 128-bit lanes: 45 operations for 16 sums.
+LK_F32_TARGET inline __m512 hsum16(const __m512* v) {
+  __m512 w[8], y[4];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+    y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x88), _mm512_shuffle_f32x4(y[2], y[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+}  // namespace
+
+LK_F32_TARGET void dots_f32(int64_t R, int64_t D, const float* Q, int64_t ldq, const float* const* rows, int64_t n,
+                            float* S, int64_t lds) {
+  __mmask16 live[16];
+  const float* ptr[16];
+  for (int j = 0; j < 16; ++j) {
+    live[j] = j < n ? 0xFFFF : 0;  // keys past n: loads masked off entirely (never touch memory)
+    ptr[j] = rows[j < n ? j : 0];
+  }
+  const int64_t full = D / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (D - full)) - 1);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* q = Q + r * ldq;
+    __m512 acc[16];
+    // Key by key, each row read front to back: the hardware prefetchers then see the cache as the sequential
+    // stream it is (interleaving 16 rows chunk by chunk left a core at ~40% of its bandwidth).
+    for (int j = 0; j < 16; ++j) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t d = 0; d < full; d += 16)
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_maskz_loadu_ps(live[j], ptr[j] + d), a);
+      if (tail)
+        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q + full), _mm512_maskz_loadu_ps(live[j] & tail, ptr[j] + full), a);
+      acc[j] = a;
+    }
+    _mm512_mask_storeu_ps(S + r * lds, static_cast<__mmask16>((1u << n) - 1), hsum16(acc));
+  }
+}
+
+LK_BF16_TARGET void dots_bf16(int64_t R, int64_t D, const uint16_t* Q, int64_t ldq, const uint16_t* const* rows,
+                              int64_t n, float* S, int64_t lds) {
+  __mmask32 live[16];
+  const uint16_t* ptr[16];
+  for (int j = 0; j < 16; ++j) {
+    live[j] = j < n ? 0xFFFFFFFFu : 0u;
+    ptr[j] = rows[j < n ? j : 0];
+  }
+  const int64_t full = D / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t(1) << (D - full)) - 1);
+  for (int64_t r = 0; r < R; ++r) {
+    const uint16_t* q = Q + r * ldq;
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) {  // key by key, rows front to back (as in dots_f32)
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t d = 0; d < full; d += 32)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_maskz_loadu_epi16(live[j], ptr[j] + d));
+      if (tail)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(tail, q + full),
+                             (__m512bh)_mm512_maskz_loadu_epi16(live[j] & tail, ptr[j] + full));
+      acc[j] = a;
+    }
+    _mm512_mask_storeu_ps(S + r * lds, static_cast<__mmask16>((1u << n) - 1), hsum16(acc));
+  }
+}
+
 #else  // no x86 tile kernels on this platform; cpu_features.h says so and callers never get here
 
 void gemm_bf16(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool) {
@@ -297,6 +466,22 @@ void gemm_f32_at(F32Tiles, int64_t, int64_t, int64_t, const float*, int64_t, con
   TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
 void to_bf16(const float*, uint16_t*, int64_t) {
+  TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
+}
+void transpose32(F32Tiles, const uint32_t* const* rows, int64_t n_rows, int64_t cols, uint32_t* dst, int64_t dst_ld,
+                 int64_t rows_pad) {
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = 0; r < n_rows; ++r) dst[c * dst_ld + r] = rows[r][c];
+    for (int64_t r = n_rows; r < rows_pad; ++r) dst[c * dst_ld + r] = 0;
+  }
+}
+void dots_f32(int64_t, int64_t, const float*, int64_t, const float* const*, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
+}
+void dots_bf16(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t* const*, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
+}
+void interleave_rows_bf16(const uint16_t* const*, int64_t, int64_t, uint16_t*, int64_t, int64_t) {
   TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
 

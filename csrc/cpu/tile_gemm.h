@@ -35,4 +35,26 @@ void gemm_f32_at(F32Tiles isa, int64_t M, int64_t N, int64_t K, const float* At,
 // fp32 -> bf16, round to nearest even, n elements.
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
 
+// Packing of operands stored row by row (a key or value block as the caller holds it: one pointer per row,
+// so rows may come from two tensors, memory and segment, with any row strides), for the B panels above.
+// transpose32: dst[c * dst_ld + r] = rows[r][c] for 32-bit words, r < n_rows, c < cols; dst columns
+// [n_rows, rows_pad) are zero (rows_pad a multiple of 16). Keys (rows) x head dim (cols) become the panel
+// of S = Q K^T: fp32 words for gemm_f32, bf16 pairs (one word) for gemm_bf16. `isa` picks 16 x 16
+// (AVX-512) or 8 x 8 (AVX2) register transposes; None: plain loops.
+void transpose32(F32Tiles isa, const uint32_t* const* rows, int64_t n_rows, int64_t cols, uint32_t* dst,
+                 int64_t dst_ld, int64_t rows_pad);
+// bf16 rows into pairs along the rows, the B panel of O += P V for gemm_bf16:
+// dst[t * dst_ld + 2 c + e] = rows[2 t + e][c], zero past n_rows and for c in [cols, cols_pad) (cols_pad a
+// multiple of 16). AVX-512 BW (call where has_avx512_bf16).
+void interleave_rows_bf16(const uint16_t* const* rows, int64_t n_rows, int64_t cols, uint16_t* dst, int64_t dst_ld,
+                          int64_t cols_pad);
+
+// S[r * lds + j] = <Q[r], rows[j]> over D elements, r < R, j < n <= 16: dot products along the head dim, the 16
+// keys' sums reduced together (AVX-512; masked loads at the ends, so nothing past a row is read). For few query
+// rows (decoding), where transposing the keys into a panel costs more than the products themselves.
+void dots_f32(int64_t R, int64_t D, const float* Q, int64_t ldq, const float* const* rows, int64_t n, float* S,
+              int64_t lds);
+void dots_bf16(int64_t R, int64_t D, const uint16_t* Q, int64_t ldq, const uint16_t* const* rows, int64_t n, float* S,
+               int64_t lds);
+
 }  // namespace longkernels::cpu::tile

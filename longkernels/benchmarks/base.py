@@ -71,6 +71,7 @@ class Sweep:
     dtypes: tuple = ("float32", "bfloat16")
     modes: tuple = MODES
     variants: Optional[tuple] = None
+    extra: dict = dataclasses.field(default_factory=dict)  # keyword arguments of the operation's make_cases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,4 +112,4 @@ def select_cases(op: Operation, *, level: str = "default", sizes: Optional[Seque
     if unknown:
         raise ValueError(f"unknown modes/variants for {op.name}: {unknown}; "
                          f"modes: {op.modes}, variants: {op.variants}")
-    return op.make_cases(sizes, dtype_list, modes, variants)
+    return op.make_cases(sizes, dtype_list, modes, variants, **sweep.extra)

@@ -176,7 +176,8 @@ class Runner:
         self.case, self.impl, self.device, self.seed = case, impl, device, seed
         self.inputs = inputs if inputs is not None else case.make_inputs(device, seed)
         self.backward = case.mode == "fwdbwd"
-        self.leaves = [t for t in self.inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+        self.leaves = [t for t in self.inputs.values()
+                       if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf]
         self.fn = impl.build(case, device)
         self.grads = None
         self.inner = 1
@@ -317,6 +318,9 @@ def case_record(case) -> dict:
     moved = getattr(case, "bytes_moved", None)
     if moved is not None:
         rec["bytes"] = moved()
+    kv = getattr(case, "kv_bytes", None)
+    if kv is not None:
+        rec["kv_bytes"] = kv()
     return rec
 
 
@@ -453,6 +457,9 @@ def add_ceiling_fractions(records: list, ceilings: dict) -> None:
                 rec["fraction_of_matmul"] = rec["flop_per_s"] / peak
         if rec.get("bytes_per_s") and ceilings.get("memory_bytes_per_s"):
             rec["fraction_of_bandwidth"] = rec["bytes_per_s"] / ceilings["memory_bytes_per_s"]
+        if rec.get("kv_bytes") and rec.get("median_ms") and ceilings.get("memory_bytes_per_s"):
+            # the keys and values a forward must read, over the time, over the bandwidth (what bounds decode)
+            rec["kv_fraction_of_bandwidth"] = rec["kv_bytes"] / (rec["median_ms"] / 1e3) / ceilings["memory_bytes_per_s"]
 
 
 # --------------------------------------------------------------------------------------------
