@@ -210,12 +210,14 @@ struct BlasProducts {
     Qt = in.q[b][h].narrow(0, i0, rows);
     O.zero_();
   }
-  void scores(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk) {
-    Tensor St = S.narrow(0, 0, bq).narrow(1, 0, bk);
-    at::mm_out(St, Qt, (mem ? in.mk : in.k)[b][hk].narrow(0, rel0, bk).t());
+  // Rows [r0, r1) of the query tile against keys [rel0, rel0 + bk) of the segment.
+  void scores(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk, int64_t r0, int64_t r1) {
+    Tensor St = S.narrow(0, r0, r1 - r0).narrow(1, 0, bk);
+    at::mm_out(St, Qt.narrow(0, r0, r1 - r0), (mem ? in.mk : in.k)[b][hk].narrow(0, rel0, bk).t());
   }
-  void accumulate(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk) {
-    O.narrow(0, 0, bq).addmm_(S.narrow(0, 0, bq).narrow(1, 0, bk), (mem ? in.mv : in.v)[b][hk].narrow(0, rel0, bk));
+  void accumulate(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk, int64_t r0, int64_t r1) {
+    O.narrow(0, r0, r1 - r0)
+        .addmm_(S.narrow(0, r0, r1 - r0).narrow(1, 0, bk), (mem ? in.mv : in.v)[b][hk].narrow(0, rel0, bk));
   }
 };
 
@@ -297,21 +299,23 @@ struct PackedProducts {
       for (int64_t d = 0; d < P.D; ++d) Qb[r * in.Dp + d] = qd[r * q.stride(2) + d * q.stride(3)];
     std::fill(O.begin(), O.end(), 0.0f);
   }
-  void scores(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk) {
+  // Rows [r0, r1) of the query tile against keys [rel0, rel0 + bk) of the segment (rel0 a multiple of 16).
+  void scores(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk, int64_t r0, int64_t r1) {
     const int s = mem ? 0 : 1;
     const E* kpk = Shared::raw_packed(const_cast<Tensor&>(in.kp_[s])) + (b * P.Hkv + hk) * in.Dp * in.Lp[s] +
                    kp * rel0;
-    gemm(in.isa, bq, round_up(bk, 16), in.Dp / kp, Qb.data(), in.Dp, kpk, kp * in.Lp[s], S.data(), kBlockK, false);
+    gemm(in.isa, r1 - r0, round_up(bk, 16), in.Dp / kp, Qb.data() + r0 * in.Dp, in.Dp, kpk, kp * in.Lp[s],
+         S.data() + r0 * kBlockK, kBlockK, false);
   }
-  void accumulate(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk) {
+  void accumulate(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk, int64_t r0, int64_t r1) {
     const int s = mem ? 0 : 1;
     const int64_t bkp = round_up(bk, 16);
     const E* A;
     if constexpr (std::is_same_v<E, float>) {
-      for (int64_t r = 0; r < bq; ++r) std::fill(S.data() + r * kBlockK + bk, S.data() + r * kBlockK + bkp, 0.0f);
+      for (int64_t r = r0; r < r1; ++r) std::fill(S.data() + r * kBlockK + bk, S.data() + r * kBlockK + bkp, 0.0f);
       A = S.data();
     } else {  // P rounded to bf16 for P V, as FlashAttention does
-      for (int64_t r = 0; r < bq; ++r) {
+      for (int64_t r = r0; r < r1; ++r) {
         tile::to_bf16(S.data() + r * kBlockK, Pb.data() + r * kBlockK, bk);
         std::fill(Pb.data() + r * kBlockK + bk, Pb.data() + r * kBlockK + bkp, E(0));
       }
@@ -319,7 +323,8 @@ struct PackedProducts {
     }
     const E* vpk = Shared::raw_packed(const_cast<Tensor&>(in.vp_[s])) + (b * P.Hkv + hk) * in.Lp[s] * in.Dvp +
                    rel0 * in.Dvp;
-    gemm(in.isa, bq, in.Dvp, bkp / kp, A, kBlockK, vpk, kp * in.Dvp, O.data(), in.Dvp, true);
+    gemm(in.isa, r1 - r0, in.Dvp, bkp / kp, A + r0 * kBlockK, kBlockK, vpk, kp * in.Dvp, O.data() + r0 * in.Dvp,
+         in.Dvp, true);
   }
   static void gemm(F32Tiles isa, int64_t M, int64_t N, int64_t K, const E* A, int64_t lda, const E* Bp, int64_t ldb,
                    float* C, int64_t ldc, bool acc) {
@@ -333,22 +338,51 @@ struct PackedProducts {
 
 // ---------------------------------------------------------------------------------------------
 // Forward. Work item: (b, h, query tile). The visible keys of the tile are one interval; it is
-// cut by the memory/current boundary into at most two runs of key tiles.
+// cut by the memory/current boundary into at most two runs of key tiles. A key tile that the causal
+// diagonal or the window edge cuts is done in sub-blocks of kSubRows query rows, each over only the
+// columns its rows see, so a tile on the diagonal costs about half a tile, not a whole one.
 // ---------------------------------------------------------------------------------------------
+constexpr int64_t kSubRows = 48;  // a multiple of the micro-kernels' 6 rows
+
+// Query rows per tile: kBlockQ, or fewer when B * H * tiles would leave threads without work (short
+// sequences, few heads), down to kSubRows.
+int64_t query_tile(const Problem& P) {
+  const int64_t threads = at::get_num_threads(), bh = P.B * P.H;
+  int64_t bq = kBlockQ;
+  while (bq > kSubRows && bh * ((P.N + bq - 1) / bq) < 4 * threads) bq /= 2;
+  return std::max(bq, std::min(kSubRows, kBlockQ));
+}
+
 template <typename T, typename Products>
 void forward_kernel(const Problem& P, const typename Products::Shared& shared, const T* slopes, Tensor& out,
                     Tensor& lse) {
-  const int64_t n_qt = (P.N + kBlockQ - 1) / kBlockQ;
+  const int64_t BQ = query_tile(P), n_qt = (P.N + BQ - 1) / BQ;
   const tiles::Geometry geo = P.geometry();
   T* out_d = out.data_ptr<T>();
   T* lse_d = lse.data_ptr<T>();
   at::parallel_for(0, P.B * P.H * n_qt, 1, [&](int64_t begin, int64_t end) {
     Products prod(shared, P);
     std::vector<T> m(kBlockQ), l(kBlockQ);
+    // Rows [r0, r1) of the tile at i0 over keys [rel0, rel0 + bk) of segment s (absolute start a0).
+    const auto step = [&](int64_t b, int64_t h, int64_t hk, int64_t i0, int s, int64_t rel0, int64_t bk, int64_t a0,
+                          bool full, int64_t r0, int64_t r1) {
+      prod.scores(s == 0, b, hk, rel0, bk, r0, r1);
+      T* s_ptr = prod.s_ptr();
+      T* o_ptr = prod.o_ptr();
+      const T slope = slopes ? slopes[h] : T(0);
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t c0 = 0, c1 = bk;
+        if (!full) tiles::row_columns(geo, i0 + r, a0, bk, &c0, &c1);
+        const T dist0 = static_cast<T>(P.M + i0 + r - a0);  // qpos - kpos of column 0
+        const T alpha = fwd_row(s_ptr + r * Products::s_ld, bk, c0, c1, static_cast<T>(P.scale), slope, dist0, m[r],
+                                l[r]);
+        if (alpha != T(1)) scale_row(o_ptr + r * prod.o_ld, P.Dv, alpha);
+      }
+      prod.accumulate(s == 0, b, hk, rel0, bk, r0, r1);
+    };
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qt = item % n_qt, bh = item / n_qt, b = bh / P.H, h = bh % P.H, hk = h / P.group();
-      const int64_t i0 = qt * kBlockQ, bq = std::min(kBlockQ, P.N - i0);
-      const T slope = slopes ? slopes[h] : T(0);
+      const int64_t i0 = qt * BQ, bq = std::min(BQ, P.N - i0);
       prod.begin_queries(b, h, i0, bq);
       std::fill(m.begin(), m.end(), static_cast<T>(kNegInf));
       std::fill(l.begin(), l.end(), T(0));
@@ -359,19 +393,18 @@ void forward_kernel(const Problem& P, const typename Products::Shared& shared, c
         const int64_t rel_lo = std::max(vis.lo, off) - off, rel_hi = std::min(vis.hi, off + lengths[s]) - off;
         for (int64_t rel0 = Products::tile_start(rel_lo); rel0 < rel_hi; rel0 += kBlockK) {
           const int64_t bk = std::min(kBlockK, rel_hi - rel0), a0 = off + rel0;
-          prod.scores(s == 0, b, hk, rel0, bk);
-          const bool full = tiles::tile_fully_visible(geo, i0, bq, a0, bk);
-          T* s_ptr = prod.s_ptr();
-          T* o_ptr = prod.o_ptr();
-          for (int64_t r = 0; r < bq; ++r) {
-            int64_t c0 = 0, c1 = bk;
-            if (!full) tiles::row_columns(geo, i0 + r, a0, bk, &c0, &c1);
-            const T dist0 = static_cast<T>(P.M + i0 + r - a0);  // qpos - kpos of column 0
-            const T alpha = fwd_row(s_ptr + r * Products::s_ld, bk, c0, c1, static_cast<T>(P.scale), slope, dist0,
-                                    m[r], l[r]);
-            if (alpha != T(1)) scale_row(o_ptr + r * prod.o_ld, P.Dv, alpha);
+          if (tiles::tile_fully_visible(geo, i0, bq, a0, bk)) {
+            step(b, h, hk, i0, s, rel0, bk, a0, true, 0, bq);
+            continue;
           }
-          prod.accumulate(s == 0, b, hk, rel0, bk);
+          for (int64_t r0 = 0; r0 < bq; r0 += kSubRows) {
+            const int64_t r1 = std::min(bq, r0 + kSubRows);
+            const tiles::Range sub = tiles::visible_keys(geo, i0 + r0, r1 - r0);
+            const int64_t lo = Products::tile_start(std::max(sub.lo, a0) - off) + off;  // keeps rel0's alignment
+            const int64_t hi = std::min(sub.hi, a0 + bk);
+            if (hi <= lo) continue;  // these rows see none of this tile
+            step(b, h, hk, i0, s, lo - off, hi - lo, lo, false, r0, r1);
+          }
         }
       }
       // Normalise and write out; every row saw at least itself (validated), so l > 0.
@@ -418,25 +451,40 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
         Tensor dKt = (in_mem ? dmk_h : dk_h)[b][h].narrow(0, a0 - offset, bk);
         Tensor dVt = (in_mem ? dmv_h : dv_h)[b][h].narrow(0, a0 - offset, bk);
         const tiles::Range rows = tiles::visible_queries(geo, a0, bk);
-        for (int64_t i0 = rows.lo; i0 < rows.hi; i0 += kBlockQ) {
-          const int64_t bq = std::min(kBlockQ, rows.hi - i0);
+        // Query rows [i0, i0 + bq) against key columns [c0k, c0k + w) of the tile (all of it when it is fully
+        // visible; else per sub-block of kSubRows rows, only the columns those rows see).
+        const auto step = [&](int64_t i0, int64_t bq, int64_t c0k, int64_t w, bool full) {
           const Tensor Qt = Qb.narrow(0, i0, bq), dOt = dOb.narrow(0, i0, bq);
-          Tensor St = S.narrow(0, 0, bq).narrow(1, 0, bk), dPt = dP.narrow(0, 0, bq).narrow(1, 0, bk);
-          at::mm_out(St, Qt, Kt.t());
-          at::mm_out(dPt, dOt, Vt.t());
-          const bool full = tiles::tile_fully_visible(geo, i0, bq, a0, bk);
+          const Tensor Kc = Kt.narrow(0, c0k, w), Vc = Vt.narrow(0, c0k, w);
+          Tensor St = S.narrow(0, 0, bq).narrow(1, 0, w), dPt = dP.narrow(0, 0, bq).narrow(1, 0, w);
+          at::mm_out(St, Qt, Kc.t());
+          at::mm_out(dPt, dOt, Vc.t());
           T* s_ptr = S.data_ptr<T>();
           T* dp_ptr = dP.data_ptr<T>();
+          const int64_t ac = a0 + c0k;
           for (int64_t r = 0; r < bq; ++r) {
-            int64_t c0 = 0, c1 = bk;
-            if (!full) tiles::row_columns(geo, i0 + r, a0, bk, &c0, &c1);
-            const T dist0 = static_cast<T>(P.M + i0 + r - a0);
-            bwd_row(s_ptr + r * kBlockK, dp_ptr + r * kBlockK, bk, c0, c1, static_cast<T>(P.scale), slope, dist0,
+            int64_t c0 = 0, c1 = w;
+            if (!full) tiles::row_columns(geo, i0 + r, ac, w, &c0, &c1);
+            const T dist0 = static_cast<T>(P.M + i0 + r - ac);
+            bwd_row(s_ptr + r * kBlockK, dp_ptr + r * kBlockK, w, c0, c1, static_cast<T>(P.scale), slope, dist0,
                     lse_b[i0 + r], delta_b[i0 + r]);
           }
-          dVt.addmm_(St.t(), dOt);             // dV += P^T dO
-          dKt.addmm_(dPt.t(), Qt);             // dK += dS^T Q   (scaled at the end)
-          dQb.narrow(0, i0, bq).addmm_(dPt, Kt);  // dQ += dS K    (scaled at the end)
+          dVt.narrow(0, c0k, w).addmm_(St.t(), dOt);  // dV += P^T dO
+          dKt.narrow(0, c0k, w).addmm_(dPt.t(), Qt);  // dK += dS^T Q   (scaled at the end)
+          dQb.narrow(0, i0, bq).addmm_(dPt, Kc);      // dQ += dS K    (scaled at the end)
+        };
+        for (int64_t i0 = rows.lo; i0 < rows.hi; i0 += kBlockQ) {
+          const int64_t bq = std::min(kBlockQ, rows.hi - i0);
+          if (tiles::tile_fully_visible(geo, i0, bq, a0, bk)) {
+            step(i0, bq, 0, bk, true);
+            continue;
+          }
+          for (int64_t r0 = 0; r0 < bq; r0 += kSubRows) {
+            const int64_t r1 = std::min(bq, r0 + kSubRows);
+            const tiles::Range sub = tiles::visible_keys(geo, i0 + r0, r1 - r0);
+            const int64_t lo = std::max(sub.lo, a0), hi = std::min(sub.hi, a0 + bk);
+            if (hi > lo) step(i0 + r0, r1 - r0, lo - a0, hi - lo, false);
+          }
         }
       }
     }
