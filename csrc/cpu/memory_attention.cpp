@@ -813,6 +813,220 @@ void decode_forward(const Problem& P, F32Tiles isa, const Tensor& q, const Tenso
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward on our micro-kernels: bfloat16 (AVX-512 BF16: the five tile products as bf16 dot products with
+// float32 accumulation, P and dS rounded to bf16 for their products as FlashAttention does, on the inputs as
+// stored) or float32 (AVX-512 or AVX2 FMA). Work items as in backward_kernel: (b, h, slice of key tiles); each
+// owns its key tiles' dk/dv and a private dq, so no two threads write the same memory. Operands (tile_gemm.h):
+//   S  = Q K^T     A: Q rows                       B: K^T panel (the tile's key rows transposed)
+//   dP = dO V^T    A: dO rows                      B: V^T panel
+//   dV += P^T dO   A: P transposed (float32: P's rows read as columns; bf16: P's rows interleaved into pairs)
+//                  B: dO rows (bf16: interleaved into pairs along rows)
+//   dK += dS^T Q   as dV, with dS and Q
+//   dQ += dS K     A: dS rows                      B: K rows (bf16: interleaved into pairs along rows)
+// Q and dO are laid out once per item for the whole head; keys and values once per key tile.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kBwdQ = 128, kBwdK = 128;
+
+// One head's rows of a (B, H, L, d) tensor for the products: in place where the layout allows (unit stride
+// along d; bf16: d even, for pairs; `pad`: d a multiple of 16, for a B operand's 16-column loads), else copied
+// contiguous with d padded (to 2 or 16).
+template <typename E>
+struct HeadRows {
+  const E* rows = nullptr;
+  int64_t ld = 0;
+  std::vector<E> copy;
+  void take(const Tensor& t, int64_t b, int64_t h, int64_t d, bool pad) {
+    using Src = std::conditional_t<std::is_same_v<E, float>, float, at::BFloat16>;
+    const RowView<Src> view(t);
+    const int64_t L = t.size(2), width = pad ? round_up(d, 16) : round_up(d, std::is_same_v<E, float> ? 1 : 2);
+    if (view.sd == 1 && d == width) {
+      rows = reinterpret_cast<const E*>(view.row(b, h, 0));
+      ld = view.sl;
+      return;
+    }
+    copy.assign(L * width, E(0));
+    for (int64_t j = 0; j < L; ++j) {
+      const Src* src = view.row(b, h, j);
+      for (int64_t x = 0; x < d; ++x) {
+        if constexpr (std::is_same_v<E, float>) {
+          copy[j * width + x] = src[x * view.sd];
+        } else {
+          copy[j * width + x] = src[x * view.sd].x;
+        }
+      }
+    }
+    rows = copy.data();
+    ld = width;
+  }
+  const E* row(int64_t j) const { return rows + j * ld; }
+};
+
+template <typename E>
+void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Tensor& q, const Tensor& k,
+                    const Tensor& v, const Tensor& mk, const Tensor& mv, const float* slopes, const float* lse,
+                    const float* delta, int64_t n_slices, Tensor& dq_part, Tensor& dk_h, Tensor& dv_h, Tensor& dmk_h,
+                    Tensor& dmv_h) {
+  constexpr bool kBf16 = std::is_same_v<E, uint16_t>;
+  constexpr int64_t kp = kBf16 ? 2 : 1;
+  using Src = std::conditional_t<kBf16, at::BFloat16, float>;
+  const int64_t n_kt_mem = (P.M + kBwdK - 1) / kBwdK, n_kt = n_kt_mem + (P.N + kBwdK - 1) / kBwdK;
+  const int64_t Dq = round_up(P.D, kp), Dvq = round_up(P.Dv, kp), Dp = round_up(P.D, 16), Dvp = round_up(P.Dv, 16);
+  const int64_t Kp = kBwdK + 16;  // panel width in keys (a sub-block's columns start on a multiple of 16)
+  const tiles::Geometry geo = P.geometry();
+  const float scale = static_cast<float>(P.scale);
+  const auto gemm = [&](int64_t M, int64_t N, int64_t K, const E* A, int64_t lda, const E* B, int64_t ldb, float* C,
+                        int64_t ldc, bool acc) {
+    if constexpr (kBf16) {
+      tile::gemm_bf16(M, N, K, A, lda, B, ldb, C, ldc, acc);
+    } else {
+      tile::gemm_f32(isa, M, N, K, A, lda, B, ldb, C, ldc, acc);
+    }
+  };
+  at::parallel_for(0, P.B * P.H * n_slices, 1, [&](int64_t begin, int64_t end) {
+    HeadRows<E> Qa, dOa, Qb, dOb;  // A operands (S, dP) and B operands (dK, dV) of the head
+    std::vector<uint16_t> Qil, dOil;  // bf16: the head's Q and dO rows interleaved into pairs along rows
+    std::vector<uint32_t> Kt((Dq / kp) * Kp), Vt((Dvq / kp) * Kp);  // panels, 32-bit words
+    std::vector<E> Kb(Kp * Dp);  // dQ's B: the tile's key rows (bf16: interleaved, (Kp / 2) x Dp x 2)
+    std::vector<float> S(kBwdQ * Kp), dP(kBwdQ * Kp), dK(Kp * Dp), dV(Kp * Dvp), dQ;
+    std::vector<uint16_t> Pb, dSb, Pil, dSil;
+    if constexpr (kBf16) {
+      Pb.resize(kBwdQ * Kp), dSb.resize(kBwdQ * Kp), Pil.resize((kBwdQ / 2 + 1) * 2 * Kp);
+      dSil.resize((kBwdQ / 2 + 1) * 2 * Kp);
+    }
+    std::vector<E> stage(Kp * std::max(Dp, Dvp));
+    std::vector<const E*> rows(std::max<int64_t>(P.N, Kp));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t slice = item % n_slices, bh = item / n_slices, b = bh / P.H, h = bh % P.H, hk = h / P.group();
+      const float slope = slopes ? slopes[h] : 0.0f;
+      const float* lse_b = lse + bh * P.N;
+      const float* delta_b = delta + bh * P.N;
+      Qa.take(q, b, h, P.D, false);
+      dOa.take(dout, b, h, P.Dv, false);
+      if constexpr (kBf16) {
+        const int64_t pairs_n = (P.N + 1) / 2;
+        Qil.assign(pairs_n * 2 * Dp, uint16_t(0));
+        dOil.assign(pairs_n * 2 * Dvp, uint16_t(0));
+        for (int64_t i = 0; i < P.N; ++i) rows[i] = Qa.row(i);
+        tile::interleave_rows_bf16(rows.data(), P.N, P.D, Qil.data(), 2 * Dp, Dp);
+        for (int64_t i = 0; i < P.N; ++i) rows[i] = dOa.row(i);
+        tile::interleave_rows_bf16(rows.data(), P.N, P.Dv, dOil.data(), 2 * Dvp, Dvp);
+      } else {
+        Qb.take(q, b, h, P.D, true);
+        dOb.take(dout, b, h, P.Dv, true);
+      }
+      dQ.assign(P.N * Dp, 0.0f);
+      for (int64_t kt = slice; kt < n_kt; kt += n_slices) {
+        const bool in_mem = kt < n_kt_mem;
+        const int64_t offset = in_mem ? 0 : P.M, len = in_mem ? P.M : P.N;
+        const int64_t a0 = offset + (in_mem ? kt : kt - n_kt_mem) * kBwdK;
+        const int64_t bk = std::min(kBwdK, offset + len - a0);
+        const tiles::Range qrows = tiles::visible_queries(geo, a0, bk);
+        if (qrows.hi <= qrows.lo) continue;
+        // The tile's keys and values: transposed panels (S, dP) and, for the keys, dQ's B operand.
+        const auto layout = [&](const Tensor& t, int64_t d, int64_t dq, std::vector<uint32_t>& panel, bool keys) {
+          const RowView<Src> view(t);
+          const bool direct = kBf16 ? view.words(d) : view.sd == 1;
+          for (int64_t j = 0; j < bk; ++j) {
+            const Src* src = view.row(b, hk, a0 - offset + j);
+            if (direct) {
+              rows[j] = reinterpret_cast<const E*>(src);
+              continue;
+            }
+            E* dst = stage.data() + j * dq;
+            for (int64_t x = 0; x < d; ++x) {
+              if constexpr (kBf16) {
+                dst[x] = src[x * view.sd].x;
+              } else {
+                dst[x] = src[x * view.sd];
+              }
+            }
+            for (int64_t x = d; x < dq; ++x) dst[x] = E(0);
+            rows[j] = dst;
+          }
+          tile::transpose32(kBf16 ? F32Tiles::Avx512 : isa, reinterpret_cast<const uint32_t* const*>(rows.data()), bk,
+                            dq / kp, panel.data(), Kp, Kp);
+          if (!keys) return;
+          if constexpr (kBf16) {
+            tile::interleave_rows_bf16(rows.data(), bk, d, Kb.data(), 2 * Dp, Dp);
+          } else {
+            for (int64_t j = 0; j < bk; ++j) {
+              std::copy(rows[j], rows[j] + d, Kb.data() + j * Dp);
+              std::fill(Kb.data() + j * Dp + d, Kb.data() + (j + 1) * Dp, 0.0f);
+            }
+          }
+        };
+        layout(in_mem ? mk : k, P.D, Dq, Kt, true);
+        layout(in_mem ? mv : v, P.Dv, Dvq, Vt, false);
+        std::fill(dK.begin(), dK.end(), 0.0f);
+        std::fill(dV.begin(), dV.end(), 0.0f);
+        // Query rows [i0, i0 + bq) (i0 even) against key columns [c0k, c0k + w) of the tile (c0k a multiple of 16).
+        const auto step = [&](int64_t i0, int64_t bq, int64_t c0k, int64_t w, bool full) {
+          const int64_t wp = round_up(w, 16);
+          const E* ktp = reinterpret_cast<const E*>(Kt.data()) + kp * c0k;
+          const E* vtp = reinterpret_cast<const E*>(Vt.data()) + kp * c0k;
+          gemm(bq, wp, Dq / kp, Qa.row(i0), Qa.ld, ktp, kp * Kp, S.data(), Kp, false);
+          gemm(bq, wp, Dvq / kp, dOa.row(i0), dOa.ld, vtp, kp * Kp, dP.data(), Kp, false);
+          const int64_t ac = a0 + c0k;
+          for (int64_t r = 0; r < bq; ++r) {
+            int64_t c0 = 0, c1 = w;
+            if (!full) tiles::row_columns(geo, i0 + r, ac, w, &c0, &c1);
+            const float dist0 = static_cast<float>(P.M + i0 + r - ac);
+            bwd_row(S.data() + r * Kp, dP.data() + r * Kp, wp, c0, c1, scale, slope, dist0, lse_b[i0 + r],
+                    delta_b[i0 + r]);
+          }
+          if constexpr (kBf16) {
+            const int64_t pq = (bq + 1) / 2;
+            for (int64_t r = 0; r < bq; ++r) {
+              tile::to_bf16(S.data() + r * Kp, Pb.data() + r * Kp, wp);
+              tile::to_bf16(dP.data() + r * Kp, dSb.data() + r * Kp, wp);
+            }
+            const uint16_t* prow[kBwdQ];
+            for (int64_t r = 0; r < bq; ++r) prow[r] = Pb.data() + r * Kp;
+            tile::interleave_rows_bf16(prow, bq, wp, Pil.data(), 2 * wp, wp);
+            for (int64_t r = 0; r < bq; ++r) prow[r] = dSb.data() + r * Kp;
+            tile::interleave_rows_bf16(prow, bq, wp, dSil.data(), 2 * wp, wp);
+            tile::gemm_bf16_at(w, Dvp, pq, reinterpret_cast<const uint32_t*>(Pil.data()), wp,
+                               dOil.data() + (i0 / 2) * 2 * Dvp, 2 * Dvp, dV.data() + c0k * Dvp, Dvp, true);
+            tile::gemm_bf16_at(w, Dp, pq, reinterpret_cast<const uint32_t*>(dSil.data()), wp,
+                               Qil.data() + (i0 / 2) * 2 * Dp, 2 * Dp, dK.data() + c0k * Dp, Dp, true);
+            tile::gemm_bf16(bq, Dp, wp / 2, dSb.data(), Kp, Kb.data() + (c0k / 2) * 2 * Dp, 2 * Dp,
+                            dQ.data() + i0 * Dp, Dp, true);
+          } else {
+            // P and dS as the transposed A operands, read column by column where they lie.
+            tile::gemm_f32_at(isa, w, Dvp, bq, S.data(), Kp, dOb.row(i0), dOb.ld, dV.data() + c0k * Dvp, Dvp, true);
+            tile::gemm_f32_at(isa, w, Dp, bq, dP.data(), Kp, Qb.row(i0), Qb.ld, dK.data() + c0k * Dp, Dp, true);
+            tile::gemm_f32(isa, bq, Dp, w, dP.data(), Kp, Kb.data() + c0k * Dp, Dp, dQ.data() + i0 * Dp, Dp, true);
+          }
+        };
+        for (int64_t i0 = qrows.lo & ~int64_t(1); i0 < qrows.hi; i0 += kBwdQ) {
+          const int64_t bq = std::min(kBwdQ, qrows.hi - i0);
+          if (tiles::tile_fully_visible(geo, i0, bq, a0, bk)) {
+            step(i0, bq, 0, bk, true);
+            continue;
+          }
+          for (int64_t r0 = 0; r0 < bq; r0 += kSubRows) {
+            const int64_t r1 = std::min(bq, r0 + kSubRows);
+            const tiles::Range sub = tiles::visible_keys(geo, i0 + r0, r1 - r0);
+            const int64_t lo = ((std::max(sub.lo, a0) - a0) & ~int64_t(15)) + a0, hi = std::min(sub.hi, a0 + bk);
+            if (hi > lo) step(i0 + r0, r1 - r0, lo - a0, hi - lo, false);
+          }
+        }
+        // The tile's key gradients, per query head (the GQA group is summed afterwards).
+        float* dk_d = (in_mem ? dmk_h : dk_h)[b][h].data_ptr<float>() + (a0 - offset) * P.D;
+        float* dv_d = (in_mem ? dmv_h : dv_h)[b][h].data_ptr<float>() + (a0 - offset) * P.Dv;
+        for (int64_t j = 0; j < bk; ++j) {
+          for (int64_t x = 0; x < P.D; ++x) dk_d[j * P.D + x] += dK[j * Dp + x];
+          for (int64_t x = 0; x < P.Dv; ++x) dv_d[j * P.Dv + x] += dV[j * Dvp + x];
+        }
+      }
+      float* dq_d = dq_part[slice][b][h].data_ptr<float>();
+      for (int64_t i = 0; i < P.N; ++i)
+        for (int64_t x = 0; x < P.D; ++x) dq_d[i * P.D + x] += dQ[i * Dp + x];
+    }
+  });
+}
+
 Tensor optional_slopes(const std::optional<Tensor>& alibi, at::ScalarType ct) {
   if (!alibi.has_value()) return Tensor();
   return alibi->to(ct).contiguous();
@@ -879,13 +1093,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
   checks::memory_attention_grads("memory_attention_bwd", dims, q, dout, lse, delta);
   const Problem P = describe(q, k, v, mem_k, causal, dims.window, scale);
   const auto ct = compute_type(q.scalar_type());
-  const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
-  const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct), doc = compute_view(dout, ct);
   const Tensor lsec = compute_view(lse, ct).contiguous(), deltac = compute_view(delta, ct).contiguous();
   const Tensor slopes = optional_slopes(alibi_slopes, ct);
 
-  const int64_t threads = at::get_num_threads(), bh = P.B * P.H;
-  const int64_t n_kt = (P.M + kBlockK - 1) / kBlockK + (P.N + kBlockK - 1) / kBlockK;
+  // Our micro-kernels where the CPU has them (bf16 with AVX-512 BF16 on the inputs as stored; float32, and
+  // float16 / bf16 without BF16 widened, with AVX-512 or AVX2 FMA); else, and for float64, the BLAS tiles.
+  const F32Tiles f32 = f32_tiles();
+  const bool bf16 = q.scalar_type() == at::kBFloat16 && has_avx512_bf16() && f32 != F32Tiles::None;
+  const bool tiles_f32 = !bf16 && ct == at::kFloat && f32 != F32Tiles::None;
+  const int64_t threads = at::get_num_threads(), bh = P.B * P.H, tile_k = (bf16 || tiles_f32) ? kBwdK : kBlockK;
+  const int64_t n_kt = (P.M + tile_k - 1) / tile_k + (P.N + tile_k - 1) / tile_k;
   // Split key tiles into slices only when (b, h) items alone would leave threads idle.
   int64_t n_slices = 1;
   if (bh % threads != 0 && bh < 4 * threads) n_slices = std::min(n_kt, (2 * threads + bh - 1) / bh);
@@ -893,10 +1110,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
   Tensor dq_part = at::zeros({n_slices, P.B, P.H, P.N, P.D}, copts);
   Tensor dk_h = at::zeros({P.B, P.H, P.N, P.D}, copts), dv_h = at::zeros({P.B, P.H, P.N, P.Dv}, copts);
   Tensor dmk_h = at::zeros({P.B, P.H, P.M, P.D}, copts), dmv_h = at::zeros({P.B, P.H, P.M, P.Dv}, copts);
-  AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_bwd_cpu", [&] {
-    backward_kernel<scalar_t>(P, doc, qc, kc, vc, mkc, mvc, slopes.defined() ? slopes.data_ptr<scalar_t>() : nullptr,
-                              lsec, deltac, n_slices, dq_part, dk_h, dv_h, dmk_h, dmv_h);
-  });
+  if (bf16) {
+    backward_tiles<uint16_t>(P, f32, dout.to(at::kBFloat16), q, k, v, mem_k, mem_v,
+                             slopes.defined() ? slopes.data_ptr<float>() : nullptr, lsec.data_ptr<float>(),
+                             deltac.data_ptr<float>(), n_slices, dq_part, dk_h, dv_h, dmk_h, dmv_h);
+  } else {
+    const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
+    const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct), doc = compute_view(dout, ct);
+    if (tiles_f32) {
+      backward_tiles<float>(P, f32, doc, qc, kc, vc, mkc, mvc, slopes.defined() ? slopes.data_ptr<float>() : nullptr,
+                            lsec.data_ptr<float>(), deltac.data_ptr<float>(), n_slices, dq_part, dk_h, dv_h, dmk_h,
+                            dmv_h);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_bwd_cpu", [&] {
+        backward_kernel<scalar_t>(P, doc, qc, kc, vc, mkc, mvc,
+                                  slopes.defined() ? slopes.data_ptr<scalar_t>() : nullptr, lsec, deltac, n_slices,
+                                  dq_part, dk_h, dv_h, dmk_h, dmv_h);
+      });
+    }
+  }
   // Per-query-head key gradients summed over each GQA group; dq and dk carry the logit scale.
   const auto fold = [&](const Tensor& g, double s) {
     Tensor r = P.group() == 1 ? g : g.view({P.B, P.Hkv, P.group(), g.size(2), g.size(3)}).sum(2);

@@ -47,6 +47,27 @@ LK_BF16_TARGET void micro_bf16(const uint16_t* A, int64_t lda, const uint16_t* B
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + m * ldc + 16 * v, acc[m][v]);
 }
 
+// The same with A given transposed as pairs: the pair (m, t) is the 32-bit word At[t * lda + m] (lda in words),
+// for products such as P^T dO on P's rows interleaved into pairs (no transpose of P).
+template <int MR, int NV>
+LK_BF16_TARGET void micro_bf16_at(const uint32_t* At, int64_t lda, const uint16_t* Bp, int64_t ldb, float* C,
+                                  int64_t ldc, int64_t K, bool accumulate) {
+  __m512 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v)
+      acc[m][v] = accumulate ? _mm512_loadu_ps(C + m * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t t = 0; t < K; ++t) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bp + t * ldb + 32 * v);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(At[t * lda + m]));
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], a, b[v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + m * ldc + 16 * v, acc[m][v]);
+}
+
 template <int MR, int NV>
 LK_F32_TARGET void micro_f32(const float* A, int64_t lda, const float* Bp, int64_t ldb, float* C, int64_t ldc,
                              int64_t K, bool accumulate) {
@@ -228,6 +249,27 @@ MicroAt pick_at(int mr, int nv) {
   }
 }
 
+using MicroBf16At = void (*)(const uint32_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, int64_t, bool);
+template <int MR>
+MicroBf16At pick_bf16_at_nv(int nv) {
+  switch (nv) {
+    case 1: return micro_bf16_at<MR, 1>;
+    case 2: return micro_bf16_at<MR, 2>;
+    case 3: return micro_bf16_at<MR, 3>;
+    default: return micro_bf16_at<MR, 4>;
+  }
+}
+MicroBf16At pick_bf16_at(int mr, int nv) {
+  switch (mr) {
+    case 1: return pick_bf16_at_nv<1>(nv);
+    case 2: return pick_bf16_at_nv<2>(nv);
+    case 3: return pick_bf16_at_nv<3>(nv);
+    case 4: return pick_bf16_at_nv<4>(nv);
+    case 5: return pick_bf16_at_nv<5>(nv);
+    default: return pick_bf16_at_nv<6>(nv);
+  }
+}
+
 // Column blocks outermost: a B panel (K groups x 64 columns) stays in L1/L2 for every row block.
 template <typename E>
 void gemm(int64_t M, int64_t N, int64_t K, const E* A, int64_t lda, const E* Bp, int64_t ldb, float* C, int64_t ldc,
@@ -249,6 +291,18 @@ void gemm(int64_t M, int64_t N, int64_t K, const E* A, int64_t lda, const E* Bp,
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp, int64_t ldb,
                float* C, int64_t ldc, bool accumulate) {
   gemm<uint16_t>(M, N, K, A, lda, Bp, ldb, C, ldc, accumulate);
+}
+
+void gemm_bf16_at(int64_t M, int64_t N, int64_t K, const uint32_t* At, int64_t lda, const uint16_t* Bp, int64_t ldb,
+                  float* C, int64_t ldc, bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += 16 * kNV) {
+    const int nv = static_cast<int>(std::min<int64_t>(kNV, (N - n0) / 16));
+    const MicroBf16At full = pick_bf16_at(kMR, nv);
+    int64_t m0 = 0;
+    for (; m0 + kMR <= M; m0 += kMR) full(At + m0, lda, Bp + 2 * n0, ldb, C + m0 * ldc + n0, ldc, K, accumulate);
+    if (m0 < M)
+      pick_bf16_at(static_cast<int>(M - m0), nv)(At + m0, lda, Bp + 2 * n0, ldb, C + m0 * ldc + n0, ldc, K, accumulate);
+  }
 }
 
 void gemm_f32(F32Tiles isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
@@ -474,6 +528,10 @@ void transpose32(F32Tiles, const uint32_t* const* rows, int64_t n_rows, int64_t 
     for (int64_t r = 0; r < n_rows; ++r) dst[c * dst_ld + r] = rows[r][c];
     for (int64_t r = n_rows; r < rows_pad; ++r) dst[c * dst_ld + r] = 0;
   }
+}
+void gemm_bf16_at(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,
+                  bool) {
+  TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
 void dots_f32(int64_t, int64_t, const float*, int64_t, const float* const*, int64_t, float*, int64_t) {
   TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");

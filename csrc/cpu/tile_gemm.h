@@ -24,6 +24,9 @@ namespace longkernels::cpu::tile {
 // C[M x N] (row stride ldc) = or += A * B; K counts groups of kp along the reduction.
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp, int64_t ldb,
                float* C, int64_t ldc, bool accumulate);
+// The same with A given transposed as pairs: pair (m, t) is the 32-bit word At[t * lda + m] (lda in words).
+void gemm_bf16_at(int64_t M, int64_t N, int64_t K, const uint32_t* At, int64_t lda, const uint16_t* Bp, int64_t ldb,
+                  float* C, int64_t ldc, bool accumulate);
 // `isa`: F32Tiles::Avx512 or F32Tiles::Avx2 (from f32_tiles(); never None).
 void gemm_f32(F32Tiles isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
               int64_t ldb, float* C, int64_t ldc, bool accumulate);
