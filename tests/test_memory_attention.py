@@ -124,6 +124,23 @@ def test_triton_interpreter_float64(case):
     _check(case, "triton", torch.float64)
 
 
+# The Triton decode kernels (split keys, combined by LSE): few queries per kv head, caches long enough
+# for several splits under the interpreter.
+TRITON_DECODE_CASES = [
+    Case(N=1, M=100, D=16, H=4, Hkv=2),
+    Case(N=3, M=90, D=20, Dv=12, H=4, Hkv=1, window=30, alibi=True),
+    Case(N=16, M=40, D=16, H=2, Hkv=2, causal=False),
+    Case(N=2, M=0, D=16, H=8, Hkv=1),
+    Case(B=2, N=5, M=70, D=32, H=6, Hkv=3, strided=True, window=200),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TRITON_DECODE_CASES, ids=Case.describe)
+def test_triton_interpreter_decode(case, dtype):
+    _check(case, "triton", dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [CASES[4], CASES[9], CASES[12]], ids=Case.describe)
 def test_triton_interpreter_low_precision(case, dtype):

@@ -75,18 +75,19 @@ NAN_PLACES = {
     # where: (tensor index in (q, k, v, mk, mv), index given M)
     "a memory key, the first tile's only visible one for some rows": (3, lambda M: (0, 0, 0, 0)),
     "all keys of the first memory tile": (3, lambda M: (0, 0, slice(0, min(512, M - 20)), 0)),
-    "a current key": (1, lambda M: (0, 0, 5, 0)),
-    "a current value": (2, lambda M: (0, 1, 5, 0)),
-    "a query": (0, lambda M: (0, 0, 3, 1)),
+    "a current key": (1, lambda M: (0, 0, 2, 0)),
+    "a current value": (2, lambda M: (0, 1, 2, 0)),
+    "a query": (0, lambda M: (0, 0, 1, 1)),
     "a memory value": (4, lambda M: (0, 1, M - 50, 2)),
 }
 NAMES = ("out", "lse", "dq", "dk", "dv", "dmem_k", "dmem_v")
 
 
-def _nan_inputs(where, seed, M):
-    """M = 600 crosses the C++ kernels' 512-key tiles; the Triton interpreter's tiles are 16 to 64 wide."""
+def _nan_inputs(where, seed, M, N):
+    """M = 600 crosses the C++ kernels' 512-key tiles; the Triton interpreter's tiles are 16 to 64 wide.
+    N = 40 takes the kernels' general path, N = 3 their decode path."""
     g = torch.Generator().manual_seed(seed)
-    B, H, N, D = 1, 2, 40, 16
+    B, H, D = 1, 2, 16
     ts = [torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for n in (N, N, N, M, M)]
     which, index = NAN_PLACES[where]
     ts[which][index(M)] = NAN
@@ -99,16 +100,17 @@ NAN_RUNS = [(p, d) for p in PATHS for d in (torch.float64, torch.float32)] + [((
 
 
 @needs_ext
+@pytest.mark.parametrize("n", [40, 3])
 @pytest.mark.parametrize("window", [None, 3, 70])
 @pytest.mark.parametrize("where", list(NAN_PLACES))
 @pytest.mark.parametrize("path,dtype", NAN_RUNS,
                          ids=[p[0] + (f"-{p[1]}" if p[1] else "") + f"-{str(d)[6:]}" for p, d in NAN_RUNS])
-def test_nan_reaches_the_rows_it_affects(path, where, window, dtype, monkeypatch):
+def test_nan_reaches_the_rows_it_affects(path, where, window, n, dtype, monkeypatch):
     backend, tiles = path
     if tiles:
         monkeypatch.setenv("LONGKERNELS_CPU_TILES", tiles)
-    seed = case_seed(where, window)
-    inputs = _nan_inputs(where, seed, 600 if backend == "cpu" else 100)
+    seed = case_seed(where, window, n)
+    inputs = _nan_inputs(where, seed, 600 if backend == "cpu" else 100, n)
     exact = _rowwise(inputs, window=window)
     ref = _run("reference", inputs, dtype, window=window)
     got = _run(backend, inputs, dtype, window=window)

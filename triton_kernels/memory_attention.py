@@ -639,6 +639,200 @@ def _dq_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# Decode: few query rows per kv head (flash-decoding). One program per (split of the keys, b, kv head)
+# takes the GQA group's R = G * N query rows together, so each key and value row is read once per group;
+# the splits' partial results are combined by their LSE in a second kernel.
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, MK, MV, Slopes, OutPart, LsePart,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mkb, stride_mkh, stride_mkn, stride_mkd,
+    stride_mvb, stride_mvh, stride_mvn, stride_mvd,
+    HKV, N, M, window, key_lo, split_len, n_splits, scale_hi, scale_lo,
+    GROUP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One split of keys [key_lo + s * split_len, ...) for all R rows of (b, kv head).
+
+    Grid: (n_splits * B * HKV,). Rows r = g * N + i: head hkv * GROUP + g, query i (position M + i);
+    padded to BLOCK_R (>= 16 for tl.dot), the padding masked. Keys of the split come from the memory
+    range and then the current one; every tile is masked (causal, window, range end): decoding is bound by
+    the reads of K and V, not by the mask. Writes o = acc / l (zero where the split sees nothing) and
+    lse = m + log(l) (-inf there) per row into OutPart (n_splits, B, HKV, BLOCK_R, Dv), LsePart.
+    """
+    pid = tl.program_id(0)
+    split = pid % n_splits
+    bg = pid // n_splits
+    b = (bg // HKV).to(tl.int64)
+    hkv = (bg % HKV).to(tl.int64)
+    R = GROUP * N
+    offs_r = tl.arange(0, BLOCK_R)
+    row_ok = offs_r < R
+    g = offs_r // N
+    i = offs_r % N
+    h = hkv * GROUP + g
+    qpos = M + i
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_ptrs = (Q + b * stride_qb + h.to(tl.int64)[:, None] * stride_qh + i.to(tl.int64)[:, None] * stride_qn
+              + offs_d[None, :] * stride_qd)
+    q = _load_rows(q_ptrs, row_ok, offs_d, HEAD_D, BLOCK_D, True)
+    qk_scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+    slope = tl.zeros([BLOCK_R], dtype=ACC)
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + h, mask=row_ok, other=0.0).to(ACC)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=ACC)
+    l_i = tl.zeros([BLOCK_R], dtype=ACC)
+    m_i = tl.full([BLOCK_R], _NEG_INF, dtype=ACC)
+    s0 = key_lo + split * split_len
+    s1 = tl.minimum(s0 + split_len, M + N)
+    for r in tl.static_range(2):
+        if r == 0:  # memory: positions [0, M)
+            rs = 0
+            L = M
+            Kr = MK + b * stride_mkb + hkv * stride_mkh
+            Vr = MV + b * stride_mvb + hkv * stride_mvh
+            skn, skd, svn, svd = stride_mkn, stride_mkd, stride_mvn, stride_mvd
+        else:  # current segment: positions [M, M + N)
+            rs = M
+            L = N
+            Kr = K + b * stride_kb + hkv * stride_kh
+            Vr = V + b * stride_vb + hkv * stride_vh
+            skn, skd, svn, svd = stride_kn, stride_kd, stride_vn, stride_vd
+        lo = tl.maximum(s0, rs) - rs
+        hi = tl.minimum(s1, rs + L) - rs
+        for j0 in range(lo, hi, BLOCK_N):
+            jl = j0 + offs_n
+            kvalid = jl < hi
+            kpos = rs + jl
+            k = tl.load(Kr + tl.cast(jl, tl.int64)[:, None] * skn + offs_d[None, :] * skd,
+                        mask=kvalid[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+            v = tl.load(Vr + tl.cast(jl, tl.int64)[:, None] * svn + offs_dv[None, :] * svd,
+                        mask=kvalid[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+            s = _dot(q, tl.trans(k), DOT_PREC).to(ACC) * qk_scale
+            if HAS_ALIBI:
+                s -= slope[:, None] * (qpos[:, None] - kpos[None, :]).to(ACC)
+            vis = kvalid[None, :] & row_ok[:, None]
+            if CAUSAL:
+                vis = vis & (kpos[None, :] <= qpos[:, None])
+            if HAS_WINDOW:
+                vis = vis & (kpos[None, :] > qpos[:, None] - window)
+            s = tl.where(vis, s, _NEG_INF)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            p = tl.exp(s - m_use[:, None])
+            alpha = tl.exp(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC).to(ACC)
+            m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, _NEG_INF, m_i + tl.log(l_safe))
+    base = pid.to(tl.int64) * BLOCK_R  # (split, b, hkv) -> (bg * n_splits + split): pid itself
+    tl.store(OutPart + (base + offs_r)[:, None] * HEAD_DV + offs_dv[None, :], out,
+             mask=(offs_dv[None, :] < HEAD_DV))
+    tl.store(LsePart + base + offs_r, lse)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    OutPart, LsePart, Out, Lse,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    HKV, N, n_splits,
+    GROUP: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """out and lse of one row (b, h, i) from the splits' partial results: lse = logsumexp_s lse_s,
+    out = sum_s exp(lse_s - lse) o_s, in float32 (float64 for float64). Grid: (B * HKV * GROUP * N,)."""
+    pid = tl.program_id(0)
+    R = GROUP * N
+    r = pid % R
+    bg = pid // R
+    b = bg // HKV
+    hkv = bg % HKV
+    h = hkv * GROUP + r // N
+    i = r % N
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < n_splits
+    rows = (bg.to(tl.int64) * n_splits + offs_s) * BLOCK_R + r
+    lse_s = tl.load(LsePart + rows, mask=s_ok, other=_NEG_INF)
+    mx = tl.max(lse_s, 0)
+    mx_use = tl.where(mx == _NEG_INF, 0.0, mx)
+    w = tl.exp(lse_s - mx_use)
+    den = tl.sum(w, 0)
+    o = tl.load(OutPart + rows[:, None] * HEAD_DV + offs_dv[None, :], mask=s_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
+                other=0.0)
+    out = tl.sum(o * w[:, None], 0) / den
+    lse = mx_use + tl.log(den)
+    tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_on
+             + offs_dv * stride_od, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DV)
+    tl.store(Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + i.to(tl.int64) * stride_ln, lse)
+
+
+# Few-query calls take the decode kernels: N queries, G * N rows per kv head at most.
+DECODE_MAX_ROWS = 64
+DECODE_MAX_QUERIES = 16
+# Keys per split under the interpreter (small, so that tests exercise the combination); on a GPU the
+# splits are sized to give every multiprocessor a few programs.
+INTERPRETER_SPLIT = 48
+
+
+def use_decode(q, k) -> bool:
+    N, group = q.shape[2], q.shape[1] // k.shape[1]
+    return N <= DECODE_MAX_QUERIES and group * N <= DECODE_MAX_ROWS
+
+
+def _splits(B, HKV, keys, device) -> int:
+    if _INTERPRET:
+        return max(1, triton.cdiv(keys, INTERPRETER_SPLIT))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    n = max(1, triton.cdiv(2 * sms, B * HKV))
+    return max(1, min(n, triton.cdiv(keys, 256)))
+
+
+def decode_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, window: int, scale: float):
+    B, H, N, D = q.shape
+    HKV, Dv, M = k.shape[1], v.shape[-1], mem_k.shape[2]
+    group = H // HKV
+    out = torch.empty((B, H, N, Dv), dtype=q.dtype, device=q.device)
+    acc_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty((B, H, N), dtype=acc_dt, device=q.device)
+    key_lo = max(0, M - window + 1) if (window and causal) else 0
+    keys = M + N - key_lo
+    n_splits = _splits(B, HKV, keys, q.device)
+    split_len = triton.cdiv(keys, n_splits)
+    block_r = max(16, triton.next_power_of_2(group * N))
+    part_o = torch.empty((n_splits * B * HKV * block_r, Dv), dtype=acc_dt, device=q.device)
+    part_l = torch.empty((n_splits * B * HKV * block_r,), dtype=acc_dt, device=q.device)
+    f64 = q.dtype == torch.float64
+    scale_hi, scale_lo = _f32_halves(scale)
+    meta = dict(GROUP=group, HEAD_D=D, HEAD_DV=Dv, BLOCK_R=block_r,
+                BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+                BLOCK_N=16 if _INTERPRET else 64, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
+                HAS_ALIBI=alibi_slopes is not None, ACC=tl.float64 if f64 else tl.float32,
+                DOT_PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32")
+    if not _INTERPRET:
+        meta.update(num_warps=4, num_stages=3)
+    _decode_split_kernel[(n_splits * B * HKV,)](
+        q, k, v, mem_k, mem_v, alibi_slopes, part_o, part_l,
+        *q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(),
+        HKV, N, M, int(window), key_lo, split_len, n_splits, scale_hi, scale_lo, **meta)
+    _decode_combine_kernel[(B * HKV * group * N,)](
+        part_o, part_l, out, lse, *out.stride(), *lse.stride(), HKV, N, n_splits,
+        GROUP=group, HEAD_DV=Dv, BLOCK_R=block_r, BLOCK_DV=meta["BLOCK_DV"],
+        BLOCK_S=max(2, triton.next_power_of_2(n_splits)))
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
 # Configurations. On GPU, autotuned per head dims, mask kind and sequence-length bucket (powers of
 # two, so varying lengths do not re-tune every call); configs that overflow shared memory or
 # registers are discarded by the autotuner itself.
@@ -726,6 +920,8 @@ def _buckets(N, M):
 
 def memory_attention_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, window: int, scale: float):
     """(out (B, H, N, Dv) in q's dtype, lse (B, H, N) float32 / float64 for float64 inputs)."""
+    if use_decode(q, k):
+        return decode_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale)
     B, H, N, _ = q.shape
     M = mem_k.shape[2]
     out = torch.empty((B, H, N, v.shape[-1]), dtype=q.dtype, device=q.device)
