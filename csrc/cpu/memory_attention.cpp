@@ -223,6 +223,21 @@ struct BlasProducts {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+template <typename E>
+struct RowView {  // a (B, Hkv, L, d) tensor as rows of d elements of E
+  const E* base;
+  int64_t sb, sh, sl, sd;
+  explicit RowView(const Tensor& t)
+      : base(reinterpret_cast<const E*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)),
+        sd(t.stride(3)) {}
+  const E* row(int64_t b, int64_t h, int64_t j) const { return base + b * sb + h * sh + j * sl; }
+  // Whether every row starts 4-byte aligned with unit element stride (rows readable as 32-bit words).
+  bool words(int64_t d) const {
+    return sd == 1 && reinterpret_cast<uintptr_t>(base) % 4 == 0 &&
+           (sizeof(E) == 4 || (sb % 2 == 0 && sh % 2 == 0 && sl % 2 == 0 && d % 2 == 0));
+  }
+};
+
 // Packed products: keys and values packed once per call into the panels of tile_gemm.h (E = float,
 // or uint16_t holding bfloat16 bits, with K grouped in pairs), zero-padded so a tile may read up to
 // 15 columns past its end. Q tiles are copied contiguous (any input strides).
@@ -245,32 +260,70 @@ struct PackedProducts {
       for (int s = 0; s < 2; ++s) {
         const int64_t L = ks[s]->size(2);
         Lp[s] = round_up(L, 16) + 16;
-        kp_[s] = at::zeros({P.B, P.Hkv, Dp / kp, Lp[s], kp}, opts);
-        vp_[s] = at::zeros({P.B, P.Hkv, Lp[s] / kp, Dvp, kp}, opts);
-        pack(P, *ks[s], *vs[s], kp_[s], vp_[s], L);
+        kp_[s] = at::empty({P.B, P.Hkv, Dp / kp, Lp[s], kp}, opts);
+        vp_[s] = at::empty({P.B, P.Hkv, Lp[s] / kp, Dvp, kp}, opts);
+        pack(P, isa, *ks[s], *vs[s], kp_[s], vp_[s], L);
       }
     }
     static const E* raw(const Tensor& t) { return reinterpret_cast<const E*>(t.data_ptr<Src>()); }
     static E* raw_packed(Tensor& t) { return reinterpret_cast<E*>(t.data_ptr()); }
-    static void pack(const Problem& P, const Tensor& k, const Tensor& v, Tensor& kpk, Tensor& vpk, int64_t L) {
-      const E* kd = raw(k);
-      const E* vd = raw(v);
+    // Keys transposed into (Dp / kp) x Lp words per (b, kv head) (register transposes: a scalar loop here
+    // was a fifth of a short forward), values as rows padded to Dvp (float32) or interleaved into pairs
+    // along the rows (bf16); every padding element zero, so tiles may read past the last key.
+    static void pack(const Problem& P, F32Tiles isa, const Tensor& k, const Tensor& v, Tensor& kpk, Tensor& vpk,
+                     int64_t L) {
+      const RowView<Src> kv(k), vv(v);
       E* kpd = raw_packed(kpk);
       E* vpd = raw_packed(vpk);
       const int64_t Dp = kpk.size(2) * kp, Lp = kpk.size(3), Dvp = vpk.size(3);
+      const F32Tiles t_isa = std::is_same_v<E, float> ? isa : F32Tiles::Avx512;  // bf16: AVX-512 BF16 CPUs
+      const bool k_direct = std::is_same_v<E, float> ? kv.sd == 1 : kv.words(P.D);
       at::parallel_for(0, P.B * P.Hkv, 1, [&](int64_t begin, int64_t end) {
+        std::vector<const E*> rows(std::max<int64_t>(L, 1));
+        std::vector<E> stage;
         for (int64_t bh = begin; bh < end; ++bh) {
           const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
-          const E* kb = kd + b * k.stride(0) + h * k.stride(1);
-          const E* vb = vd + b * v.stride(0) + h * v.stride(1);
-          E* kpb = kpd + bh * Dp * Lp;
+          if (k_direct) {
+            for (int64_t j = 0; j < L; ++j) rows[j] = reinterpret_cast<const E*>(kv.row(b, h, j));
+          } else {  // strided keys, or bf16 with an odd head dim: contiguous, zero-padded rows first
+            stage.assign(L * Dp, E(0));
+            for (int64_t j = 0; j < L; ++j) {
+              const E* src = reinterpret_cast<const E*>(kv.row(b, h, j));
+              for (int64_t d = 0; d < P.D; ++d) stage[j * Dp + d] = src[d * kv.sd];
+              rows[j] = stage.data() + j * Dp;
+            }
+          }
+          tile::transpose32(t_isa, reinterpret_cast<const uint32_t* const*>(rows.data()), L, Dp / kp,
+                            reinterpret_cast<uint32_t*>(kpd + bh * Dp * Lp), Lp, Lp);
           E* vpb = vpd + bh * Lp * Dvp;
-          for (int64_t j = 0; j < L; ++j)
-            for (int64_t d = 0; d < P.D; ++d)
-              kpb[((d / kp) * Lp + j) * kp + d % kp] = kb[j * k.stride(2) + d * k.stride(3)];
-          for (int64_t j = 0; j < L; ++j)
-            for (int64_t d = 0; d < P.Dv; ++d)
-              vpb[((j / kp) * Dvp + d) * kp + j % kp] = vb[j * v.stride(2) + d * v.stride(3)];
+          if constexpr (std::is_same_v<E, float>) {
+            for (int64_t j = 0; j < L; ++j) {
+              const float* src = reinterpret_cast<const float*>(vv.row(b, h, j));
+              float* dst = vpb + j * Dvp;
+              if (vv.sd == 1) {
+                std::copy(src, src + P.Dv, dst);
+              } else {
+                for (int64_t d = 0; d < P.Dv; ++d) dst[d] = src[d * vv.sd];
+              }
+              std::fill(dst + P.Dv, dst + Dvp, 0.0f);
+            }
+            std::fill(vpb + L * Dvp, vpb + Lp * Dvp, 0.0f);
+          } else {
+            std::vector<const uint16_t*> vrows(std::max<int64_t>(L, 1));
+            std::vector<uint16_t> vstage;
+            if (vv.sd != 1) vstage.assign(L * P.Dv, 0);
+            for (int64_t j = 0; j < L; ++j) {
+              const uint16_t* src = reinterpret_cast<const uint16_t*>(vv.row(b, h, j));
+              if (vv.sd != 1) {
+                for (int64_t d = 0; d < P.Dv; ++d) vstage[j * P.Dv + d] = src[d * vv.sd];
+                src = vstage.data() + j * P.Dv;
+              }
+              vrows[j] = src;
+            }
+            tile::interleave_rows_bf16(vrows.data(), L, P.Dv, vpb, 2 * Dvp, Dvp);
+            const int64_t pairs = (L + 1) / 2;
+            std::fill(vpb + pairs * 2 * Dvp, vpb + (Lp / 2) * 2 * Dvp, uint16_t(0));
+          }
         }
       });
     }
@@ -294,10 +347,17 @@ struct PackedProducts {
     bq = rows;
     const Tensor& q = in.q;
     const E* qd = Shared::raw(q) + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2);
-    std::fill(Qb.begin(), Qb.end(), E(0));
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t d = 0; d < P.D; ++d) Qb[r * in.Dp + d] = qd[r * q.stride(2) + d * q.stride(3)];
-    std::fill(O.begin(), O.end(), 0.0f);
+    const int64_t sn = q.stride(2), sd = q.stride(3);
+    for (int64_t r = 0; r < rows; ++r) {
+      E* dst = Qb.data() + r * in.Dp;
+      if (sd == 1) {
+        std::copy(qd + r * sn, qd + r * sn + P.D, dst);
+      } else {
+        for (int64_t d = 0; d < P.D; ++d) dst[d] = qd[r * sn + d * sd];
+      }
+      std::fill(dst + P.D, dst + in.Dp, E(0));
+    }
+    std::fill(O.begin(), O.begin() + rows * in.Dvp, 0.0f);
   }
   // Rows [r0, r1) of the query tile against keys [rel0, rel0 + bk) of the segment (rel0 a multiple of 16).
   void scores(bool mem, int64_t b, int64_t hk, int64_t rel0, int64_t bk, int64_t r0, int64_t r1) {
@@ -523,20 +583,6 @@ constexpr int64_t kDecodeMaxQueries = 64;  // N
 constexpr int64_t kDecodeBlock = 64;       // keys per block
 constexpr int64_t kDecodeMinChunk = 512;   // keys per work item, at least (amortises the item's setup)
 
-template <typename E>
-struct RowView {  // a (B, Hkv, L, d) tensor as rows of d elements of E
-  const E* base;
-  int64_t sb, sh, sl, sd;
-  explicit RowView(const Tensor& t)
-      : base(reinterpret_cast<const E*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)),
-        sd(t.stride(3)) {}
-  const E* row(int64_t b, int64_t h, int64_t j) const { return base + b * sb + h * sh + j * sl; }
-  // Whether every row starts 4-byte aligned with unit element stride (rows readable as 32-bit words).
-  bool words(int64_t d) const {
-    return sd == 1 && reinterpret_cast<uintptr_t>(base) % 4 == 0 &&
-           (sizeof(E) == 4 || (sb % 2 == 0 && sh % 2 == 0 && sl % 2 == 0 && d % 2 == 0));
-  }
-};
 
 template <typename T, typename S>
 inline T widen_to(S x) { return static_cast<T>(static_cast<std::conditional_t<std::is_same_v<S, double>, double, float>>(x)); }

@@ -88,7 +88,17 @@ def format_table(records: list[dict], device: torch.device, flops_note: Optional
 
 def format_summary(summary: dict, indent: str = "") -> str:
     lines = []
+    rows = summary.get("rows") if not indent else None
+    if rows:  # the models' table: one line a row
+        lines.append(f"{'ours / SDPA fastest call':>26}  {'% bw':>5}  row (SDPA's call)")
+        for case, v in rows.items():
+            bw = v.get("kv_fraction_of_bandwidth")
+            bw_s = f"{100 * bw:4.0f}%" if bw is not None and "decode" in v["phase"] else "    -"
+            lines.append(f"{v['ratio_vs_sdpa']:>25.2f}x  {bw_s}  {v['phase']} {v['mode']} {v['dtype']} "
+                         f"{case.split('-N')[-1]} ({v['sdpa_call']})")
     for key, value in summary.items():
+        if key == "rows" and rows:
+            continue
         if isinstance(value, dict):
             lines.append(f"{indent}{key}:")
             lines.append(format_summary(value, indent + "  "))
@@ -114,11 +124,44 @@ def write(op, records: list, env: dict, args: dict, summary: Optional[dict], ste
         import matplotlib  # noqa: F401
     except ImportError:
         return files, "plots skipped: matplotlib is not installed (pip install matplotlib, or longkernels[bench])"
-    path = stem.with_suffix(".png")
     title = f"{op.name} on {env['device']} ({env['threads']} threads, torch {env['torch']})"
-    draw(records, path, title, records[0].get("sweep_name") or "size", saved=op.plot_saved_bytes)
-    files.append(path)
+    curves = [r for r in records if r.get("variant") != "models"]  # the models' rows are no sweep
+    if curves:
+        path = stem.with_suffix(".png")
+        draw(curves, path, title, curves[0].get("sweep_name") or "size", saved=op.plot_saved_bytes)
+        files.append(path)
+    if summary and summary.get("rows"):
+        path = stem.parent / f"{stem.name}-ratios.png"
+        draw_ratios(summary, path, title)
+        files.append(path)
     return files, None
+
+
+def draw_ratios(summary: dict, path: Path, title: str) -> None:
+    """Horizontal bars of SDPA's fastest call's time over ours, one per row of the models' table, with the
+    line at 1 (above: faster) and the geometric means in the legend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(summary["rows"].items(), key=lambda kv: (kv[1]["mode"], kv[1]["phase"], kv[1]["dtype"], kv[0]))
+    labels = [f"{v['phase']} {v['mode']} {v['dtype']} ({k.split('-N')[-1].replace('-M', ' M')})" for k, v in rows]
+    ratios = [v["ratio_vs_sdpa"] for _, v in rows]
+    colors = ["tab:green" if r >= 1 else "tab:red" for r in ratios]
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.6))
+    ax.barh(range(len(rows)), ratios, color=colors)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("SDPA's fastest call's time / ours (log scale; > 1: faster)")
+    means = ", ".join(f"{m} geomean {summary[f'{m}_geomean_vs_sdpa']:.2f}x" for m in ("fwd", "fwdbwd")
+                      if f"{m}_geomean_vs_sdpa" in summary)
+    ax.set_title(f"{title}\n{summary.get('implementation', '')}: {means}", fontsize=9)
+    ax.invert_yaxis()
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def draw(records: list[dict], path: Path, title: str, sweep_name: str, *, saved: bool = False) -> None:
