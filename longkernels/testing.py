@@ -36,9 +36,14 @@ def case_seed(*parts) -> int:
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error in norm; infinities where the reference has the same one (an LSE of -inf for a row
+    that sees no key) match, any other non-finite value is an infinite error."""
     x, ref = x.double(), ref.double()
-    if not torch.isfinite(x).all():
+    same_inf = torch.isinf(ref) & (x == ref)
+    if not (torch.isfinite(x) | same_inf).all():
         return float("inf")
+    if same_inf.any():
+        x, ref = x.masked_fill(same_inf, 0.0), ref.masked_fill(same_inf, 0.0)
     den = ref.norm().item()
     num = (x - ref).norm().item()
     return num / den if den > 0 else num
@@ -59,13 +64,53 @@ class Case:
     alibi: bool = False
     strided: bool = False  # q, k, v as (B, L, H, D).transpose(1, 2) views
     mem: bool = True  # False: mem_k = mem_v = None
+    # key_padding_mask: "left" / "right" (a run of padded keys at the start / end, its length varying
+    # by batch row), "random" (a quarter of the keys), "rows" (the first keys padded so that the first
+    # queries see nothing); None: no mask.
+    padding: Optional[str] = None
+    docs: int = 0  # document_ids with this many documents (random boundaries); 0: none
+    softcap: Optional[float] = None
+    sinks: bool = False  # random per-head sink logits, which receive a gradient
 
     def describe(self) -> str:
         dv = self.Dv or self.D
         parts = [f"B{self.B} H{self.H}/{self.Hkv} N{self.N} M{self.M if self.mem else '-'} D{self.D}/{dv}"]
         parts += [s for s, on in (("noncausal", not self.causal), (f"w{self.window}", self.window),
-                                  ("alibi", self.alibi), ("strided", self.strided)) if on]
+                                  ("alibi", self.alibi), ("strided", self.strided),
+                                  (f"pad-{self.padding}", self.padding), (f"docs{self.docs}", self.docs),
+                                  (f"cap{self.softcap}", self.softcap), ("sinks", self.sinks)) if on]
         return " ".join(parts)
+
+
+def make_masks(case: Case, g: torch.Generator, device="cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """The case's key_padding_mask, document_ids, softcap and sinks (None where the case has none)."""
+    L = (case.M if case.mem else 0) + case.N
+    out = {"key_padding_mask": None, "document_ids": None, "softcap": case.softcap, "sinks": None}
+    if case.padding is not None:
+        pos = torch.arange(L).unsqueeze(0)
+        n = torch.randint(0, max(1, L // 3) + 1, (case.B, 1), generator=g)
+        if case.padding == "left":
+            mask = pos < n
+        elif case.padding == "right":
+            mask = pos >= L - n
+        elif case.padding == "random":
+            mask = torch.rand(case.B, L, generator=g) < 0.25
+        elif case.padding == "rows":
+            mask = (pos < (case.M if case.mem else 0) + min(3, case.N)).expand(case.B, L)
+        else:
+            raise ValueError(f"unknown padding {case.padding!r}")
+        out["key_padding_mask"] = mask.to(device)
+    if case.docs:
+        ids = torch.zeros(case.B, L, dtype=torch.int64)
+        for b in range(case.B):
+            cuts = torch.randperm(max(L - 1, 1), generator=g)[: case.docs - 1] + 1
+            for c in cuts.tolist():
+                ids[b, c:] += 1
+        out["document_ids"] = ids.to(device)
+    if case.sinks:
+        sink_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the LSE's dtype
+        out["sinks"] = torch.randn(case.H, generator=g, dtype=torch.float64).to(sink_dtype).to(device)
+    return out
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device="cpu", seed: int = 0):
@@ -88,7 +133,7 @@ def make_inputs(case: Case, dtype: torch.dtype, device="cpu", seed: int = 0):
     slopes = (torch.rand(case.H, generator=g, dtype=torch.float64) * 0.5).float().to(device) if case.alibi else None
     dout = torch.randn(case.B, case.H, case.N, dv, generator=g, dtype=torch.float64).to(dtype).to(device)
     dlse = torch.randn(case.B, case.H, case.N, generator=g, dtype=torch.float64).to(device)
-    return q, k, v, mem_k, mem_v, slopes, dout, dlse
+    return q, k, v, mem_k, mem_v, slopes, dout, dlse, make_masks(case, g, device, dtype)
 
 
 GRAD_NAMES = ("dq", "dk", "dv", "dmem_k", "dmem_v")
@@ -102,22 +147,28 @@ def run(case: Case, inputs, *, backend: Optional[str], dtype: Optional[torch.dty
     """
     from . import memory_attention
 
-    q, k, v, mem_k, mem_v, slopes, dout, dlse = inputs
+    q, k, v, mem_k, mem_v, slopes, dout, dlse, masks = inputs
+    sinks = masks["sinks"]
     if dtype is not None:
         q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
         if mem_k is not None:
             mem_k, mem_v = mem_k.to(dtype), mem_v.to(dtype)
         if slopes is not None and dtype == torch.float64:
             slopes = slopes.double()
-    leaves = [t.detach().requires_grad_(with_grad) if t is not None else None for t in (q, k, v, mem_k, mem_v)]
-    out, lse = memory_attention(*leaves, causal=case.causal, window=case.window, alibi_slopes=slopes,
-                                return_lse=True, backend=backend)
+        if sinks is not None and dtype == torch.float64:
+            sinks = sinks.double()
+    leaves = [t.detach().requires_grad_(with_grad) if t is not None else None
+              for t in (q, k, v, mem_k, mem_v, sinks)]
+    out, lse = memory_attention(*leaves[:5], causal=case.causal, window=case.window, alibi_slopes=slopes,
+                                key_padding_mask=masks["key_padding_mask"], document_ids=masks["document_ids"],
+                                softcap=masks["softcap"], sinks=leaves[5], return_lse=True, backend=backend)
     result = {"out": out.detach(), "lse": lse.detach()}
     if with_grad:
-        loss = (out * dout.to(out.dtype)).sum() + (lse * dlse.to(lse.dtype)).sum()
-        live = [t for t in leaves if t is not None]
-        grads = torch.autograd.grad(loss, live)
-        for name, grad in zip(GRAD_NAMES, grads):
+        # -inf LSEs (rows that see no key) carry no gradient; keep the loss finite.
+        loss = (out * dout.to(out.dtype)).sum() + torch.where(torch.isinf(lse), 0.0, lse * dlse.to(lse.dtype)).sum()
+        names = [n for n, t in zip(GRAD_NAMES + ("dsinks",), leaves) if t is not None]
+        grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+        for name, grad in zip(names, grads):
             result[name] = grad
     return result
 

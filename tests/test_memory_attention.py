@@ -149,7 +149,7 @@ def test_triton_interpreter_low_precision(case, dtype):
 
 def test_cpu_gradcheck():
     case = Case(N=9, M=6, D=8, Dv=5, H=2, Hkv=1, window=4, alibi=True)
-    q, k, v, mk, mv, slopes, _, _ = make_inputs(case, torch.float64)
+    q, k, v, mk, mv, slopes, _, _, _ = make_inputs(case, torch.float64)
     slopes = slopes.double()
     leaves = [t.clone().requires_grad_() for t in (q, k, v, mk, mv)]
 
@@ -172,7 +172,7 @@ def test_forward_only_under_no_grad_matches():
 
 def test_torch_compile_fullgraph_cpu():
     case = Case(N=40, M=24, D=16, H=4, Hkv=2, window=17)
-    q, k, v, mk, mv, _, dout, _ = make_inputs(case, torch.float32)
+    q, k, v, mk, mv, _, dout, _, _ = make_inputs(case, torch.float32)
 
     def f(q, k, v, mk, mv):
         return longkernels.memory_attention(q, k, v, mk, mv, window=case.window, backend="cpu")
@@ -192,7 +192,7 @@ def test_torch_compile_fullgraph_cpu():
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_opcheck(backend):
     case = Case(N=20, M=11, D=16, H=4, Hkv=2, window=7, alibi=True)
-    q, k, v, mk, mv, slopes, dout, _ = make_inputs(case, torch.float32)
+    q, k, v, mk, mv, slopes, dout, _, _ = make_inputs(case, torch.float32)
     suffix = "_triton" if backend == "triton" else ""
     fwd = getattr(torch.ops.longkernels, "memory_attention_fwd" + suffix)
     bwd = getattr(torch.ops.longkernels, "memory_attention_bwd" + suffix)
@@ -201,6 +201,15 @@ def test_opcheck(backend):
     delta = (out * dout).sum(-1)
     torch.library.opcheck(fwd, (q, k, v, mk, mv, slopes, True, 7, scale))
     torch.library.opcheck(bwd, (dout, q, k, v, mk, mv, slopes, lse, delta, True, 7, scale))
+    # With every mask and score term (padding, documents, softcap, sinks).
+    pad = torch.zeros(1, 31, dtype=torch.bool)
+    pad[0, :3] = True
+    ids = torch.tensor([[0] * 15 + [1] * 16])
+    sinks = torch.randn(4)
+    extra = (pad, ids, 5.0)
+    out, lse = fwd(q, k, v, mk, mv, slopes, True, 7, scale, *extra, sinks)
+    torch.library.opcheck(fwd, (q, k, v, mk, mv, slopes, True, 7, scale, *extra, sinks))
+    torch.library.opcheck(bwd, (dout, q, k, v, mk, mv, slopes, lse, delta, True, 7, scale, *extra))
 
 
 def test_no_memory_gives_no_memory_grads():

@@ -4,6 +4,7 @@ that name the argument; these are the floor under the registered ``*_triton`` op
 ``torch.compile`` graphs and exported programs may call directly."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -48,6 +49,26 @@ def memory_attention(op, q, k, v, mem_k, mem_v, alibi_slopes, window) -> int:
                 f"alibi_slopes must be a floating tensor on {q.device}")
     require(0 <= window, op, f"window must be >= 0 (0: no window), got {window}")
     return 0 if window >= M + N else int(window)
+
+
+def memory_attention_masks(op, q, mem_k, key_padding_mask, document_ids, softcap, sinks) -> None:
+    """key_padding_mask (B, M + N) bool, document_ids (B, M + N) integer, softcap finite >= 0, sinks (H,)."""
+    B, H, N, _ = q.shape
+    L = mem_k.shape[2] + N
+    if key_padding_mask is not None:
+        require(isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.dtype == torch.bool
+                and key_padding_mask.device == q.device, op, f"key_padding_mask must be a bool tensor on {q.device}")
+        shape(op, "key_padding_mask", key_padding_mask, (B, L))
+    if document_ids is not None:
+        require(isinstance(document_ids, torch.Tensor) and not document_ids.is_floating_point()
+                and document_ids.dtype != torch.bool and not document_ids.is_complex()
+                and document_ids.device == q.device, op, f"document_ids must be an integer tensor on {q.device}")
+        shape(op, "document_ids", document_ids, (B, L))
+    require(math.isfinite(softcap) and softcap >= 0, op, f"softcap must be finite and >= 0 (0: none), got {softcap}")
+    if sinks is not None:
+        require(isinstance(sinks, torch.Tensor) and sinks.dim() == 1 and sinks.shape[0] == H, op,
+                f"sinks must have shape (H={H},)")
+        require(sinks.dtype in _FLOATS and sinks.device == q.device, op, f"sinks must be a floating tensor on {q.device}")
 
 
 def memory_attention_grads(op, q, k, v, dout, lse, delta) -> None:

@@ -160,14 +160,48 @@ def _query_tiles(k_lo, k_hi, M, N, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.
 
 
 @triton.jit
-def _scores(q, k_t, qk_scale, slope, qpos, kpos, jl, L, window, MASKED: tl.constexpr,
-            CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-            DOT_PREC: tl.constexpr):
-    """Logits of a (query tile, key tile), -inf where hidden; rows are queries, columns keys.
+def _tanh(x):
+    """tanh as 2 sigmoid(2x) - 1 (exact to the dtype's round-off in absolute terms, which is what a
+    logit needs); tl has no tanh of its own on every backend."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
-    Masked tiles also hide keys past the range's end (jl >= L), which read as zero vectors.
+
+@triton.jit
+def _softcap(s, cap, HAS_SOFTCAP: tl.constexpr):
+    """(cap * tanh(s / cap), its derivative 1 - tanh^2) for scaled logits s (cap in s's units)."""
+    if HAS_SOFTCAP:
+        t = _tanh(s / cap)
+        s = cap * t
+        dcap = 1.0 - t * t
+    else:
+        dcap = 1.0
+    return s, dcap
+
+
+@triton.jit
+def _doc_pad_visible(vis, kpos, jl, L, pad_b, dlo, dhi, HAS_PAD: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """vis (queries x keys) with padded keys and other documents' keys hidden. pad_b: the padding mask of
+    this batch row over absolute key positions; dlo, dhi: each query's document as keys [dlo, dhi)."""
+    if HAS_PAD:
+        pad = tl.load(pad_b + kpos, mask=jl < L, other=1)
+        vis = vis & (pad[None, :] == 0)
+    if HAS_DOCS:
+        vis = vis & (kpos[None, :] >= dlo[:, None]) & (kpos[None, :] < dhi[:, None])
+    return vis
+
+
+@triton.jit
+def _scores(q, k_t, qk_scale, slope, qpos, kpos, jl, L, window, pad_b, dlo, dhi, cap, MASKED: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+            HAS_PAD: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+            DOT_PREC: tl.constexpr):
+    """Logits of a (query tile, key tile), -inf where hidden, and the softcap's derivative; rows are
+    queries, columns keys.
+
+    Masked tiles also hide keys past the range's end (jl >= L), which read as zero vectors. With a
+    padding mask or documents every visited tile is masked (the launch makes it so).
     """
-    s = _dot(q, k_t, DOT_PREC) * qk_scale
+    s, dcap = _softcap(_dot(q, k_t, DOT_PREC) * qk_scale, cap, HAS_SOFTCAP)
     if HAS_ALIBI:
         s -= slope * (qpos[:, None] - kpos[None, :]).to(s.dtype)
     if MASKED:
@@ -176,8 +210,42 @@ def _scores(q, k_t, qk_scale, slope, qpos, kpos, jl, L, window, MASKED: tl.const
             vis = vis & (kpos[None, :] <= qpos[:, None])
         if HAS_WINDOW:
             vis = vis & (kpos[None, :] > qpos[:, None] - window)
+        vis = _doc_pad_visible(vis, kpos, jl, L, pad_b, dlo, dhi, HAS_PAD, HAS_DOCS)
         s = tl.where(vis, s, _NEG_INF)
-    return s
+    return s, dcap
+
+
+@triton.jit
+def _narrow_to_docs(t_lo, t_f0, t_f1, t_hi, lo, hi, rs, L, HAS_PAD: tl.constexpr, HAS_DOCS: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Tile spans of one range [rs, rs + L) (as _key_tiles / _query_tiles return them) narrowed to the
+    positions [lo, hi) that documents allow; with documents or padding, every tile runs masked."""
+    if HAS_DOCS:
+        lo_t = _clamp(lo - rs, 0, L) // BLOCK
+        hi_t = tl.cdiv(_clamp(hi - rs, 0, L), BLOCK)
+        t_lo = tl.maximum(t_lo, lo_t)
+        t_hi = tl.maximum(tl.minimum(t_hi, hi_t), t_lo)
+    if HAS_PAD or HAS_DOCS:
+        t_f0 = t_hi
+        t_f1 = t_hi
+    return t_lo, t_f0, t_f1, t_hi
+
+
+@triton.jit
+def _row_docs(DocStart, DocStop, b, L_all, pos, ok, HAS_DOCS: tl.constexpr):
+    """Each row's document as keys [dlo, dhi) (rows at absolute positions pos), and their union's bounds
+    over the rows that are real (ok); zeros without documents."""
+    if HAS_DOCS:
+        dlo = tl.load(DocStart + b * L_all + pos, mask=ok, other=0)
+        dhi = tl.load(DocStop + b * L_all + pos, mask=ok, other=0)
+        d_lo = tl.min(tl.where(ok, dlo, L_all), 0)
+        d_hi = tl.max(tl.where(ok, dhi, 0), 0)
+    else:
+        dlo = pos * 0
+        dhi = pos * 0
+        d_lo = 0
+        d_hi = 0
+    return dlo, dhi, d_lo, d_hi
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,9 +253,10 @@ def _scores(q, k_t, qk_scale, slope, qpos, kpos, jl, L, window, MASKED: tl.const
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_stage(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-               t_lo, t_hi, rs, L, qpos, slope, qk_scale, window,
+               t_lo, t_hi, rs, L, qpos, slope, qk_scale, window, pad_b, dlo, dhi, cap,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOCS: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                EXP2: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax over key tiles [t_lo, t_hi) of one range (K, V point at its (b, kv head))."""
@@ -201,11 +270,11 @@ def _fwd_stage(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_v
     for t in range(t_lo, t_hi):
         jl = t * BLOCK_N + offs_n
         k = _load_rows(k_ptrs, jl < L, offs_d, HEAD_D, BLOCK_D, MASKED)
-        s = _scores(q, tl.trans(k), qk_scale, slope, qpos, rs + jl, jl, L, window,
-                    MASKED, CAUSAL, HAS_WINDOW, HAS_ALIBI, DOT_PREC)
+        s, _ = _scores(q, tl.trans(k), qk_scale, slope, qpos, rs + jl, jl, L, window, pad_b, dlo, dhi, cap,
+                       MASKED, CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_PAD, HAS_DOCS, HAS_SOFTCAP, DOT_PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
-            # A row may see nothing yet (window edge, or a padding row): subtract 0 instead of
+            # A row may see nothing yet (window edge, padding, or a padding row): subtract 0 instead of
             # -inf so that exp gives 0, not NaN; m_i itself stays -inf until a key is seen.
             m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
         else:
@@ -223,7 +292,7 @@ def _fwd_stage(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_v
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _fwd_kernel(
-    Q, K, V, MK, MV, Slopes, Out, Lse,
+    Q, K, V, MK, MV, Slopes, Pad, DocStart, DocStop, Sinks, Out, Lse,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -231,10 +300,11 @@ def _fwd_kernel(
     stride_mvb, stride_mvh, stride_mvn, stride_mvd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
-    H, HKV, N, M, window, scale_hi, scale_lo, N_BUCKET, M_BUCKET,
+    H, HKV, N, M, window, scale_hi, scale_lo, cap, N_BUCKET, M_BUCKET,
     GROUP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     ACC: tl.constexpr, EXP2: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -246,7 +316,10 @@ def _fwd_kernel(
     streamed, first over the memory range, then over the current range.
     Masks: rows past N and head-dim padding on loads and stores only; per key range, tiles no row
     sees are skipped, tiles every row sees whole run unmasked, and the rest (causal diagonal, window
-    edge, the range's partial last tile) get the elementwise mask.
+    edge, the range's partial last tile) get the elementwise mask. With a padding mask (Pad, (B, M + N)
+    int8) or documents (DocStart, DocStop: (B, M + N) int32, each position's document as [start, stop)),
+    tiles outside the rows' documents are skipped and every other tile is masked. Sinks: (H,), one more
+    logit per row in the softmax's denominator.
     """
     pid = tl.program_id(0)
     n_m = tl.cdiv(N, BLOCK_M)
@@ -281,6 +354,9 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], _NEG_INF, dtype=ACC)
     q_lo = M + i0
     q_hi = M + tl.minimum(i0 + BLOCK_M, N) - 1
+    L_all = M + N
+    pad_b = Pad + b * L_all
+    dlo, dhi, d_lo, d_hi = _row_docs(DocStart, DocStop, b, L_all, qpos, row_ok, HAS_DOCS)
 
     for r in tl.static_range(2):
         if r == 0:  # memory: positions [0, M)
@@ -296,26 +372,40 @@ def _fwd_kernel(
             Vr = V + b * stride_vb + hkv * stride_vh
             skn, skd, svn, svd = stride_kn, stride_kd, stride_vn, stride_vd
         t_lo, t_f0, t_f1, t_hi = _key_tiles(q_lo, q_hi, rs, L, window, CAUSAL, HAS_WINDOW, BLOCK_N)
+        t_lo, t_f0, t_f1, t_hi = _narrow_to_docs(t_lo, t_f0, t_f1, t_hi, d_lo, d_hi, rs, L, HAS_PAD, HAS_DOCS,
+                                                 BLOCK_N)
         acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, Kr, Vr, skn, skd, svn, svd, t_lo, t_f0, rs, L,
-                                   qpos, slope, qk_scale, window, True, CAUSAL, HAS_WINDOW,
-                                   HAS_ALIBI, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, EXP2,
-                                   DOT_PREC)
+                                   qpos, slope, qk_scale, window, pad_b, dlo, dhi, cap, True, CAUSAL, HAS_WINDOW,
+                                   HAS_ALIBI, HAS_PAD, HAS_DOCS, HAS_SOFTCAP, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
+                                   BLOCK_N, EXP2, DOT_PREC)
         acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, Kr, Vr, skn, skd, svn, svd, t_f0, t_f1, rs, L,
-                                   qpos, slope, qk_scale, window, False, CAUSAL, HAS_WINDOW,
-                                   HAS_ALIBI, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, EXP2,
-                                   DOT_PREC)
+                                   qpos, slope, qk_scale, window, pad_b, dlo, dhi, cap, False, CAUSAL, HAS_WINDOW,
+                                   HAS_ALIBI, HAS_PAD, HAS_DOCS, HAS_SOFTCAP, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
+                                   BLOCK_N, EXP2, DOT_PREC)
         acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, Kr, Vr, skn, skd, svn, svd, t_f1, t_hi, rs, L,
-                                   qpos, slope, qk_scale, window, True, CAUSAL, HAS_WINDOW,
-                                   HAS_ALIBI, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, EXP2,
-                                   DOT_PREC)
+                                   qpos, slope, qk_scale, window, pad_b, dlo, dhi, cap, True, CAUSAL, HAS_WINDOW,
+                                   HAS_ALIBI, HAS_PAD, HAS_DOCS, HAS_SOFTCAP, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
+                                   BLOCK_N, EXP2, DOT_PREC)
 
-    # Only padding rows can end with l_i == 0; keep them finite, they are not stored.
+    if HAS_SINKS:
+        # The sink: one more logit in the denominator, carrying no value.
+        sink = tl.load(Sinks + h).to(ACC)
+        if EXP2:
+            sink = sink * _LOG2E
+        mm = tl.maximum(m_i, sink)
+        mm = tl.where(mm == _NEG_INF, 0.0, mm)
+        a = _exp(m_i - mm, EXP2)
+        l_i = l_i * a + _exp(sink - mm, EXP2)
+        acc = acc * a[:, None]
+        m_i = mm
+    # A row that saw no key (padding rows, or every visible key masked) ends with l_i == 0: out 0, lse -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     if EXP2:
         lse = (m_i + tl.log2(l_safe)) * _LN2
     else:
         lse = m_i + tl.log(l_safe)
+    lse = tl.where(l_i == 0.0, _NEG_INF, lse)
 
     o_ptrs = (Out + b * stride_ob + h.to(tl.int64) * stride_oh + tl.cast(i0, tl.int64) * stride_on
               + arange_m[:, None] * stride_on + offs_dv[None, :] * stride_od)
@@ -329,9 +419,10 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, stride_qn, stride_qd, stride_don, stride_dod,
-                stride_ln, stride_dln, t_lo, t_hi, N, M, kpos, slope, qk_scale, window,
+                stride_ln, stride_dln, t_lo, t_hi, N, M, kpos, slope, qk_scale, window, kpad, dstart_b, dstop_b, cap,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOCS: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                 EXP2: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulates dk, dv (rows: the key tile) over query tiles [t_lo, t_hi) of one query head."""
@@ -348,17 +439,19 @@ def _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, stride_qn, stride_qd, stride_do
         do = _load_rows(do_ptrs, row_ok, offs_dv, HEAD_DV, BLOCK_DV, True)
         # +inf LSE makes padding rows' P exactly 0, so they need no mask of their own.
         lse = tl.load(Lse + i * stride_ln, mask=row_ok, other=_POS_INF)
+        # A row that saw no key has LSE -inf: read as +inf, its P is 0 everywhere.
+        lse = tl.where(lse == _NEG_INF, _POS_INF, lse)
         delta = tl.load(Delta + i * stride_dln, mask=row_ok, other=0.0)
         if EXP2:
             lse = lse * _LOG2E
         # Transposed scores (keys x queries): dk, dv accumulate along the key rows.
         qpos = M + i
-        s_t = _dot(k, tl.trans(q), DOT_PREC) * qk_scale
+        s_t, dcap = _softcap(_dot(k, tl.trans(q), DOT_PREC) * qk_scale, cap, HAS_SOFTCAP)
         if HAS_ALIBI:
             s_t -= slope * (qpos[None, :] - kpos[:, None]).to(s_t.dtype)
         p_t = _prob(s_t - lse[None, :], EXP2)
         dp_t = _dot(v, tl.trans(do), DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = p_t * (dp_t - delta[None, :]) * dcap
         if MASKED:
             # Exact zeros on hidden pairs (after the exp, not -inf before it): a row whose LSE or delta
             # is NaN must not reach the keys it does not see.
@@ -367,6 +460,12 @@ def _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, stride_qn, stride_qd, stride_do
                 vis = vis & (kpos[:, None] <= qpos[None, :])
             if HAS_WINDOW:
                 vis = vis & (kpos[:, None] > qpos[None, :] - window)
+            if HAS_PAD:
+                vis = vis & (kpad[:, None] == 0)
+            if HAS_DOCS:
+                dlo = tl.load(dstart_b + qpos, mask=row_ok, other=0)
+                dhi = tl.load(dstop_b + qpos, mask=row_ok, other=0)
+                vis = vis & (kpos[:, None] >= dlo[None, :]) & (kpos[:, None] < dhi[None, :])
             p_t = tl.where(vis, p_t, 0.0)
             ds_t = tl.where(vis, ds_t, 0.0)
         dv += _dot(p_t.to(do.dtype), do, DOT_PREC)
@@ -383,10 +482,11 @@ def _dkdv_tile(K, V, DK, DV, stride_kn, stride_kd, stride_vn, stride_vd,
                stride_qb, stride_qh, stride_qn, stride_qd,
                stride_dob, stride_doh, stride_don, stride_dod,
                stride_lb, stride_lh, stride_ln, stride_dlb, stride_dlh, stride_dln,
-               b, hkv, j0, rs, L, N, M, window, qk_scale,
+               b, hkv, j0, rs, L, N, M, window, qk_scale, Pad, DocStart, DocStop, cap,
                GROUP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               HAS_PAD: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                ACC: tl.constexpr, EXP2: tl.constexpr, DOT_PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dk, dv of keys [j0, j0 + BLOCK_N) of the range [rs, rs + L); K, V, DK, DV at (b, kv head)."""
@@ -407,6 +507,19 @@ def _dkdv_tile(K, V, DK, DV, stride_kn, stride_kd, stride_vn, stride_vd,
     k_lo = rs + j0
     k_hi = rs + tl.minimum(j0 + BLOCK_N, L) - 1
     t_lo, t_f0, t_f1, t_hi = _query_tiles(k_lo, k_hi, M, N, window, CAUSAL, HAS_WINDOW, BLOCK_M)
+    L_all = M + N
+    dstart_b = DocStart + b * L_all
+    dstop_b = DocStop + b * L_all
+    kpad = jl * 0
+    if HAS_PAD:
+        kpad = tl.load(Pad + b * L_all + kpos, mask=key_ok, other=1)
+    # The queries of the keys' documents: positions [start of k_lo's document, stop of k_hi's).
+    q_from = 0
+    q_to = 0
+    if HAS_DOCS:
+        q_from = tl.load(dstart_b + k_lo) - M
+        q_to = tl.load(dstop_b + k_hi) - M
+    t_lo, t_f0, t_f1, t_hi = _narrow_to_docs(t_lo, t_f0, t_f1, t_hi, q_from, q_to, 0, N, HAS_PAD, HAS_DOCS, BLOCK_M)
     for g in range(GROUP):
         h = (hkv * GROUP + g).to(tl.int64)
         slope = 0.0
@@ -420,15 +533,18 @@ def _dkdv_tile(K, V, DK, DV, stride_kn, stride_kd, stride_vn, stride_vd,
         DLh = Delta + b * stride_dlb + h * stride_dlh
         dk, dv = _dkdv_stage(dk, dv, k, v, Qh, DOh, Lh, DLh, stride_qn, stride_qd, stride_don,
                              stride_dod, stride_ln, stride_dln, t_lo, t_f0, N, M, kpos, slope,
-                             qk_scale, window, True, CAUSAL, HAS_WINDOW, HAS_ALIBI, HEAD_D, HEAD_DV,
+                             qk_scale, window, kpad, dstart_b, dstop_b, cap, True, CAUSAL,
+                             HAS_WINDOW, HAS_ALIBI, HAS_PAD, HAS_DOCS, HAS_SOFTCAP, HEAD_D, HEAD_DV,
                              BLOCK_D, BLOCK_DV, BLOCK_M, EXP2, DOT_PREC)
         dk, dv = _dkdv_stage(dk, dv, k, v, Qh, DOh, Lh, DLh, stride_qn, stride_qd, stride_don,
                              stride_dod, stride_ln, stride_dln, t_f0, t_f1, N, M, kpos, slope,
-                             qk_scale, window, False, CAUSAL, HAS_WINDOW, HAS_ALIBI, HEAD_D, HEAD_DV,
+                             qk_scale, window, kpad, dstart_b, dstop_b, cap, False, CAUSAL,
+                             HAS_WINDOW, HAS_ALIBI, HAS_PAD, HAS_DOCS, HAS_SOFTCAP, HEAD_D, HEAD_DV,
                              BLOCK_D, BLOCK_DV, BLOCK_M, EXP2, DOT_PREC)
         dk, dv = _dkdv_stage(dk, dv, k, v, Qh, DOh, Lh, DLh, stride_qn, stride_qd, stride_don,
                              stride_dod, stride_ln, stride_dln, t_f1, t_hi, N, M, kpos, slope,
-                             qk_scale, window, True, CAUSAL, HAS_WINDOW, HAS_ALIBI, HEAD_D, HEAD_DV,
+                             qk_scale, window, kpad, dstart_b, dstop_b, cap, True, CAUSAL,
+                             HAS_WINDOW, HAS_ALIBI, HAS_PAD, HAS_DOCS, HAS_SOFTCAP, HEAD_D, HEAD_DV,
                              BLOCK_D, BLOCK_DV, BLOCK_M, EXP2, DOT_PREC)
     # The logits' scale, in natural units (qk_scale carries log2(e) when EXP2).
     if EXP2:
@@ -443,7 +559,7 @@ def _dkdv_tile(K, V, DK, DV, stride_kn, stride_kd, stride_vn, stride_vd,
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _dkdv_kernel(
-    Q, K, V, MK, MV, DO, Lse, Delta, Slopes, DK, DV, DMK, DMV,
+    Q, K, V, MK, MV, DO, Lse, Delta, Slopes, Pad, DocStart, DocStop, DK, DV, DMK, DMV,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -456,10 +572,11 @@ def _dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dmkb, stride_dmkh, stride_dmkn, stride_dmkd,
     stride_dmvb, stride_dmvh, stride_dmvn, stride_dmvd,
-    H, HKV, N, M, window, scale_hi, scale_lo, N_BUCKET, M_BUCKET,
+    H, HKV, N, M, window, scale_hi, scale_lo, cap, N_BUCKET, M_BUCKET,
     GROUP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ACC: tl.constexpr, EXP2: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -492,9 +609,9 @@ def _dkdv_kernel(
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_dob, stride_doh, stride_don, stride_dod,
                    stride_lb, stride_lh, stride_ln, stride_dlb, stride_dlh, stride_dln,
-                   b, hkv, tile * BLOCK_N, 0, M, N, M, window, qk_scale,
+                   b, hkv, tile * BLOCK_N, 0, M, N, M, window, qk_scale, Pad, DocStart, DocStop, cap,
                    GROUP, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI,
-                   ACC, EXP2, DOT_PREC, BLOCK_M, BLOCK_N)
+                   HAS_PAD, HAS_DOCS, HAS_SOFTCAP, ACC, EXP2, DOT_PREC, BLOCK_M, BLOCK_N)
     else:
         _dkdv_tile(K + b * stride_kb + hkv64 * stride_kh, V + b * stride_vb + hkv64 * stride_vh,
                    DK + b * stride_dkb + hkv64 * stride_dkh, DV + b * stride_dvb + hkv64 * stride_dvh,
@@ -504,9 +621,9 @@ def _dkdv_kernel(
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_dob, stride_doh, stride_don, stride_dod,
                    stride_lb, stride_lh, stride_ln, stride_dlb, stride_dlh, stride_dln,
-                   b, hkv, (tile - n_mem) * BLOCK_N, M, N, N, M, window, qk_scale,
-                   GROUP, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI,
-                   ACC, EXP2, DOT_PREC, BLOCK_M, BLOCK_N)
+                   b, hkv, (tile - n_mem) * BLOCK_N, M, N, N, M, window, qk_scale, Pad, DocStart, DocStop,
+                   cap, GROUP, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI,
+                   HAS_PAD, HAS_DOCS, HAS_SOFTCAP, ACC, EXP2, DOT_PREC, BLOCK_M, BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,9 +631,10 @@ def _dkdv_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _dq_stage(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-              t_lo, t_hi, rs, L, qpos, slope, qk_scale, window,
+              t_lo, t_hi, rs, L, qpos, slope, qk_scale, window, pad_b, dlo, dhi, cap,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HAS_ALIBI: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOCS: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
               EXP2: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulates dq (unscaled) over key tiles [t_lo, t_hi) of one range."""
@@ -530,11 +648,11 @@ def _dq_stage(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stri
         jl = t * BLOCK_N + offs_n
         k = _load_rows(k_ptrs, jl < L, offs_d, HEAD_D, BLOCK_D, MASKED)
         v = _load_rows(v_ptrs, jl < L, offs_dv, HEAD_DV, BLOCK_DV, MASKED)
-        s = _scores(q, tl.trans(k), qk_scale, slope, qpos, rs + jl, jl, L, window,
-                    MASKED, CAUSAL, HAS_WINDOW, HAS_ALIBI, DOT_PREC)
+        s, dcap = _scores(q, tl.trans(k), qk_scale, slope, qpos, rs + jl, jl, L, window, pad_b, dlo, dhi, cap,
+                          MASKED, CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_PAD, HAS_DOCS, HAS_SOFTCAP, DOT_PREC)
         p = _prob(s - lse[:, None], EXP2)
         dp = _dot(do, tl.trans(v), DOT_PREC)
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None]) * dcap
         dq += _dot(ds.to(k.dtype), k, DOT_PREC)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -543,7 +661,7 @@ def _dq_stage(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stri
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _dq_kernel(
-    Q, K, V, MK, MV, DO, Lse, Delta, Slopes, DQ,
+    Q, K, V, MK, MV, DO, Lse, Delta, Slopes, Pad, DocStart, DocStop, DQ,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -553,10 +671,11 @@ def _dq_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_dlb, stride_dlh, stride_dln,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    H, HKV, N, M, window, scale_hi, scale_lo, N_BUCKET, M_BUCKET,
+    H, HKV, N, M, window, scale_hi, scale_lo, cap, N_BUCKET, M_BUCKET,
     GROUP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ACC: tl.constexpr, EXP2: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -593,6 +712,7 @@ def _dq_kernel(
                     row_ok, offs_dv, HEAD_DV, BLOCK_DV, True)
     # +inf LSE zeroes the padding rows' P (they are not stored, but stay finite).
     lse = tl.load(Lse + b * stride_lb + h64 * stride_lh + offs_m * stride_ln, mask=row_ok, other=_POS_INF)
+    lse = tl.where(lse == _NEG_INF, _POS_INF, lse)  # a row that saw no key: P = 0 everywhere
     delta = tl.load(Delta + b * stride_dlb + h64 * stride_dlh + offs_m * stride_dln, mask=row_ok, other=0.0)
     if EXP2:
         lse = lse * _LOG2E
@@ -606,6 +726,9 @@ def _dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     q_lo = M + i0
     q_hi = M + tl.minimum(i0 + BLOCK_M, N) - 1
+    L_all = M + N
+    pad_b = Pad + b * L_all
+    dlo, dhi, d_lo, d_hi = _row_docs(DocStart, DocStop, b, L_all, qpos, row_ok, HAS_DOCS)
     for r in tl.static_range(2):
         if r == 0:
             rs = 0
@@ -620,15 +743,17 @@ def _dq_kernel(
             Vr = V + b * stride_vb + hkv * stride_vh
             skn, skd, svn, svd = stride_kn, stride_kd, stride_vn, stride_vd
         t_lo, t_f0, t_f1, t_hi = _key_tiles(q_lo, q_hi, rs, L, window, CAUSAL, HAS_WINDOW, BLOCK_N)
+        t_lo, t_f0, t_f1, t_hi = _narrow_to_docs(t_lo, t_f0, t_f1, t_hi, d_lo, d_hi, rs, L, HAS_PAD, HAS_DOCS,
+                                                 BLOCK_N)
         dq = _dq_stage(dq, q, do, lse, delta, Kr, Vr, skn, skd, svn, svd, t_lo, t_f0, rs, L, qpos,
-                       slope, qk_scale, window, True, CAUSAL, HAS_WINDOW, HAS_ALIBI, HEAD_D, HEAD_DV,
-                       BLOCK_D, BLOCK_DV, BLOCK_N, EXP2, DOT_PREC)
+                       slope, qk_scale, window, pad_b, dlo, dhi, cap, True, CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_PAD,
+                       HAS_DOCS, HAS_SOFTCAP, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, EXP2, DOT_PREC)
         dq = _dq_stage(dq, q, do, lse, delta, Kr, Vr, skn, skd, svn, svd, t_f0, t_f1, rs, L, qpos,
-                       slope, qk_scale, window, False, CAUSAL, HAS_WINDOW, HAS_ALIBI, HEAD_D, HEAD_DV,
-                       BLOCK_D, BLOCK_DV, BLOCK_N, EXP2, DOT_PREC)
+                       slope, qk_scale, window, pad_b, dlo, dhi, cap, False, CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_PAD,
+                       HAS_DOCS, HAS_SOFTCAP, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, EXP2, DOT_PREC)
         dq = _dq_stage(dq, q, do, lse, delta, Kr, Vr, skn, skd, svn, svd, t_f1, t_hi, rs, L, qpos,
-                       slope, qk_scale, window, True, CAUSAL, HAS_WINDOW, HAS_ALIBI, HEAD_D, HEAD_DV,
-                       BLOCK_D, BLOCK_DV, BLOCK_N, EXP2, DOT_PREC)
+                       slope, qk_scale, window, pad_b, dlo, dhi, cap, True, CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_PAD,
+                       HAS_DOCS, HAS_SOFTCAP, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, EXP2, DOT_PREC)
     if EXP2:
         dq = dq * (qk_scale * _LN2)
     else:
@@ -645,16 +770,17 @@ def _dq_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, MK, MV, Slopes, OutPart, LsePart,
+    Q, K, V, MK, MV, Slopes, Pad, DocStart, DocStop, OutPart, LsePart,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mkb, stride_mkh, stride_mkn, stride_mkd,
     stride_mvb, stride_mvh, stride_mvn, stride_mvd,
-    HKV, N, M, window, key_lo, split_len, n_splits, scale_hi, scale_lo,
+    HKV, N, M, window, key_lo, split_len, n_splits, scale_hi, scale_lo, cap,
     GROUP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ACC: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One split of keys [key_lo + s * split_len, ...) for all R rows of (b, kv head).
@@ -692,6 +818,12 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_R], _NEG_INF, dtype=ACC)
     s0 = key_lo + split * split_len
     s1 = tl.minimum(s0 + split_len, M + N)
+    L_all = M + N
+    pad_b = Pad + b * L_all
+    dlo, dhi, d_lo, d_hi = _row_docs(DocStart, DocStop, b, L_all, qpos, row_ok, HAS_DOCS)
+    if HAS_DOCS:  # only the keys of the rows' documents
+        s0 = tl.maximum(s0, d_lo)
+        s1 = tl.minimum(s1, d_hi)
     for r in tl.static_range(2):
         if r == 0:  # memory: positions [0, M)
             rs = 0
@@ -715,7 +847,7 @@ def _decode_split_kernel(
                         mask=kvalid[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
             v = tl.load(Vr + tl.cast(jl, tl.int64)[:, None] * svn + offs_dv[None, :] * svd,
                         mask=kvalid[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
-            s = _dot(q, tl.trans(k), DOT_PREC).to(ACC) * qk_scale
+            s, _ = _softcap(_dot(q, tl.trans(k), DOT_PREC).to(ACC) * qk_scale, cap, HAS_SOFTCAP)
             if HAS_ALIBI:
                 s -= slope[:, None] * (qpos[:, None] - kpos[None, :]).to(ACC)
             vis = kvalid[None, :] & row_ok[:, None]
@@ -723,6 +855,7 @@ def _decode_split_kernel(
                 vis = vis & (kpos[None, :] <= qpos[:, None])
             if HAS_WINDOW:
                 vis = vis & (kpos[None, :] > qpos[:, None] - window)
+            vis = _doc_pad_visible(vis, kpos, jl, hi, pad_b, dlo, dhi, HAS_PAD, HAS_DOCS)
             s = tl.where(vis, s, _NEG_INF)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
@@ -742,15 +875,17 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    OutPart, LsePart, Out, Lse,
+    OutPart, LsePart, Sinks, Out, Lse,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
     HKV, N, n_splits,
     GROUP: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     """out and lse of one row (b, h, i) from the splits' partial results: lse = logsumexp_s lse_s,
-    out = sum_s exp(lse_s - lse) o_s, in float32 (float64 for float64). Grid: (B * HKV * GROUP * N,)."""
+    out = sum_s exp(lse_s - lse) o_s, in float32 (float64 for float64). The head's sink, if any, is one
+    more term of the sum that carries no value. A row no split saw: out 0, lse -inf.
+    Grid: (B * HKV * GROUP * N,)."""
     pid = tl.program_id(0)
     R = GROUP * N
     r = pid % R
@@ -765,13 +900,19 @@ def _decode_combine_kernel(
     rows = (bg.to(tl.int64) * n_splits + offs_s) * BLOCK_R + r
     lse_s = tl.load(LsePart + rows, mask=s_ok, other=_NEG_INF)
     mx = tl.max(lse_s, 0)
+    if HAS_SINKS:
+        sink = tl.load(Sinks + h).to(lse_s.dtype)
+        mx = tl.maximum(mx, sink)
     mx_use = tl.where(mx == _NEG_INF, 0.0, mx)
     w = tl.exp(lse_s - mx_use)
     den = tl.sum(w, 0)
+    if HAS_SINKS:
+        den += tl.exp(sink - mx_use)
     o = tl.load(OutPart + rows[:, None] * HEAD_DV + offs_dv[None, :], mask=s_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
                 other=0.0)
-    out = tl.sum(o * w[:, None], 0) / den
-    lse = mx_use + tl.log(den)
+    den_safe = tl.where(den == 0.0, 1.0, den)
+    out = tl.sum(o * w[:, None], 0) / den_safe
+    lse = tl.where(den == 0.0, _NEG_INF, mx_use + tl.log(den_safe))
     tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_on
              + offs_dv * stride_od, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DV)
     tl.store(Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + i.to(tl.int64) * stride_ln, lse)
@@ -798,7 +939,7 @@ def _splits(B, HKV, keys, device) -> int:
     return max(1, min(n, triton.cdiv(keys, 256)))
 
 
-def decode_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, window: int, scale: float):
+def decode_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, window: int, scale: float, masks=None):
     B, H, N, D = q.shape
     HKV, Dv, M = k.shape[1], v.shape[-1], mem_k.shape[2]
     group = H // HKV
@@ -818,17 +959,18 @@ def decode_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, window: int, s
                 BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
                 BLOCK_N=16 if _INTERPRET else 64, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
                 HAS_ALIBI=alibi_slopes is not None, ACC=tl.float64 if f64 else tl.float32,
-                DOT_PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32")
+                DOT_PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+                HAS_PAD=masks.pad is not None, HAS_DOCS=masks.start is not None, HAS_SOFTCAP=masks.cap > 0)
     if not _INTERPRET:
         meta.update(num_warps=4, num_stages=3)
     _decode_split_kernel[(n_splits * B * HKV,)](
-        q, k, v, mem_k, mem_v, alibi_slopes, part_o, part_l,
+        q, k, v, mem_k, mem_v, alibi_slopes, *masks.pointers(), part_o, part_l,
         *q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(),
-        HKV, N, M, int(window), key_lo, split_len, n_splits, scale_hi, scale_lo, **meta)
+        HKV, N, M, int(window), key_lo, split_len, n_splits, scale_hi, scale_lo, masks.cap, **meta)
     _decode_combine_kernel[(B * HKV * group * N,)](
-        part_o, part_l, out, lse, *out.stride(), *lse.stride(), HKV, N, n_splits,
+        part_o, part_l, masks.sinks_pointer(), out, lse, *out.stride(), *lse.stride(), HKV, N, n_splits,
         GROUP=group, HEAD_DV=Dv, BLOCK_R=block_r, BLOCK_DV=meta["BLOCK_DV"],
-        BLOCK_S=max(2, triton.next_power_of_2(n_splits)))
+        BLOCK_S=max(2, triton.next_power_of_2(n_splits)), HAS_SINKS=masks.sinks is not None)
     return out, lse
 
 
@@ -837,7 +979,8 @@ def decode_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, window: int, s
 # two, so varying lengths do not re-tune every call); configs that overflow shared memory or
 # registers are discarded by the autotuner itself.
 # --------------------------------------------------------------------------------------------
-_TUNE_KEY = ["HEAD_D", "HEAD_DV", "GROUP", "CAUSAL", "HAS_WINDOW", "HAS_ALIBI", "N_BUCKET", "M_BUCKET"]
+_TUNE_KEY = ["HEAD_D", "HEAD_DV", "GROUP", "CAUSAL", "HAS_WINDOW", "HAS_ALIBI", "HAS_PAD", "HAS_DOCS", "HAS_SOFTCAP",
+             "N_BUCKET", "M_BUCKET"]
 
 
 def _configs(shapes):
@@ -890,6 +1033,36 @@ def _f32_halves(x: float) -> tuple[float, float]:
     return hi, lo
 
 
+class _Masks:
+    """The masks and score terms as the kernels take them: the padding mask as int8 (B, M + N), each
+    position's document as keys [start, stop) (int32 (B, M + N), from the sorted ids by binary search),
+    the softcap in the logits' units (0: none) and the sinks (H,) in the LSE's dtype."""
+
+    def __init__(self, q, key_padding_mask=None, document_ids=None, softcap=0.0, sinks=None, exp2=False):
+        self.pad = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+        self.start = self.stop = None
+        if document_ids is not None:
+            ids = document_ids.to(torch.int64).contiguous()
+            self.start = torch.searchsorted(ids, ids, right=False).to(torch.int32)
+            self.stop = torch.searchsorted(ids, ids, right=True).to(torch.int32)
+        self.cap = float(softcap) * (math.log2(math.e) if exp2 and softcap else 1.0)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.sinks = None if sinks is None else sinks.to(acc).contiguous()
+
+        # Unused pointers still get a tensor: kernels form addresses from them before the flags prune the loads.
+        self._dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+
+    def meta(self):
+        return dict(HAS_PAD=self.pad is not None, HAS_DOCS=self.start is not None, HAS_SOFTCAP=self.cap > 0)
+
+    def pointers(self):
+        """(Pad, DocStart, DocStop) as the kernels take them."""
+        return tuple(self._dummy if t is None else t for t in (self.pad, self.start, self.stop))
+
+    def sinks_pointer(self):
+        return self._dummy if self.sinks is None else self.sinks
+
+
 def _meta(q, k, v, alibi_slopes, causal, window, scale):
     """Compile-time constants and the scale shared by the three kernels."""
     f64 = q.dtype == torch.float64
@@ -918,10 +1091,14 @@ def _buckets(N, M):
     return triton.next_power_of_2(N), triton.next_power_of_2(max(M, 1))
 
 
-def memory_attention_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, window: int, scale: float):
+def memory_attention_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, window: int, scale: float,
+                         key_padding_mask=None, document_ids=None, softcap: float = 0.0, sinks=None):
     """(out (B, H, N, Dv) in q's dtype, lse (B, H, N) float32 / float64 for float64 inputs)."""
+    exp2 = q.dtype != torch.float64
     if use_decode(q, k):
-        return decode_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale)
+        masks = _Masks(q, key_padding_mask, document_ids, softcap, sinks, exp2=False)  # decode: natural units
+        return decode_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale, masks)
+    masks = _Masks(q, key_padding_mask, document_ids, softcap, sinks, exp2=exp2)
     B, H, N, _ = q.shape
     M = mem_k.shape[2]
     out = torch.empty((B, H, N, v.shape[-1]), dtype=q.dtype, device=q.device)
@@ -930,17 +1107,18 @@ def memory_attention_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, wind
     if out.numel() == 0:
         return out, lse
     meta, scale_hi, scale_lo = _meta(q, k, v, alibi_slopes, causal, window, scale)
-    args = (q, k, v, mem_k, mem_v, alibi_slopes, out, lse,
+    meta.update(masks.meta(), HAS_SINKS=masks.sinks is not None)
+    args = (q, k, v, mem_k, mem_v, alibi_slopes, *masks.pointers(), masks.sinks_pointer(), out, lse,
             *q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(),
             *out.stride(), *lse.stride(),
-            *_ints(q, k, mem_k, window), scale_hi, scale_lo, *_buckets(N, M))
+            *_ints(q, k, mem_k, window), scale_hi, scale_lo, masks.cap, *_buckets(N, M))
     grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]) * B * H,)  # noqa: E731
     _launch(_fwd_kernel, "fwd", grid, args, meta)
     return out, lse
 
 
 def memory_attention_bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal: bool, window: int,
-                         scale: float):
+                         scale: float, key_padding_mask=None, document_ids=None, softcap: float = 0.0):
     """(dq, dk, dv, dmem_k, dmem_v) in the inputs' dtypes, shapes and memory layouts.
 
     Each gradient is laid out like its input (``empty_like``, as the op's fake implementation
@@ -953,16 +1131,19 @@ def memory_attention_bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, 
     if dq.numel() == 0 or dv.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dmk.zero_(), dmv.zero_()
     meta, scale_hi, scale_lo = _meta(q, k, v, alibi_slopes, causal, window, scale)
-    tail = (*_ints(q, k, mem_k, window), scale_hi, scale_lo, *_buckets(N, M))
+    masks = _Masks(q, key_padding_mask, document_ids, softcap, None, exp2=q.dtype != torch.float64)
+    meta.update(masks.meta())
+    tail = (*_ints(q, k, mem_k, window), scale_hi, scale_lo, masks.cap, *_buckets(N, M))
     common = (*q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(),
               *dout.stride(), *lse.stride(), *delta.stride())
+    mask_args = masks.pointers()
 
-    args = (q, k, v, mem_k, mem_v, dout, lse, delta, alibi_slopes, dk, dv, dmk, dmv, *common,
+    args = (q, k, v, mem_k, mem_v, dout, lse, delta, alibi_slopes, *mask_args, dk, dv, dmk, dmv, *common,
             *dk.stride(), *dv.stride(), *dmk.stride(), *dmv.stride(), *tail)
     grid = lambda META: ((triton.cdiv(M, META["BLOCK_N"]) + triton.cdiv(N, META["BLOCK_N"])) * B * Hkv,)  # noqa: E731
     _launch(_dkdv_kernel, "dkdv", grid, args, meta)
 
-    args = (q, k, v, mem_k, mem_v, dout, lse, delta, alibi_slopes, dq, *common, *dq.stride(), *tail)
+    args = (q, k, v, mem_k, mem_v, dout, lse, delta, alibi_slopes, *mask_args, dq, *common, *dq.stride(), *tail)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]) * B * H,)  # noqa: E731
     _launch(_dq_kernel, "dq", grid, args, meta)
     return dq, dk, dv, dmk, dmv

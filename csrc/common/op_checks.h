@@ -7,6 +7,7 @@
 // and CUDA implementations call the same ones, plus their own device checks.
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -80,6 +81,35 @@ inline void memory_attention_grads(const char* op, const MemoryAttentionDims& d,
   shape(op, "lse", lse, {d.B, d.H, d.N});
   floating(op, "delta", delta, 3, q.device());
   shape(op, "delta", delta, {d.B, d.H, d.N});
+}
+
+// The masks and score terms of memory attention: key_padding_mask (B, M + N) bool, document_ids (B, M + N)
+// integer (non-decreasing: checked where the bounds are built), softcap >= 0 and finite, sinks (H,) floating.
+inline void memory_attention_masks(const char* op, const MemoryAttentionDims& d, const at::Device& dev,
+                                   const std::optional<at::Tensor>& key_padding_mask,
+                                   const std::optional<at::Tensor>& document_ids, double softcap,
+                                   const std::optional<at::Tensor>* sinks) {
+  const int64_t L = d.M + d.N;
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.defined() && m.scalar_type() == at::kBool, op, ": key_padding_mask must be a bool tensor");
+    TORCH_CHECK(m.device() == dev, op, ": key_padding_mask must be on ", dev, ", got ", m.device());
+    shape(op, "key_padding_mask", m, {d.B, L});
+  }
+  if (document_ids.has_value()) {
+    const at::Tensor& t = *document_ids;
+    TORCH_CHECK(t.defined() && at::isIntegralType(t.scalar_type(), /*includeBool=*/false), op,
+                ": document_ids must be an integer tensor");
+    TORCH_CHECK(t.device() == dev, op, ": document_ids must be on ", dev, ", got ", t.device());
+    shape(op, "document_ids", t, {d.B, L});
+  }
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op, ": softcap must be finite and >= 0 (0: none), got ",
+              softcap);
+  if (sinks != nullptr && sinks->has_value()) {
+    const at::Tensor& s = **sinks;
+    TORCH_CHECK(s.defined() && s.dim() == 1 && s.size(0) == d.H, op, ": sinks must have shape (H=", d.H, ",)");
+    TORCH_CHECK(is_floating(s.scalar_type()) && s.device() == dev, op, ": sinks must be a floating tensor on ", dev);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -54,21 +54,38 @@ __attribute__((always_inline)) inline T row_max(const T* __restrict s, int64_t c
   return mx;
 }
 
+// The terms of one row's logits over a key tile: logit = softcap(scale * q.k) - slope * (qpos - kpos), and
+// -inf where the key padding mask hides the key. dist0 = qpos - kpos(column 0); cap 0: no softcap; pad: the
+// padding mask at column 0 (1 = padded), or null when no key of the tile is padded.
+template <typename T>
+struct RowTerms {
+  T scale, slope, dist0, cap;
+  const uint8_t* pad;
+};
+
 // One query row of the forward tile: logits -> probabilities in place, online-softmax update.
 // s: BK logits (raw q.k); cols [c0, c1) are visible; returns the rescale factor for the row's
 // accumulator and updates the running max m and sum l.
 template <typename T>
 __attribute__((always_inline)) inline T fwd_row_impl(T* __restrict s, int64_t bk, int64_t c0, int64_t c1,
-                                                     T scale, T slope, T dist0, T& m, T& l) {
+                                                     const RowTerms<T>& t, T& m, T& l) {
   // ALiBi: -slope * (qpos - kpos) = slope * (c - dist0) for column c, dist0 = qpos - kpos(c = 0).
   // A NaN logit must reach the row (the reference's softmax gives NaN): max reductions may drop
   // it, so the scaling pass flags it and the running max becomes NaN, which stays NaN.
   int32_t nan = 0;
+  T scale = t.scale;
+  const T slope = t.slope;
+  if (t.cap != T(0)) {  // softcap(x) = cap * tanh(x / cap), before ALiBi
+    const T inner = t.scale / t.cap, cap = t.cap;
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) s[c] = cap * tanh_approx(s[c] * inner);
+    scale = T(1);
+  }
   if (slope != T(0)) {
     // 32-bit column index: int64 -> float vector conversion needs AVX512DQ, which the clone lacks.
     // The distance kpos - qpos is an exact integer; one rounding, in the multiply.
     T* __restrict sr = s + c0;
-    const int32_t d0 = static_cast<int32_t>(static_cast<int64_t>(c0) - static_cast<int64_t>(dist0));
+    const int32_t d0 = static_cast<int32_t>(static_cast<int64_t>(c0) - static_cast<int64_t>(t.dist0));
     const int32_t n = static_cast<int32_t>(c1 - c0);
 #pragma omp simd reduction(| : nan)
     for (int32_t c = 0; c < n; ++c) {
@@ -82,6 +99,13 @@ __attribute__((always_inline)) inline T fwd_row_impl(T* __restrict s, int64_t bk
       const T x = s[c] * scale;
       s[c] = x;
       nan |= static_cast<int32_t>(x != x);
+    }
+  }
+  if (t.pad) {  // padded keys are hidden, NaN or not
+    nan = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      if (t.pad[c]) s[c] = static_cast<T>(kNegInf);
+      nan |= static_cast<int32_t>(s[c] != s[c]);
     }
   }
   const T m_new = (nan || m != m) ? std::numeric_limits<T>::quiet_NaN() : std::max(m, row_max(s, c0, c1));
@@ -104,24 +128,42 @@ __attribute__((always_inline)) inline T fwd_row_impl(T* __restrict s, int64_t bk
   return alpha;
 }
 
-// One row of the backward tile: s (raw q.k) -> p = exp(logit - lse); dp -> ds = p * (dp - delta).
+// One row of the backward tile: s (raw q.k) -> p = exp(logit - lse); dp -> ds = p * (dp - delta), the
+// gradient of the scaled dot product (through the softcap's tanh: times 1 - tanh^2).
 template <typename T>
 __attribute__((always_inline)) inline void bwd_row_impl(T* __restrict s, T* __restrict dp, int64_t bk, int64_t c0,
-                                                        int64_t c1, T scale, T slope, T dist0, T lse, T delta) {
+                                                        int64_t c1, const RowTerms<T>& t, T lse, T delta) {
   for (int64_t c = 0; c < c0; ++c) s[c] = dp[c] = T(0);
   T* __restrict sr = s + c0;
   T* __restrict dpr = dp + c0;
-  const int32_t d0 = static_cast<int32_t>(static_cast<int64_t>(c0) - static_cast<int64_t>(dist0));
+  const int32_t d0 = static_cast<int32_t>(static_cast<int64_t>(c0) - static_cast<int64_t>(t.dist0));
   const int32_t n = static_cast<int32_t>(c1 - c0);  // 32-bit: see fwd_row_impl
+  const T scale = t.scale, slope = t.slope;
+  // Recomputed from the LSE, p can round above 1 where logits are huge (|s| ~ 1e7 in float32: the
+  // LSE's last bit is worth more than 1); a probability never exceeds 1, and the comparison keeps a
+  // NaN a NaN.
+  if (t.cap != T(0)) {
+    const T inner = scale / t.cap, cap = t.cap;
 #pragma omp simd
-  for (int32_t c = 0; c < n; ++c) {
-    // Recomputed from the LSE, p can round above 1 where logits are huge (|s| ~ 1e7 in float32: the
-    // LSE's last bit is worth more than 1); a probability never exceeds 1, and the comparison keeps a
-    // NaN a NaN.
-    const T e = exp_approx(sr[c] * scale + slope * static_cast<T>(c + d0) - lse);
-    const T p = e > T(1) ? T(1) : e;
-    sr[c] = p;
-    dpr[c] = p * (dpr[c] - delta);
+    for (int32_t c = 0; c < n; ++c) {
+      const T th = tanh_approx(sr[c] * inner);
+      const T e = exp_approx(cap * th + slope * static_cast<T>(c + d0) - lse);
+      const T p = e > T(1) ? T(1) : e;
+      sr[c] = p;
+      dpr[c] = p * (dpr[c] - delta) * (T(1) - th * th);
+    }
+  } else {
+#pragma omp simd
+    for (int32_t c = 0; c < n; ++c) {
+      const T e = exp_approx(sr[c] * scale + slope * static_cast<T>(c + d0) - lse);
+      const T p = e > T(1) ? T(1) : e;
+      sr[c] = p;
+      dpr[c] = p * (dpr[c] - delta);
+    }
+  }
+  if (t.pad) {
+    for (int64_t c = c0; c < c1; ++c)
+      if (t.pad[c]) s[c] = dp[c] = T(0);
   }
   for (int64_t c = c1; c < bk; ++c) s[c] = dp[c] = T(0);
 }
@@ -133,40 +175,181 @@ __attribute__((always_inline)) inline void scale_row_impl(T* __restrict o, int64
 }
 
 
-LK_CLONES float fwd_row(float* s, int64_t bk, int64_t c0, int64_t c1, float scale, float slope, float dist0,
-                        float& m, float& l) {
-  return fwd_row_impl<float>(s, bk, c0, c1, scale, slope, dist0, m, l);
+LK_CLONES float fwd_row(float* s, int64_t bk, int64_t c0, int64_t c1, const RowTerms<float>& t, float& m, float& l) {
+  return fwd_row_impl<float>(s, bk, c0, c1, t, m, l);
 }
-double fwd_row(double* s, int64_t bk, int64_t c0, int64_t c1, double scale, double slope, double dist0, double& m,
-               double& l) {
-  return fwd_row_impl<double>(s, bk, c0, c1, scale, slope, dist0, m, l);
+double fwd_row(double* s, int64_t bk, int64_t c0, int64_t c1, const RowTerms<double>& t, double& m, double& l) {
+  return fwd_row_impl<double>(s, bk, c0, c1, t, m, l);
 }
-LK_CLONES void bwd_row(float* s, float* dp, int64_t bk, int64_t c0, int64_t c1, float scale, float slope,
-                       float dist0, float lse, float delta) {
-  bwd_row_impl<float>(s, dp, bk, c0, c1, scale, slope, dist0, lse, delta);
+LK_CLONES void bwd_row(float* s, float* dp, int64_t bk, int64_t c0, int64_t c1, const RowTerms<float>& t, float lse,
+                       float delta) {
+  bwd_row_impl<float>(s, dp, bk, c0, c1, t, lse, delta);
 }
-void bwd_row(double* s, double* dp, int64_t bk, int64_t c0, int64_t c1, double scale, double slope, double dist0,
-             double lse, double delta) {
-  bwd_row_impl<double>(s, dp, bk, c0, c1, scale, slope, dist0, lse, delta);
+void bwd_row(double* s, double* dp, int64_t bk, int64_t c0, int64_t c1, const RowTerms<double>& t, double lse,
+             double delta) {
+  bwd_row_impl<double>(s, dp, bk, c0, c1, t, lse, delta);
 }
 LK_CLONES void scale_row(float* o, int64_t n, float a) { scale_row_impl<float>(o, n, a); }
 void scale_row(double* o, int64_t n, double a) { scale_row_impl<double>(o, n, a); }
 
+// A row's end: with the running max m and sum l (and the head's sink logit, if any), the factor that
+// normalises its accumulator and its LSE. A row that saw no key gets factor 0 (output 0) and LSE -inf, or
+// the sink's logit: FlashAttention's convention, never a NaN.
+template <typename T>
+inline void finish_row(T m, T l, const T* sink, T& inv, T& lse) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  if (sink != nullptr) {
+    const T sv = *sink;
+    if (m == -kInf) {
+      inv = T(0);
+      lse = sv;
+      return;
+    }
+    const T mm = (m != m || sv != sv) ? std::numeric_limits<T>::quiet_NaN() : std::max(m, sv);
+    const T a = std::exp(m - mm);
+    const T den = l * a + std::exp(sv - mm);
+    inv = a / den;
+    lse = mm + std::log(den);
+    return;
+  }
+  if (m == -kInf) {
+    inv = T(0);
+    lse = -kInf;
+    return;
+  }
+  inv = T(1) / l;
+  lse = m + std::log(l);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shared problem description.
 // ---------------------------------------------------------------------------------------------
+// What each (b, query) sees beyond causality and the window: its document's keys [doc_lo, doc_hi) (document
+// ids are non-decreasing, so both bounds are non-decreasing in the query and visible sets stay intervals) and
+// the unpadded keys. Every question the loops ask of the geometry goes through here, per batch row.
+struct Masks {
+  tiles::Geometry geo;
+  int64_t N = 0, L = 0;               // queries; keys (M + N)
+  const int64_t* doc_lo = nullptr;    // (B, N), or null without documents
+  const int64_t* doc_hi = nullptr;    // (B, N)
+  const uint8_t* pad = nullptr;       // (B, L), 1 = padded; null without a padding mask
+  const int64_t* pad_before = nullptr;  // (B, L + 1): padded keys before each position
+
+  // Keys visible to at least one of the queries [i0, i0 + bq) (a superset where documents leave gaps).
+  tiles::Range visible_keys(int64_t b, int64_t i0, int64_t bq) const {
+    tiles::Range r = tiles::visible_keys(geo, i0, bq);
+    if (doc_lo) {
+      r.lo = std::max(r.lo, doc_lo[b * N + i0]);
+      r.hi = std::min(r.hi, doc_hi[b * N + i0 + bq - 1]);
+      if (r.hi < r.lo) r.hi = r.lo;
+    }
+    return r;
+  }
+  // Queries that see at least one key of [a0, a0 + bk).
+  tiles::Range visible_queries(int64_t b, int64_t a0, int64_t bk) const {
+    tiles::Range r = tiles::visible_queries(geo, a0, bk);
+    if (doc_lo) {
+      const int64_t* lo = doc_lo + b * N;
+      const int64_t* hi = doc_hi + b * N;
+      r.lo = std::max<int64_t>(r.lo, std::upper_bound(hi, hi + N, a0) - hi);      // documents ending after a0
+      r.hi = std::min<int64_t>(r.hi, std::lower_bound(lo, lo + N, a0 + bk) - lo);  // starting before a0 + bk
+      if (r.hi < r.lo) r.hi = r.lo;
+    }
+    return r;
+  }
+  int64_t padded(int64_t b, int64_t a0, int64_t bk) const {
+    return pad ? pad_before[b * (L + 1) + a0 + bk] - pad_before[b * (L + 1) + a0] : 0;
+  }
+  // Every key of [a0, a0 + bk) padded: the tile is skipped.
+  bool all_padded(int64_t b, int64_t a0, int64_t bk) const { return pad && padded(b, a0, bk) == bk; }
+  // The padding mask at a0 when some key of [a0, a0 + bk) is padded (the row loops test it), else null.
+  const uint8_t* pad_at(int64_t b, int64_t a0, int64_t bk) const {
+    return padded(b, a0, bk) ? pad + b * L + a0 : nullptr;
+  }
+  // Every query of [i0, i0 + bq) sees every key of [a0, a0 + bk): no test per element.
+  bool fully_visible(int64_t b, int64_t i0, int64_t bq, int64_t a0, int64_t bk) const {
+    if (!tiles::tile_fully_visible(geo, i0, bq, a0, bk)) return false;
+    if (doc_lo && (doc_lo[b * N + i0 + bq - 1] > a0 || doc_hi[b * N + i0] < a0 + bk)) return false;
+    return padded(b, a0, bk) == 0;
+  }
+  // Columns [c0, c1) of the key tile at a0 (width bk) that query i sees (before padding).
+  void row_columns(int64_t b, int64_t i, int64_t a0, int64_t bk, int64_t* c0, int64_t* c1) const {
+    tiles::row_columns(geo, i, a0, bk, c0, c1);
+    if (doc_lo) {
+      *c0 = std::max(*c0, tiles::clamp64(doc_lo[b * N + i] - a0, 0, bk));
+      *c1 = std::min(*c1, tiles::clamp64(doc_hi[b * N + i] - a0, 0, bk));
+      if (*c1 < *c0) *c1 = *c0;
+    }
+  }
+};
+
 struct Problem {
   int64_t B, H, Hkv, N, M, D, Dv;
   bool causal;
   int64_t window;  // 0: none
   double scale;
+  double softcap = 0.0;  // 0: none
+  Masks mk{};
   int64_t group() const { return H / Hkv; }
   tiles::Geometry geometry() const { return {N, M, causal, window}; }
 };
 
+// The masks' buffers (kept alive for the call) and the Masks view over them.
+struct MaskBuffers {
+  Tensor doc_lo, doc_hi, pad, pad_before;
+};
+
 Problem describe(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, bool causal, int64_t window,
-                 double scale) {
-  return {q.size(0), q.size(1), k.size(1), q.size(2), mem_k.size(2), q.size(3), v.size(3), causal, window, scale};
+                 double scale, const std::optional<Tensor>& key_padding_mask,
+                 const std::optional<Tensor>& document_ids, double softcap, MaskBuffers& buf) {
+  Problem P{q.size(0), q.size(1), k.size(1), q.size(2), mem_k.size(2), q.size(3), v.size(3), causal, window, scale};
+  P.softcap = softcap;
+  P.mk.geo = P.geometry();
+  P.mk.N = P.N;
+  P.mk.L = P.M + P.N;
+  const int64_t L = P.M + P.N;
+  if (document_ids.has_value()) {
+    // Each query's document as a key interval: one pass per batch row, after checking that ids never
+    // decrease (the interval form, and so every bound the loops use, depends on it).
+    const Tensor ids = document_ids->to(at::kLong).contiguous();
+    buf.doc_lo = at::empty({P.B, P.N}, ids.options());
+    buf.doc_hi = at::empty({P.B, P.N}, ids.options());
+    const int64_t* id = ids.data_ptr<int64_t>();
+    int64_t* lo = buf.doc_lo.data_ptr<int64_t>();
+    int64_t* hi = buf.doc_hi.data_ptr<int64_t>();
+    std::vector<int64_t> start(L), stop(L);
+    for (int64_t b = 0; b < P.B; ++b) {
+      const int64_t* d = id + b * L;
+      for (int64_t j = 0; j < L; ++j) {
+        TORCH_CHECK(j == 0 || d[j] >= d[j - 1], "memory_attention: document_ids must be non-decreasing along the "
+                    "sequence (batch row ", b, ", position ", j, ")");
+        start[j] = (j > 0 && d[j] == d[j - 1]) ? start[j - 1] : j;
+      }
+      for (int64_t j = L - 1; j >= 0; --j) stop[j] = (j + 1 < L && d[j + 1] == d[j]) ? stop[j + 1] : j + 1;
+      for (int64_t i = 0; i < P.N; ++i) {
+        lo[b * P.N + i] = start[P.M + i];
+        hi[b * P.N + i] = stop[P.M + i];
+      }
+    }
+    P.mk.doc_lo = lo;
+    P.mk.doc_hi = hi;
+  }
+  if (key_padding_mask.has_value()) {
+    buf.pad = key_padding_mask->to(at::kByte).contiguous();
+    buf.pad_before = at::zeros({P.B, L + 1}, buf.pad.options().dtype(at::kLong));
+    const uint8_t* m = buf.pad.data_ptr<uint8_t>();
+    int64_t* before = buf.pad_before.data_ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t b = 0; b < P.B; ++b) {
+      for (int64_t j = 0; j < L; ++j) before[b * (L + 1) + j + 1] = before[b * (L + 1) + j] + (m[b * L + j] != 0);
+      total += before[b * (L + 1) + L];
+    }
+    if (total > 0) {  // an all-False mask costs nothing
+      P.mk.pad = m;
+      P.mk.pad_before = before;
+    }
+  }
+  return P;
 }
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -414,10 +597,10 @@ int64_t query_tile(const Problem& P) {
 }
 
 template <typename T, typename Products>
-void forward_kernel(const Problem& P, const typename Products::Shared& shared, const T* slopes, Tensor& out,
-                    Tensor& lse) {
+void forward_kernel(const Problem& P, const typename Products::Shared& shared, const T* slopes, const T* sinks,
+                    Tensor& out, Tensor& lse) {
   const int64_t BQ = query_tile(P), n_qt = (P.N + BQ - 1) / BQ;
-  const tiles::Geometry geo = P.geometry();
+  const Masks& mk = P.mk;
   T* out_d = out.data_ptr<T>();
   T* lse_d = lse.data_ptr<T>();
   at::parallel_for(0, P.B * P.H * n_qt, 1, [&](int64_t begin, int64_t end) {
@@ -429,13 +612,13 @@ void forward_kernel(const Problem& P, const typename Products::Shared& shared, c
       prod.scores(s == 0, b, hk, rel0, bk, r0, r1);
       T* s_ptr = prod.s_ptr();
       T* o_ptr = prod.o_ptr();
-      const T slope = slopes ? slopes[h] : T(0);
+      RowTerms<T> terms{static_cast<T>(P.scale), slopes ? slopes[h] : T(0), T(0), static_cast<T>(P.softcap),
+                        full ? nullptr : mk.pad_at(b, a0, bk)};
       for (int64_t r = r0; r < r1; ++r) {
         int64_t c0 = 0, c1 = bk;
-        if (!full) tiles::row_columns(geo, i0 + r, a0, bk, &c0, &c1);
-        const T dist0 = static_cast<T>(P.M + i0 + r - a0);  // qpos - kpos of column 0
-        const T alpha = fwd_row(s_ptr + r * Products::s_ld, bk, c0, c1, static_cast<T>(P.scale), slope, dist0, m[r],
-                                l[r]);
+        if (!full) mk.row_columns(b, i0 + r, a0, bk, &c0, &c1);
+        terms.dist0 = static_cast<T>(P.M + i0 + r - a0);  // qpos - kpos of column 0
+        const T alpha = fwd_row(s_ptr + r * Products::s_ld, bk, c0, c1, terms, m[r], l[r]);
         if (alpha != T(1)) scale_row(o_ptr + r * prod.o_ld, P.Dv, alpha);
       }
       prod.accumulate(s == 0, b, hk, rel0, bk, r0, r1);
@@ -446,20 +629,21 @@ void forward_kernel(const Problem& P, const typename Products::Shared& shared, c
       prod.begin_queries(b, h, i0, bq);
       std::fill(m.begin(), m.end(), static_cast<T>(kNegInf));
       std::fill(l.begin(), l.end(), T(0));
-      const tiles::Range vis = tiles::visible_keys(geo, i0, bq);
+      const tiles::Range vis = mk.visible_keys(b, i0, bq);
       const int64_t offsets[2] = {0, P.M}, lengths[2] = {P.M, P.N};
       for (int s = 0; s < 2; ++s) {
         const int64_t off = offsets[s];
         const int64_t rel_lo = std::max(vis.lo, off) - off, rel_hi = std::min(vis.hi, off + lengths[s]) - off;
         for (int64_t rel0 = Products::tile_start(rel_lo); rel0 < rel_hi; rel0 += kBlockK) {
           const int64_t bk = std::min(kBlockK, rel_hi - rel0), a0 = off + rel0;
-          if (tiles::tile_fully_visible(geo, i0, bq, a0, bk)) {
+          if (mk.all_padded(b, a0, bk)) continue;
+          if (mk.fully_visible(b, i0, bq, a0, bk)) {
             step(b, h, hk, i0, s, rel0, bk, a0, true, 0, bq);
             continue;
           }
           for (int64_t r0 = 0; r0 < bq; r0 += kSubRows) {
             const int64_t r1 = std::min(bq, r0 + kSubRows);
-            const tiles::Range sub = tiles::visible_keys(geo, i0 + r0, r1 - r0);
+            const tiles::Range sub = mk.visible_keys(b, i0 + r0, r1 - r0);
             const int64_t lo = Products::tile_start(std::max(sub.lo, a0) - off) + off;  // keeps rel0's alignment
             const int64_t hi = std::min(sub.hi, a0 + bk);
             if (hi <= lo) continue;  // these rows see none of this tile
@@ -467,13 +651,14 @@ void forward_kernel(const Problem& P, const typename Products::Shared& shared, c
           }
         }
       }
-      // Normalise and write out; every row saw at least itself (validated), so l > 0.
+      // Normalise and write out (a row that saw no key: zeros; see finish_row).
       const T* o_ptr = prod.o_ptr();
       for (int64_t r = 0; r < bq; ++r) {
-        const T inv = T(1) / l[r];
+        T inv, row_lse;
+        finish_row(m[r], l[r], sinks ? sinks + h : nullptr, inv, row_lse);
         T* dst = out_d + ((b * P.H + h) * P.N + i0 + r) * P.Dv;
-        for (int64_t d = 0; d < P.Dv; ++d) dst[d] = o_ptr[r * prod.o_ld + d] * inv;
-        lse_d[(b * P.H + h) * P.N + i0 + r] = m[r] + std::log(l[r]);
+        for (int64_t d = 0; d < P.Dv; ++d) dst[d] = inv == T(0) ? T(0) : o_ptr[r * prod.o_ld + d] * inv;
+        lse_d[(b * P.H + h) * P.N + i0 + r] = row_lse;
       }
     }
   });
@@ -490,13 +675,13 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
                      int64_t n_slices, Tensor& dq_part, Tensor& dk_h, Tensor& dv_h, Tensor& dmk_h, Tensor& dmv_h) {
   const int64_t n_kt_mem = (P.M + kBlockK - 1) / kBlockK, n_kt = n_kt_mem + (P.N + kBlockK - 1) / kBlockK;
   const auto opts = q.options();
-  const tiles::Geometry geo = P.geometry();
+  const Masks& ms = P.mk;
   at::parallel_for(0, P.B * P.H * n_slices, 1, [&](int64_t begin, int64_t end) {
     Tensor S = at::empty({kBlockQ, kBlockK}, opts);
     Tensor dP = at::empty({kBlockQ, kBlockK}, opts);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t slice = item % n_slices, bh = item / n_slices, b = bh / P.H, h = bh % P.H, hk = h / P.group();
-      const T slope = slopes ? slopes[h] : T(0);
+      RowTerms<T> terms{static_cast<T>(P.scale), slopes ? slopes[h] : T(0), T(0), static_cast<T>(P.softcap), nullptr};
       const Tensor Qb = q[b][h], dOb = dout[b][h];
       const T* lse_b = lse[b][h].data_ptr<T>();
       const T* delta_b = delta[b][h].data_ptr<T>();
@@ -510,7 +695,8 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
         const Tensor Vt = (in_mem ? mv : v)[b][hk].narrow(0, a0 - offset, bk);
         Tensor dKt = (in_mem ? dmk_h : dk_h)[b][h].narrow(0, a0 - offset, bk);
         Tensor dVt = (in_mem ? dmv_h : dv_h)[b][h].narrow(0, a0 - offset, bk);
-        const tiles::Range rows = tiles::visible_queries(geo, a0, bk);
+        if (ms.all_padded(b, a0, bk)) continue;
+        const tiles::Range rows = ms.visible_queries(b, a0, bk);
         // Query rows [i0, i0 + bq) against key columns [c0k, c0k + w) of the tile (all of it when it is fully
         // visible; else per sub-block of kSubRows rows, only the columns those rows see).
         const auto step = [&](int64_t i0, int64_t bq, int64_t c0k, int64_t w, bool full) {
@@ -522,12 +708,12 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
           T* s_ptr = S.data_ptr<T>();
           T* dp_ptr = dP.data_ptr<T>();
           const int64_t ac = a0 + c0k;
+          terms.pad = full ? nullptr : ms.pad_at(b, ac, w);
           for (int64_t r = 0; r < bq; ++r) {
             int64_t c0 = 0, c1 = w;
-            if (!full) tiles::row_columns(geo, i0 + r, ac, w, &c0, &c1);
-            const T dist0 = static_cast<T>(P.M + i0 + r - ac);
-            bwd_row(s_ptr + r * kBlockK, dp_ptr + r * kBlockK, w, c0, c1, static_cast<T>(P.scale), slope, dist0,
-                    lse_b[i0 + r], delta_b[i0 + r]);
+            if (!full) ms.row_columns(b, i0 + r, ac, w, &c0, &c1);
+            terms.dist0 = static_cast<T>(P.M + i0 + r - ac);
+            bwd_row(s_ptr + r * kBlockK, dp_ptr + r * kBlockK, w, c0, c1, terms, lse_b[i0 + r], delta_b[i0 + r]);
           }
           dVt.narrow(0, c0k, w).addmm_(St.t(), dOt);  // dV += P^T dO
           dKt.narrow(0, c0k, w).addmm_(dPt.t(), Qt);  // dK += dS^T Q   (scaled at the end)
@@ -535,13 +721,13 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
         };
         for (int64_t i0 = rows.lo; i0 < rows.hi; i0 += kBlockQ) {
           const int64_t bq = std::min(kBlockQ, rows.hi - i0);
-          if (tiles::tile_fully_visible(geo, i0, bq, a0, bk)) {
+          if (ms.fully_visible(b, i0, bq, a0, bk)) {
             step(i0, bq, 0, bk, true);
             continue;
           }
           for (int64_t r0 = 0; r0 < bq; r0 += kSubRows) {
             const int64_t r1 = std::min(bq, r0 + kSubRows);
-            const tiles::Range sub = tiles::visible_keys(geo, i0 + r0, r1 - r0);
+            const tiles::Range sub = ms.visible_keys(b, i0 + r0, r1 - r0);
             const int64_t lo = std::max(sub.lo, a0), hi = std::min(sub.hi, a0 + bk);
             if (hi > lo) step(i0 + r0, r1 - r0, lo - a0, hi - lo, false);
           }
@@ -612,19 +798,23 @@ class Decoder {
     std::fill(o, o + R_ * Dvp_, T(0));
     std::fill(m, m + R_, -std::numeric_limits<T>::infinity());
     std::fill(l, l + R_, T(0));
-    const tiles::Geometry geo = P_.geometry();
+    const Masks& ms = P_.mk;
     for (int64_t a0 = lo; a0 < hi; a0 += kDecodeBlock) {
       const int64_t bk = std::min(kDecodeBlock, hi - a0);
+      if (ms.all_padded(b, a0, bk)) continue;
+      const tiles::Range vis = ms.visible_keys(b, 0, P_.N);
+      if (vis.hi <= a0 || vis.lo >= a0 + bk) continue;  // no query of the group sees this block
       scores(b, hkv, a0, bk);
-      const bool full = tiles::tile_fully_visible(geo, 0, P_.N, a0, bk);
+      const bool full = ms.fully_visible(b, 0, P_.N, a0, bk);
+      RowTerms<T> terms{static_cast<T>(P_.scale), T(0), T(0), static_cast<T>(P_.softcap),
+                        full ? nullptr : ms.pad_at(b, a0, bk)};
       for (int64_t r = 0; r < R_; ++r) {
         const int64_t g = r / P_.N, i = r % P_.N;
         int64_t c0 = 0, c1 = bk;
-        if (!full) tiles::row_columns(geo, i, a0, bk, &c0, &c1);
-        const T slope = slopes_ ? slopes_[hkv * P_.group() + g] : T(0);
-        const T dist0 = static_cast<T>(P_.M + i - a0);
-        const T alpha = fwd_row(S_.data() + r * kDecodeBlock, kDecodeBlock, c0, c1, static_cast<T>(P_.scale), slope,
-                                dist0, m[r], l[r]);
+        if (!full) ms.row_columns(b, i, a0, bk, &c0, &c1);
+        terms.slope = slopes_ ? slopes_[hkv * P_.group() + g] : T(0);
+        terms.dist0 = static_cast<T>(P_.M + i - a0);
+        const T alpha = fwd_row(S_.data() + r * kDecodeBlock, kDecodeBlock, c0, c1, terms, m[r], l[r]);
         if (alpha != T(1)) scale_row(o + r * Dvp_, P_.Dv, alpha);
       }
       accumulate(b, hkv, a0, bk, o);
@@ -806,7 +996,7 @@ int64_t decode_chunk(const Problem& P, int64_t keys) {
 
 template <typename Src, typename T, DecodeKind kKind>
 void decode_forward(const Problem& P, F32Tiles isa, const Tensor& q, const Tensor& k, const Tensor& v,
-                    const Tensor& mk, const Tensor& mv, const T* slopes, Tensor& out, Tensor& lse) {
+                    const Tensor& mk, const Tensor& mv, const T* slopes, const T* sinks, Tensor& out, Tensor& lse) {
   // Keys any of the group's queries sees: [lo, M + N) (causal or not, the window bounds the start).
   const int64_t lo = (P.window && P.causal) ? std::max<int64_t>(0, P.M - P.window + 1) : 0;
   const int64_t hi = P.M + P.N, keys = hi - lo;
@@ -852,9 +1042,10 @@ void decode_forward(const Problem& P, F32Tiles isa, const Tensor& q, const Tenso
         for (int64_t d = 0; d < P.Dv; ++d) acc[d] += w * oc[d];
       }
       T* dst = out_d + ((b * P.H + h) * P.N + i) * P.Dv;
-      const T inv = T(1) / den;
-      for (int64_t d = 0; d < P.Dv; ++d) dst[d] = acc[d] * inv;
-      lse_d[(b * P.H + h) * P.N + i] = mx + std::log(den);
+      T inv, row_lse;
+      finish_row(mx, den, sinks ? sinks + h : nullptr, inv, row_lse);
+      for (int64_t d = 0; d < P.Dv; ++d) dst[d] = inv == T(0) ? T(0) : acc[d] * inv;
+      lse_d[(b * P.H + h) * P.N + i] = row_lse;
     }
   });
 }
@@ -919,8 +1110,7 @@ void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Te
   const int64_t n_kt_mem = (P.M + kBwdK - 1) / kBwdK, n_kt = n_kt_mem + (P.N + kBwdK - 1) / kBwdK;
   const int64_t Dq = round_up(P.D, kp), Dvq = round_up(P.Dv, kp), Dp = round_up(P.D, 16), Dvp = round_up(P.Dv, 16);
   const int64_t Kp = kBwdK + 16;  // panel width in keys (a sub-block's columns start on a multiple of 16)
-  const tiles::Geometry geo = P.geometry();
-  const float scale = static_cast<float>(P.scale);
+  const Masks& ms = P.mk;
   const auto gemm = [&](int64_t M, int64_t N, int64_t K, const E* A, int64_t lda, const E* B, int64_t ldb, float* C,
                         int64_t ldc, bool acc) {
     if constexpr (kBf16) {
@@ -944,7 +1134,8 @@ void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Te
     std::vector<const E*> rows(std::max<int64_t>(P.N, Kp));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t slice = item % n_slices, bh = item / n_slices, b = bh / P.H, h = bh % P.H, hk = h / P.group();
-      const float slope = slopes ? slopes[h] : 0.0f;
+      RowTerms<float> terms{static_cast<float>(P.scale), slopes ? slopes[h] : 0.0f, 0.0f,
+                            static_cast<float>(P.softcap), nullptr};
       const float* lse_b = lse + bh * P.N;
       const float* delta_b = delta + bh * P.N;
       Qa.take(q, b, h, P.D, false);
@@ -967,7 +1158,8 @@ void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Te
         const int64_t offset = in_mem ? 0 : P.M, len = in_mem ? P.M : P.N;
         const int64_t a0 = offset + (in_mem ? kt : kt - n_kt_mem) * kBwdK;
         const int64_t bk = std::min(kBwdK, offset + len - a0);
-        const tiles::Range qrows = tiles::visible_queries(geo, a0, bk);
+        if (ms.all_padded(b, a0, bk)) continue;
+        const tiles::Range qrows = ms.visible_queries(b, a0, bk);
         if (qrows.hi <= qrows.lo) continue;
         // The tile's keys and values: transposed panels (S, dP) and, for the keys, dQ's B operand.
         const auto layout = [&](const Tensor& t, int64_t d, int64_t dq, std::vector<uint32_t>& panel, bool keys) {
@@ -1014,12 +1206,12 @@ void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Te
           gemm(bq, wp, Dq / kp, Qa.row(i0), Qa.ld, ktp, kp * Kp, S.data(), Kp, false);
           gemm(bq, wp, Dvq / kp, dOa.row(i0), dOa.ld, vtp, kp * Kp, dP.data(), Kp, false);
           const int64_t ac = a0 + c0k;
+          terms.pad = full ? nullptr : ms.pad_at(b, ac, w);
           for (int64_t r = 0; r < bq; ++r) {
             int64_t c0 = 0, c1 = w;
-            if (!full) tiles::row_columns(geo, i0 + r, ac, w, &c0, &c1);
-            const float dist0 = static_cast<float>(P.M + i0 + r - ac);
-            bwd_row(S.data() + r * Kp, dP.data() + r * Kp, wp, c0, c1, scale, slope, dist0, lse_b[i0 + r],
-                    delta_b[i0 + r]);
+            if (!full) ms.row_columns(b, i0 + r, ac, w, &c0, &c1);
+            terms.dist0 = static_cast<float>(P.M + i0 + r - ac);
+            bwd_row(S.data() + r * Kp, dP.data() + r * Kp, wp, c0, c1, terms, lse_b[i0 + r], delta_b[i0 + r]);
           }
           if constexpr (kBf16) {
             const int64_t pq = (bq + 1) / 2;
@@ -1047,13 +1239,13 @@ void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Te
         };
         for (int64_t i0 = qrows.lo & ~int64_t(1); i0 < qrows.hi; i0 += kBwdQ) {
           const int64_t bq = std::min(kBwdQ, qrows.hi - i0);
-          if (tiles::tile_fully_visible(geo, i0, bq, a0, bk)) {
+          if (ms.fully_visible(b, i0, bq, a0, bk)) {
             step(i0, bq, 0, bk, true);
             continue;
           }
           for (int64_t r0 = 0; r0 < bq; r0 += kSubRows) {
             const int64_t r1 = std::min(bq, r0 + kSubRows);
-            const tiles::Range sub = tiles::visible_keys(geo, i0 + r0, r1 - r0);
+            const tiles::Range sub = ms.visible_keys(b, i0 + r0, r1 - r0);
             const int64_t lo = ((std::max(sub.lo, a0) - a0) & ~int64_t(15)) + a0, hi = std::min(sub.hi, a0 + bk);
             if (hi > lo) step(i0 + r0, r1 - r0, lo - a0, hi - lo, false);
           }
@@ -1080,11 +1272,19 @@ Tensor optional_slopes(const std::optional<Tensor>& alibi, at::ScalarType ct) {
 
 std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k,
                                                 const Tensor& mem_v, const std::optional<Tensor>& alibi_slopes,
-                                                bool causal, int64_t window, double scale) {
+                                                bool causal, int64_t window, double scale,
+                                                const std::optional<Tensor>& key_padding_mask,
+                                                const std::optional<Tensor>& document_ids, double softcap,
+                                                const std::optional<Tensor>& sinks) {
   const auto dims = checks::memory_attention("memory_attention_fwd", q, k, v, mem_k, mem_v, alibi_slopes, window);
-  const Problem P = describe(q, k, v, mem_k, causal, dims.window, scale);
+  checks::memory_attention_masks("memory_attention_fwd", dims, q.device(), key_padding_mask, document_ids, softcap,
+                                 &sinks);
+  MaskBuffers buffers;
+  const Problem P = describe(q, k, v, mem_k, causal, dims.window, scale, key_padding_mask, document_ids, softcap,
+                             buffers);
   const auto ct = compute_type(q.scalar_type());
   const Tensor slopes = optional_slopes(alibi_slopes, ct);
+  const Tensor sinks_c = optional_slopes(sinks, ct);
   Tensor out = at::empty({P.B, P.H, P.N, P.Dv}, q.options().dtype(ct));
   Tensor lse = at::empty({P.B, P.H, P.N}, q.options().dtype(ct));
   const F32Tiles f32 = f32_tiles();
@@ -1092,19 +1292,21 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
   if (decode != DecodeKind::None) {
     if (decode == DecodeKind::Loops) {
       decode_forward<double, double, DecodeKind::Loops>(P, f32, q, k, v, mem_k, mem_v,
-                                                        slopes.defined() ? slopes.data_ptr<double>() : nullptr, out,
-                                                        lse);
+                                                        slopes.defined() ? slopes.data_ptr<double>() : nullptr,
+                                                        sinks_c.defined() ? sinks_c.data_ptr<double>() : nullptr,
+                                                        out, lse);
       return {out, lse};
     }
     const float* sl = slopes.defined() ? slopes.data_ptr<float>() : nullptr;
+    const float* sk = sinks_c.defined() ? sinks_c.data_ptr<float>() : nullptr;
     if (decode == DecodeKind::Bf16) {
-      decode_forward<at::BFloat16, float, DecodeKind::Bf16>(P, f32, q, k, v, mem_k, mem_v, sl, out, lse);
+      decode_forward<at::BFloat16, float, DecodeKind::Bf16>(P, f32, q, k, v, mem_k, mem_v, sl, sk, out, lse);
     } else if (q.scalar_type() == at::kFloat) {
-      decode_forward<float, float, DecodeKind::F32>(P, f32, q, k, v, mem_k, mem_v, sl, out, lse);
+      decode_forward<float, float, DecodeKind::F32>(P, f32, q, k, v, mem_k, mem_v, sl, sk, out, lse);
     } else if (q.scalar_type() == at::kBFloat16) {
-      decode_forward<at::BFloat16, float, DecodeKind::F32>(P, f32, q, k, v, mem_k, mem_v, sl, out, lse);
+      decode_forward<at::BFloat16, float, DecodeKind::F32>(P, f32, q, k, v, mem_k, mem_v, sl, sk, out, lse);
     } else {
-      decode_forward<at::Half, float, DecodeKind::F32>(P, f32, q, k, v, mem_k, mem_v, sl, out, lse);
+      decode_forward<at::Half, float, DecodeKind::F32>(P, f32, q, k, v, mem_k, mem_v, sl, sk, out, lse);
     }
     return {out.to(q.scalar_type()), lse};
   }
@@ -1112,20 +1314,21 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
   if (tiles_kind == Tiles::Bf16) {
     const PackedProducts<uint16_t>::Shared shared(P, F32Tiles::None, q, k, v, mem_k, mem_v);
     forward_kernel<float, PackedProducts<uint16_t>>(P, shared, slopes.defined() ? slopes.data_ptr<float>() : nullptr,
-                                                    out, lse);
+                                                    sinks_c.defined() ? sinks_c.data_ptr<float>() : nullptr, out, lse);
   } else if (tiles_kind == Tiles::F32) {
     const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
     const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct);
     const PackedProducts<float>::Shared shared(P, f32, qc, kc, vc, mkc, mvc);
     forward_kernel<float, PackedProducts<float>>(P, shared, slopes.defined() ? slopes.data_ptr<float>() : nullptr,
-                                                 out, lse);
+                                                 sinks_c.defined() ? sinks_c.data_ptr<float>() : nullptr, out, lse);
   } else {
     const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
     const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct);
     AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_fwd_cpu", [&] {
       const typename BlasProducts<scalar_t>::Shared shared{qc, kc, vc, mkc, mvc};
       forward_kernel<scalar_t, BlasProducts<scalar_t>>(
-          P, shared, slopes.defined() ? slopes.data_ptr<scalar_t>() : nullptr, out, lse);
+          P, shared, slopes.defined() ? slopes.data_ptr<scalar_t>() : nullptr,
+          sinks_c.defined() ? sinks_c.data_ptr<scalar_t>() : nullptr, out, lse);
     });
   }
   return {out.to(q.scalar_type()), lse};
@@ -1134,10 +1337,15 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, const Tensor& mem_v,
     const std::optional<Tensor>& alibi_slopes, const Tensor& lse, const Tensor& delta, bool causal, int64_t window,
-    double scale) {
+    double scale, const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& document_ids,
+    double softcap) {
   const auto dims = checks::memory_attention("memory_attention_bwd", q, k, v, mem_k, mem_v, alibi_slopes, window);
   checks::memory_attention_grads("memory_attention_bwd", dims, q, dout, lse, delta);
-  const Problem P = describe(q, k, v, mem_k, causal, dims.window, scale);
+  checks::memory_attention_masks("memory_attention_bwd", dims, q.device(), key_padding_mask, document_ids, softcap,
+                                 nullptr);
+  MaskBuffers buffers;
+  const Problem P = describe(q, k, v, mem_k, causal, dims.window, scale, key_padding_mask, document_ids, softcap,
+                             buffers);
   const auto ct = compute_type(q.scalar_type());
   const Tensor lsec = compute_view(lse, ct).contiguous(), deltac = compute_view(delta, ct).contiguous();
   const Tensor slopes = optional_slopes(alibi_slopes, ct);

@@ -36,6 +36,19 @@ __attribute__((always_inline)) inline float exp_approx(float x) {
 }
 inline double exp_approx(double x) { return std::exp(x); }
 
+// tanh for the softcap (Gemma 2's cap * tanh(x / cap)), vectorisable: an odd Taylor polynomial below
+// |x| = 1/4 (relative error < 3e-9) and 1 - 2 / (exp(2|x|) + 1) above it (a few ulp); +-1 from |x| = 9 on
+// (tanh(9) rounds to 1 in float); a NaN stays NaN.
+__attribute__((always_inline)) inline float tanh_approx(float x) {
+  const float a = std::min(std::fabs(x), 9.0f);
+  const float x2 = x * x;
+  const float small =
+      x * (1.0f + x2 * (-0.333333333f + x2 * (0.133333333f + x2 * (-0.0539682540f + x2 * 0.0218694885f))));
+  const float big = 1.0f - 2.0f / (exp_approx(2.0f * a) + 1.0f);
+  return a < 0.25f ? small : std::copysign(big, x);
+}
+inline double tanh_approx(double x) { return std::tanh(x); }
+
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))

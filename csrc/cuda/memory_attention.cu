@@ -649,10 +649,27 @@ Tensor slopes_for(const std::optional<Tensor>& alibi, const Tensor& q, at::Scala
   return alibi->to(acc).contiguous();
 }
 
+// The masks and score terms of docs/semantics.md §1 (padding, documents, softcap, sinks) are Triton's on CUDA
+// tensors (the dispatcher sends them there); these kernels refuse them rather than ignore them.
+void no_masks(const char* op, const checks::MemoryAttentionDims& d, const Tensor& q,
+              const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& document_ids,
+              double softcap, const std::optional<Tensor>* sinks) {
+  checks::memory_attention_masks(op, d, q.device(), key_padding_mask, document_ids, softcap, sinks);
+  TORCH_CHECK(!key_padding_mask.has_value() && !document_ids.has_value() && softcap == 0.0 &&
+                  (sinks == nullptr || !sinks->has_value()),
+              op, " (CUDA): key_padding_mask, document_ids, softcap and sinks run in the Triton kernels "
+              "(memory_attention_fwd_triton / _bwd_triton), not in these");
+}
+
 std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k,
                                                 const Tensor& mem_v, const std::optional<Tensor>& alibi_slopes,
-                                                bool causal, int64_t window, double scale) {
-  window = check_inputs("memory_attention_fwd", q, k, v, mem_k, mem_v, alibi_slopes, window).window;
+                                                bool causal, int64_t window, double scale,
+                                                const std::optional<Tensor>& key_padding_mask,
+                                                const std::optional<Tensor>& document_ids, double softcap,
+                                                const std::optional<Tensor>& sinks) {
+  const auto dims = check_inputs("memory_attention_fwd", q, k, v, mem_k, mem_v, alibi_slopes, window);
+  no_masks("memory_attention_fwd", dims, q, key_padding_mask, document_ids, softcap, &sinks);
+  window = dims.window;
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dv = v.size(3);
   const auto acc = acc_dtype(q.scalar_type());
@@ -676,9 +693,11 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, const Tensor& mem_v,
     const std::optional<Tensor>& alibi_slopes, const Tensor& lse, const Tensor& delta, bool causal, int64_t window,
-    double scale) {
+    double scale, const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& document_ids,
+    double softcap) {
   const auto dims = check_inputs("memory_attention_bwd", q, k, v, mem_k, mem_v, alibi_slopes, window);
   checks::memory_attention_grads("memory_attention_bwd", dims, q, dout, lse, delta);
+  no_masks("memory_attention_bwd", dims, q, key_padding_mask, document_ids, softcap, nullptr);
   window = dims.window;
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Hkv = k.size(1), M = mem_k.size(2);

@@ -4,15 +4,20 @@ The math is in ``longkernels/reference/memory_attention.py``; the kernels are
 ``csrc/cpu/memory_attention.cpp`` (CPU), ``csrc/cuda/memory_attention.cu`` (CUDA) and
 ``triton_kernels/memory_attention.py`` (Triton). All take the same arguments:
 
-    fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale) -> (out, lse)
-    bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale)
-        -> (dq, dk, dv, dmem_k, dmem_v)
+    fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale,
+        key_padding_mask, document_ids, softcap, sinks) -> (out, lse)
+    bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale,
+        key_padding_mask, document_ids, softcap) -> (dq, dk, dv, dmem_k, dmem_v)
 
-with ``window = 0`` for no window, ``mem_k``/``mem_v`` always tensors (``M = 0`` when there is no
-memory) and ``delta = rowsum(dout * out) - dlse`` (the LSE's own gradient folded in).
+with ``window = 0`` for no window, ``softcap = 0`` for none, ``mem_k``/``mem_v`` always tensors
+(``M = 0`` when there is no memory) and ``delta = rowsum(dout * out) - dlse`` (the LSE's own gradient
+folded in). The LSE includes the sinks, so the backward needs none of them: the sinks' own gradient is
+``-sum_i exp(sink - lse_i) * delta_i``, formed here.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -103,11 +108,63 @@ def validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes):
     return mem_k, mem_v, window, scale, alibi_slopes
 
 
+def validate_masks(q, mem_k, key_padding_mask, document_ids, softcap, sinks):
+    """Checks the masks and score terms of semantics §1; returns them normalised (softcap 0.0 for none,
+    sinks in the LSE's dtype, an all-False padding mask as None)."""
+    B, H, N, _ = q.shape
+    L = mem_k.shape[2] + N
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a bool torch.Tensor of shape (B, M + N), "
+                            f"got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool (True = padding), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, L):
+            raise ValueError(f"key_padding_mask must have shape (B={B}, M + N={L}) over memory then segment, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on the device of q ({q.device}), "
+                             f"got {key_padding_mask.device}")
+    if document_ids is not None:
+        if not isinstance(document_ids, torch.Tensor):
+            raise TypeError(f"document_ids must be an integer torch.Tensor of shape (B, M + N), "
+                            f"got {type(document_ids).__name__}")
+        if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+            raise TypeError(f"document_ids must be an integer tensor, got {document_ids.dtype}")
+        if tuple(document_ids.shape) != (B, L):
+            raise ValueError(f"document_ids must have shape (B={B}, M + N={L}) over memory then segment, "
+                             f"got {tuple(document_ids.shape)}")
+        if document_ids.device != q.device:
+            raise ValueError(f"document_ids must be on the device of q ({q.device}), got {document_ids.device}")
+        if L > 1 and bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
+            raise ValueError("document_ids must be non-decreasing along the sequence (packed documents, one "
+                             "after another)")
+    if softcap is None:
+        softcap = 0.0
+    else:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap):
+            raise TypeError(f"softcap must be a finite number or None, got {softcap!r}")
+        if softcap <= 0:
+            raise ValueError(f"softcap must be > 0 (None: no softcap), got {softcap}")
+        softcap = float(softcap)
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor):
+            raise TypeError(f"sinks must be a torch.Tensor of shape (H,), got {type(sinks).__name__}")
+        if tuple(sinks.shape) != (H,):
+            raise ValueError(f"sinks must have shape (H={H},), one logit per query head, got {tuple(sinks.shape)}")
+        if not sinks.is_floating_point():
+            raise TypeError(f"sinks must be floating point, got {sinks.dtype}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks must be on the device of q ({q.device}), got {sinks.device}")
+    return key_padding_mask, document_ids, softcap, sinks
+
+
 # --------------------------------------------------------------------------------------------
 # Backends: each says why it cannot take an input; ops/dispatch.py picks one.
 # --------------------------------------------------------------------------------------------
-def not_supported_reasons(backend: str, q: torch.Tensor, v: torch.Tensor) -> list[str]:
-    """Why ``backend`` cannot run memory attention on these inputs (empty list: it can)."""
+def not_supported_reasons(backend: str, q: torch.Tensor, v: torch.Tensor, masks: tuple[str, ...] = ()) -> list[str]:
+    """Why ``backend`` cannot run memory attention on these inputs (empty list: it can). ``masks`` names
+    the options of semantics §1 in use beyond window and ALiBi (padding, documents, softcap, sinks)."""
     device = q.device.type
     if backend == "reference":
         return []
@@ -117,7 +174,10 @@ def not_supported_reasons(backend: str, q: torch.Tensor, v: torch.Tensor) -> lis
         return dispatch.triton_reasons(device, head_dim=max(q.shape[-1], v.shape[-1]),
                                        max_head_dim=TRITON_MAX_HEAD_DIM, dtype=q.dtype)
     if backend == "cuda":
-        return dispatch.cuda_extension_reasons(device)
+        reasons = dispatch.cuda_extension_reasons(device)
+        if masks:
+            reasons.append(f"the CUDA kernels take no {', '.join(masks)} (Triton does)")
+        return reasons
     return [f"unknown backend {backend!r}; expected one of {BACKENDS}"]
 
 
@@ -125,9 +185,9 @@ def device_order(device_type: str) -> tuple[str, ...]:
     return ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
 
 
-def choose_backend(q: torch.Tensor, v: torch.Tensor, backend: Optional[str]) -> str:
+def choose_backend(q: torch.Tensor, v: torch.Tensor, backend: Optional[str], masks: tuple[str, ...] = ()) -> str:
     """``backend`` (a demand), else ``LONGKERNELS_BACKEND`` (a preference), else the device's order."""
-    return dispatch.choose("memory_attention", BACKENDS, lambda name: not_supported_reasons(name, q, v),
+    return dispatch.choose("memory_attention", BACKENDS, lambda name: not_supported_reasons(name, q, v, masks),
                            device_order(q.device.type), backend)
 
 
@@ -135,37 +195,46 @@ def choose_backend(q: torch.Tensor, v: torch.Tensor, backend: Optional[str]) -> 
 # Torch ops. The C++/CUDA ops are defined by csrc/ops.cpp; Triton launchers are wrapped here,
 # and every op gets a fake (meta) implementation so torch.compile traces through it.
 # --------------------------------------------------------------------------------------------
-def _fwd_fake(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale):
+def _fwd_fake(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale, key_padding_mask=None,
+              document_ids=None, softcap=0.0, sinks=None):
     B, H, N, _ = q.shape
     out = q.new_empty(B, H, N, v.shape[-1])
     lse = q.new_empty(B, H, N, dtype=lse_dtype(q.dtype))
     return out, lse
 
 
-def _bwd_fake(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale):
+def _bwd_fake(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale, key_padding_mask=None,
+              document_ids=None, softcap=0.0):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(mem_k), torch.empty_like(mem_v))
 
 
 @torch.library.custom_op("longkernels::memory_attention_fwd_triton", mutates_args=())
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
-                alibi_slopes: Optional[torch.Tensor], causal: bool, window: int,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                alibi_slopes: Optional[torch.Tensor], causal: bool, window: int, scale: float,
+                key_padding_mask: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None,
+                softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton_kernels import checks, memory_attention as tk
-    window = checks.memory_attention("memory_attention_fwd_triton", q, k, v, mem_k, mem_v, alibi_slopes, window)
-    return tk.memory_attention_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale)
+    op = "memory_attention_fwd_triton"
+    window = checks.memory_attention(op, q, k, v, mem_k, mem_v, alibi_slopes, window)
+    checks.memory_attention_masks(op, q, mem_k, key_padding_mask, document_ids, softcap, sinks)
+    return tk.memory_attention_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale,
+                                   key_padding_mask, document_ids, softcap, sinks)
 
 
 @torch.library.custom_op("longkernels::memory_attention_bwd_triton", mutates_args=())
 def _triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor,
                 mem_v: torch.Tensor, alibi_slopes: Optional[torch.Tensor], lse: torch.Tensor, delta: torch.Tensor,
-                causal: bool, window: int, scale: float
+                causal: bool, window: int, scale: float, key_padding_mask: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None, softcap: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton_kernels import checks, memory_attention as tk
     op = "memory_attention_bwd_triton"
     window = checks.memory_attention(op, q, k, v, mem_k, mem_v, alibi_slopes, window)
     checks.memory_attention_grads(op, q, k, v, dout, lse, delta)
-    return tk.memory_attention_bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale)
+    checks.memory_attention_masks(op, q, mem_k, key_padding_mask, document_ids, softcap, None)
+    return tk.memory_attention_bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale,
+                                   key_padding_mask, document_ids, softcap)
 
 
 _triton_fwd.register_fake(_fwd_fake)
@@ -186,17 +255,19 @@ class MemoryAttentionFunction(torch.autograd.Function):
     """Fused forward; backward recomputes the probabilities from the saved LSE."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale, backend, has_mem):
+    def forward(ctx, q, k, v, mem_k, mem_v, sinks, alibi_slopes, masks, causal, window, scale, softcap, backend,
+                has_mem):
+        kpm, docs = masks
         fwd, _ = _kernels(backend)
-        out, lse = fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale)
-        ctx.save_for_backward(q, k, v, mem_k, mem_v, alibi_slopes, out, lse)
-        ctx.args = (causal, window, scale, backend, has_mem)
+        out, lse = fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale, kpm, docs, softcap, sinks)
+        ctx.save_for_backward(q, k, v, mem_k, mem_v, sinks, alibi_slopes, kpm, docs, out, lse)
+        ctx.args = (causal, window, scale, softcap, backend, has_mem)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, mem_k, mem_v, alibi_slopes, out, lse = ctx.saved_tensors
-        causal, window, scale, backend, has_mem = ctx.args
+        q, k, v, mem_k, mem_v, sinks, alibi_slopes, kpm, docs, out, lse = ctx.saved_tensors
+        causal, window, scale, softcap, backend, has_mem = ctx.args
         _, bwd = _kernels(backend)
         if dout is None:
             dout = torch.zeros_like(out)
@@ -205,14 +276,22 @@ class MemoryAttentionFunction(torch.autograd.Function):
         delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
         if dlse is not None:
             delta = delta - dlse
-        dq, dk, dv, dmk, dmv = bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale)
+        dq, dk, dv, dmk, dmv = bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale,
+                                   kpm, docs, softcap)
         if not has_mem:
             dmk = dmv = None
-        return dq, dk, dv, dmk, dmv, None, None, None, None, None, None
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[5]:
+            # The sink is one more logit carrying no value: its softmax weight exp(sink - lse_i) times
+            # (0 - delta_i), summed over batch and queries.
+            w = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)
+            dsinks = -(w * delta).sum(dim=(0, 2)).to(sinks.dtype)
+        return dq, dk, dv, dmk, dmv, dsinks, None, None, None, None, None, None, None, None
 
 
 def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=None, scale=None,
-                     alibi_slopes=None, return_lse=False, backend=None):
+                     alibi_slopes=None, return_lse=False, key_padding_mask=None, document_ids=None, softcap=None,
+                     sinks=None, backend=None):
     """Attention of the current segment's queries over cached memory and the segment itself.
 
     Args:
@@ -225,21 +304,33 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=Non
         scale: logit scale, default ``D ** -0.5``.
         alibi_slopes: ``(H,)``; adds ``-slope_h * (M + i - j)`` to the logits.
         return_lse: also return the float32 log-sum-exp of the logits, ``(B, H, N)``.
+        key_padding_mask: ``(B, M + N)`` bool over memory then segment, True = padding (hidden).
+        document_ids: ``(B, M + N)`` integers, non-decreasing: a query sees only keys of its document.
+        softcap: ``softcap * tanh(scale q.k / softcap)`` replaces the scaled dot product (Gemma 2).
+        sinks: ``(H,)`` one extra logit per head in every row's softmax, carrying no value (GPT-OSS);
+            receives a gradient when it requires one.
         backend: ``"cpu"``, ``"triton"``, ``"cuda"`` or ``"reference"``; default by device,
             overridable by the ``LONGKERNELS_BACKEND`` environment variable.
 
     Returns:
-        ``out`` of shape ``(B, H, N, Dv)`` in q's dtype, and ``lse`` when ``return_lse``.
+        ``out`` of shape ``(B, H, N, Dv)`` in q's dtype, and ``lse`` when ``return_lse``. A row whose
+        visible keys are all masked gets ``out`` 0 and ``lse`` -inf (the sink's logit with sinks).
     """
     has_mem = mem_k is not None
     mem_k, mem_v, window_i, scale_f, alibi = validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes)
-    name = choose_backend(q, v, backend)
+    kpm, docs, cap, sinks = validate_masks(q, mem_k, key_padding_mask, document_ids, softcap, sinks)
+    used = tuple(name for name, x in (("key_padding_mask", kpm), ("document_ids", docs), ("sinks", sinks))
+                 if x is not None) + (("softcap",) if cap else ())
+    name = choose_backend(q, v, backend, used)
     if name == "reference":
         return _reference(q, k, v, mem_k if has_mem else None, mem_v if has_mem else None, causal=causal,
-                          window=window_i or None, scale=scale_f, alibi_slopes=alibi, return_lse=return_lse)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mem_k, mem_v)):
-        out, lse = MemoryAttentionFunction.apply(q, k, v, mem_k, mem_v, alibi, causal, window_i, scale_f, name,
-                                                 has_mem)
+                          window=window_i or None, scale=scale_f, alibi_slopes=alibi, return_lse=return_lse,
+                          key_padding_mask=kpm, document_ids=docs, softcap=cap or None, sinks=sinks)
+    sinks_c = None if sinks is None else sinks.to(lse_dtype(q.dtype))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mem_k, mem_v, sinks)):
+        out, lse = MemoryAttentionFunction.apply(q, k, v, mem_k, mem_v, sinks_c, alibi, (kpm, docs), causal,
+                                                 window_i, scale_f, cap, name, has_mem)
     else:  # inference (a decoding step): the op alone, without the autograd Function's ~10 us a call
-        out, lse = _kernels(name)[0](q, k, v, mem_k, mem_v, alibi, causal, window_i, scale_f)
+        out, lse = _kernels(name)[0](q, k, v, mem_k, mem_v, alibi, causal, window_i, scale_f, kpm, docs, cap,
+                                     sinks_c)
     return (out, lse) if return_lse else out

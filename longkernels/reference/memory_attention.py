@@ -24,11 +24,24 @@ def visible_mask(n: int, m: int, *, causal: bool, window: int | None, device=Non
     return mask
 
 
+def visible_keys(n: int, m: int, *, causal: bool, window: int | None, key_padding_mask=None, document_ids=None,
+                 device=None) -> torch.Tensor:
+    """Boolean (B or 1, N, M + N) mask: True where query i may see key j, with every mask applied."""
+    vis = visible_mask(n, m, causal=causal, window=window, device=device).unsqueeze(0)
+    if key_padding_mask is not None:
+        vis = vis & ~key_padding_mask.unsqueeze(1)
+    if document_ids is not None:
+        vis = vis & (document_ids[:, m:].unsqueeze(2) == document_ids.unsqueeze(1))
+    return vis
+
+
 def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=None, scale=None,
-                     alibi_slopes=None, return_lse=False):
+                     alibi_slopes=None, return_lse=False, key_padding_mask=None, document_ids=None, softcap=None,
+                     sinks=None):
     """Reference of :func:`longkernels.memory_attention`; same arguments, same results.
 
-    Computes in float32 (float64 for float64 inputs) and returns the input dtype.
+    Computes in float32 (float64 for float64 inputs) and returns the input dtype. A row with no
+    visible key gets output 0 and LSE -inf (the sink's logit with sinks), and no gradient.
     """
     dtype = q.dtype
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -47,15 +60,28 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=Non
     vals = vals.repeat_interleave(group, dim=1)
 
     s = torch.matmul(q.to(cdt), keys.transpose(-1, -2)) * scale  # (B, H, N, M + N)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     if alibi_slopes is not None:
         qpos = torch.arange(N, device=q.device).unsqueeze(1) + M
         kpos = torch.arange(M + N, device=q.device).unsqueeze(0)
         dist = (qpos - kpos).to(cdt)  # M + i - j
         s = s - alibi_slopes.to(cdt).view(1, H, 1, 1) * dist
-    mask = visible_mask(N, M, causal=causal, window=window, device=q.device)
-    s = s.masked_fill(~mask, float("-inf"))
+    vis = visible_keys(N, M, causal=causal, window=window, key_padding_mask=key_padding_mask,
+                       document_ids=document_ids, device=q.device).unsqueeze(1)  # (B | 1, 1, N, M + N)
+    vis = vis.expand(B, H, N, M + N)
+    if sinks is not None:  # one more logit per row, carrying no value
+        s = torch.cat([s, sinks.to(cdt).view(1, H, 1, 1).expand(B, H, N, 1)], dim=-1)
+        vis = torch.cat([vis, vis.new_ones(B, H, N, 1)], dim=-1)
+    # Rows that see nothing are given finite logits for the softmax and zeroed after it, so that
+    # neither the values nor the gradients pick up a NaN from exp(-inf - -inf).
+    seen = vis.any(-1, keepdim=True)
+    s = s.masked_fill(~vis, float("-inf")).masked_fill(~seen, 0.0)
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1))
+    p = torch.exp(s - lse.unsqueeze(-1)).masked_fill(~seen, 0.0)  # hidden keys: exp(-inf) = 0 already
+    lse = lse.masked_fill(~seen.squeeze(-1), float("-inf"))
+    if sinks is not None:
+        p = p[..., :-1]
     out = torch.matmul(p, vals).to(dtype)
     if return_lse:
         # float32 LSE, as FlashAttention returns it; float64 inputs keep float64 so that
