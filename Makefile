@@ -11,8 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 CMAKE_BUILD := build/cmake
 BENCH_OUT ?= longkernels-bench
 
-.PHONY: setup-build setup setup-test setup-bench test test-python test-cpp cuda-check check bench bench-full \
-	gpu-check dist-check clean
+.PHONY: setup-build setup setup-test setup-bench test test-python test-cpp test-hf-4x cuda-check check bench \
+	bench-full gpu-check dist-check clean
 
 # torch is installed only when none is: a CUDA build already present is kept as it is. The build
 # runs without isolation, against that torch (isolation would fetch another one).
@@ -43,6 +43,14 @@ test-python:
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 test: setup-test test-cpp cuda-check test-python
+
+# The transformers drop-in against a 4.5x release too (the test extras install the newest 5.x): that release
+# and the hub/tokenizers it needs go to a folder of their own, ahead on the path for this run only.
+HF_4X ?= transformers==4.57.3
+HF_4X_DIR ?= build/transformers-4x
+test-hf-4x:
+	$(PIP) install -q --no-deps --target $(HF_4X_DIR) $(HF_4X) "huggingface-hub<1.0" "tokenizers>=0.22,<0.23"
+	PYTHONPATH=$(HF_4X_DIR) $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_hf.py
 
 check: setup-test
 	$(PYTHON) -m longkernels check

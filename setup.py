@@ -99,7 +99,7 @@ def extension():
 _record_build()
 setup(
     packages=["longkernels", "longkernels.ops", "longkernels.reference", "longkernels.nn",
-              "longkernels.benchmarks", "longkernels.triton_kernels"],
+              "longkernels.benchmarks", "longkernels.hf", "longkernels.triton_kernels"],
     package_dir={"longkernels.triton_kernels": "triton_kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
