@@ -50,7 +50,7 @@ HF_4X ?= transformers==4.57.3
 HF_4X_DIR ?= build/transformers-4x
 test-hf-4x:
 	$(PIP) install -q --no-deps --target $(HF_4X_DIR) $(HF_4X) "huggingface-hub<1.0" "tokenizers>=0.22,<0.23"
-	PYTHONPATH=$(HF_4X_DIR) $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_hf.py
+	PYTHONPATH=$(HF_4X_DIR) $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_hf.py tests/test_hf_reformer.py
 
 check: setup-test
 	$(PYTHON) -m longkernels check

@@ -26,8 +26,8 @@ TORCH_LIBRARY(longkernels, m) {
   // (B, H, n_hashes, Lp) int32, the original positions in sorted order: round r's items sorted by
   // (bucket, position), stable. rotations: (H, D, n_hashes, n_buckets / 2) float32.
   m.def(
-      "lsh_hash_sort(Tensor qk, Tensor rotations, Tensor? key_padding_mask, int n_buckets, int padded_len) "
-      "-> (Tensor, Tensor)");
+      "lsh_hash_sort(Tensor qk, Tensor rotations, Tensor? key_padding_mask, int n_buckets, int padded_len, "
+      "int[]? bucket_factors=None) -> (Tensor, Tensor)");
   // Attend over chunks of the sorted sequence perm.flatten(2) with look-around, and combine the
   // rounds. Returns (out (B, H, L, Dv) in v's dtype, lse_max, lse_log), the last two (B, H, L) in
   // the compute dtype (float64 for float64, else float32): lse = lse_max + lse_log, kept apart so

@@ -198,7 +198,7 @@ class LSHCase:
     Dv: Optional[int] = None
     chunk_size: int = 8
     n_hashes: int = 2
-    n_buckets: int = 4
+    n_buckets: object = 4  # an int, or a tuple of factors
     causal: bool = False
     before: int = 1
     after: int = 0
@@ -228,7 +228,8 @@ def make_lsh_inputs(case: LSHCase, dtype: torch.dtype, device="cpu", seed: int =
         return torch.randn(case.B, case.H, case.L, d, generator=g, dtype=torch.float64).to(dtype).to(device)
 
     qk, v = rnd(case.D), rnd(dv)
-    rotations = torch.randn(case.H, case.D, case.n_hashes, case.n_buckets // 2, generator=g).to(device)
+    from .reference.lsh_attention import rotation_columns
+    rotations = torch.randn(case.H, case.D, case.n_hashes, rotation_columns(case.n_buckets), generator=g).to(device)
     mask = None
     if case.padding:
         mask = (torch.rand(case.B, case.L, generator=g) < 0.25).to(device)

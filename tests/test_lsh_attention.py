@@ -13,7 +13,7 @@ from longkernels import _ext
 from longkernels.ops import lsh_attention as lsh_ops
 from longkernels.reference import lsh_attention as reference
 from longkernels.reference.lsh_attention import (default_n_buckets, lsh_hash, lsh_sort, normalize_keys,
-                                                 padded_length, padding_mask)
+                                                 padded_length, padding_mask, total_buckets)
 from longkernels.testing import LSHCase, case_seed, compare, make_lsh_inputs, rel_err, run_lsh
 
 from conftest import HAS_CUDA
@@ -37,6 +37,12 @@ CASES = [
     LSHCase(L=16, chunk_size=4, n_hashes=4, n_buckets=8, before=3, after=2),  # window wraps several times
 ]
 TRITON_CASES = [CASES[i] for i in (0, 2, 4, 5, 8)]
+# Factorised bucket counts (trax's and HF's form): one rotation block per factor, bucket b1 + n1 * b2 + ...
+FACTORED_CASES = [
+    LSHCase(L=64, chunk_size=8, n_hashes=2, n_buckets=(4, 4)),
+    LSHCase(B=2, L=50, chunk_size=12, causal=True, padding=True, n_buckets=(2, 4, 2)),
+    LSHCase(L=40, D=24, chunk_size=8, n_hashes=3, n_buckets=(6,), strided=True),
+]
 
 
 def _seed(*key):
@@ -58,6 +64,19 @@ def _check(case, backend, dtype, **kw):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_cpu_matches_reference(case, dtype):
     _check(case, "cpu", dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", FACTORED_CASES, ids=lambda c: c.describe())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpu_factorised_buckets_match_reference(case, dtype):
+    _check(case, "cpu", dtype)
+
+
+def test_triton_interpreter_factorised_buckets():
+    if lsh_ops.not_supported_reasons("triton", torch.empty(1, 1, 1, 16), torch.empty(1, 1, 1, 16)):
+        pytest.skip("Triton does not run here (needs TRITON_INTERPRET=1 on CPU)")
+    _check(FACTORED_CASES[1], "triton", torch.float64)
 
 
 @needs_ext
@@ -129,8 +148,8 @@ def _check_hash_sort(case, device):
     Lp = padded_length(case.L, case.chunk_size)
     buckets, perm = lsh_ops.hash_sort(qk, rot, mask, case.n_buckets, Lp)
     pad = padding_mask(case.B, case.L, Lp, mask, device)
-    want_b = lsh_hash(torch.nn.functional.pad(qk.float(), (0, 0, 0, Lp - case.L)), rot, pad)
-    want_p = lsh_sort(want_b, case.n_buckets, bool(pad.any())) % Lp
+    want_b = lsh_hash(torch.nn.functional.pad(qk.float(), (0, 0, 0, Lp - case.L)), rot, pad, case.n_buckets)
+    want_p = lsh_sort(want_b, total_buckets(case.n_buckets), bool(pad.any())) % Lp
     assert buckets.dtype == perm.dtype == torch.int32
     assert torch.equal(buckets.long().cpu(), want_b.cpu())
     assert torch.equal(perm.long().flatten(2).cpu(), want_p.cpu())
@@ -139,7 +158,8 @@ def _check_hash_sort(case, device):
 @needs_ext
 @pytest.mark.parametrize("case", [LSHCase(L=37, chunk_size=8, n_hashes=3, n_buckets=6, padding=True),
                                   LSHCase(B=2, H=3, L=700, D=32, chunk_size=32, n_hashes=2, n_buckets=32),
-                                  LSHCase(L=1, chunk_size=4, n_hashes=1, n_buckets=2)],
+                                  LSHCase(L=1, chunk_size=4, n_hashes=1, n_buckets=2),
+                                  LSHCase(B=2, L=300, chunk_size=16, n_hashes=2, n_buckets=(8, 4, 2), padding=True)],
                          ids=lambda c: c.describe())
 def test_cpu_hash_sort_matches_reference(case):
     assert lsh_ops.hash_sort_backend(torch.empty(0)) == "extension"
@@ -147,8 +167,28 @@ def test_cpu_hash_sort_matches_reference(case):
 
 
 def test_torch_hash_sort_fallback_matches_reference(monkeypatch):
-    monkeypatch.setattr(lsh_ops, "hash_sort_backend", lambda qk: "torch")
+    monkeypatch.setattr(lsh_ops, "hash_sort_backend", lambda qk, factorised=False: "torch")
     _check_hash_sort(LSHCase(B=2, L=45, chunk_size=8, n_hashes=2, n_buckets=8, padding=True), "cpu")
+    _check_hash_sort(LSHCase(B=2, L=45, chunk_size=8, n_hashes=2, n_buckets=(4, 6), padding=True), "cpu")
+
+
+@pytest.mark.parametrize("bad, exc, msg", [
+    ((4, 3), ValueError, "each factor of n_buckets must be even"),
+    ([], ValueError, "at least one factor"),
+    ((4, 0), ValueError, "n_buckets must be >= 2"),
+    ((4, "2"), TypeError, "n_buckets must be an int"),
+])
+def test_bad_bucket_factors(bad, exc, msg):
+    qk = torch.randn(1, 2, 32, 16)
+    with pytest.raises(exc, match=msg):
+        longkernels.lsh_attention(qk, qk, n_hashes=1, chunk_size=8, n_buckets=bad)
+
+
+def test_rotations_must_match_the_factors():
+    qk = torch.randn(1, 2, 32, 16)
+    with pytest.raises(ValueError, match=r"rotations must be \(H, D, n_hashes, 5\)"):
+        longkernels.lsh_attention(qk, qk, n_hashes=1, chunk_size=8, n_buckets=[4, 6],
+                                  rotations=torch.randn(2, 16, 1, 12))
 
 
 def test_sort_order_is_bucket_then_position():

@@ -80,13 +80,20 @@ def memory_attention_grads(op, q, k, v, dout, lse, delta) -> None:
         shape(op, name, t, (B, H, N))
 
 
-def lsh_hash_sort(op, qk, rotations, key_padding_mask, n_buckets, padded_len) -> None:
+def lsh_hash_sort(op, qk, rotations, key_padding_mask, n_buckets, padded_len, bucket_factors=None) -> None:
     require(isinstance(qk, torch.Tensor) and qk.dim() == 4, op, "qk must be a 4-D tensor (B, H, L, D)")
     floating(op, "qk", qk, 4, qk.device)
     floating(op, "rotations", rotations, 4, qk.device)
     B, H, L, D = qk.shape
     require(2 <= n_buckets < INT32_MAX and n_buckets % 2 == 0, op, f"n_buckets must be even and >= 2, got {n_buckets}")
-    want = (H, D, rotations.shape[2], n_buckets // 2)
+    columns = n_buckets // 2
+    if bucket_factors is not None:
+        require(len(bucket_factors) >= 1 and all(2 <= f < INT32_MAX and f % 2 == 0 for f in bucket_factors), op,
+                f"bucket_factors must be even and >= 2, got {list(bucket_factors)}")
+        require(math.prod(bucket_factors) == n_buckets, op,
+                f"n_buckets ({n_buckets}) must be the product of bucket_factors ({list(bucket_factors)})")
+        columns = sum(bucket_factors) // 2
+    want = (H, D, rotations.shape[2], columns)
     shape(op, "rotations", rotations, want)
     require(L <= padded_len <= INT32_MAX and rotations.shape[2] * padded_len <= INT32_MAX, op,
             f"padded_len must be >= L={L} and n_hashes * padded_len fit int32, got {padded_len}")

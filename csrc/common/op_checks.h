@@ -125,17 +125,33 @@ inline void key_padding_mask(const char* op, const std::optional<at::Tensor>& ma
 }
 
 // qk (B, H, L, D), rotations (H, D, n_hashes, n_buckets / 2).
+// bucket_factors (factorised hashing, trax's and HF's form): each even and >= 2, their product n_buckets; the
+// rotations then have sum(factors) / 2 columns per round.
 inline void lsh_hash_sort(const char* op, const at::Tensor& qk, const at::Tensor& rotations,
-                          const std::optional<at::Tensor>& mask, int64_t n_buckets, int64_t padded_len) {
+                          const std::optional<at::Tensor>& mask, int64_t n_buckets, int64_t padded_len,
+                          at::OptionalIntArrayRef bucket_factors = std::nullopt) {
   TORCH_CHECK(qk.defined() && qk.dim() == 4, op, ": qk must be a 4-D tensor (B, H, L, D)");
   floating(op, "qk", qk, 4, qk.device());
   floating(op, "rotations", rotations, 4, qk.device());
   const int64_t B = qk.size(0), H = qk.size(1), L = qk.size(2), D = qk.size(3);
   TORCH_CHECK(n_buckets >= 2 && n_buckets % 2 == 0 && n_buckets < kInt32Max, op,
               ": n_buckets must be even and in [2, 2^31 - 1), got ", n_buckets);
-  TORCH_CHECK(rotations.size(0) == H && rotations.size(1) == D && rotations.size(3) == n_buckets / 2, op,
-              ": rotations must have shape (H=", H, ", D=", D, ", n_hashes, n_buckets / 2=", n_buckets / 2, "), got ",
-              rotations.sizes());
+  int64_t columns = n_buckets / 2;
+  if (bucket_factors.has_value()) {
+    TORCH_CHECK(!bucket_factors->empty(), op, ": bucket_factors must not be empty");
+    int64_t product = 1;
+    columns = 0;
+    for (const int64_t f : *bucket_factors) {
+      TORCH_CHECK(f >= 2 && f % 2 == 0 && f < kInt32Max, op, ": bucket_factors must be even and >= 2, got ", f);
+      product *= f;
+      columns += f / 2;
+      TORCH_CHECK(product < kInt32Max, op, ": the product of bucket_factors exceeds int32");
+    }
+    TORCH_CHECK(product == n_buckets, op, ": n_buckets (", n_buckets, ") must be the product of bucket_factors (",
+                product, ")");
+  }
+  TORCH_CHECK(rotations.size(0) == H && rotations.size(1) == D && rotations.size(3) == columns, op,
+              ": rotations must have shape (H=", H, ", D=", D, ", n_hashes, ", columns, "), got ", rotations.sizes());
   TORCH_CHECK(padded_len >= L && padded_len <= kInt32Max, op, ": padded_len must be in [L=", L, ", 2^31 - 1], got ",
               padded_len);
   TORCH_CHECK(rotations.size(2) * padded_len <= kInt32Max, op, ": n_hashes * padded_len exceeds int32 indices");

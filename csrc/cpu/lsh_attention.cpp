@@ -89,10 +89,14 @@ LK_CLONES int32_t argmax_pm(const float* y, int64_t K) { return argmax_pm_impl(y
 
 std::tuple<Tensor, Tensor> lsh_hash_sort(const Tensor& qk, const Tensor& rotations,
                                          const std::optional<Tensor>& key_padding_mask, int64_t n_buckets,
-                                         int64_t padded_len) {
-  checks::lsh_hash_sort("lsh_hash_sort", qk, rotations, key_padding_mask, n_buckets, padded_len);
+                                         int64_t padded_len, at::OptionalIntArrayRef bucket_factors) {
+  checks::lsh_hash_sort("lsh_hash_sort", qk, rotations, key_padding_mask, n_buckets, padded_len, bucket_factors);
   const int64_t B = qk.size(0), H = qk.size(1), L = qk.size(2), D = qk.size(3);
-  const int64_t nh = rotations.size(2), K = n_buckets / 2, Lp = padded_len;
+  const int64_t nh = rotations.size(2), K = rotations.size(3), Lp = padded_len;
+  // Factorised hashing: round r's K columns are the factors' blocks of f / 2; bucket = b1 + f1 * (b2 + f2 * ...).
+  std::vector<int64_t> factors;
+  if (bucket_factors.has_value()) factors.assign(bucket_factors->begin(), bucket_factors->end());
+  if (factors.empty()) factors.push_back(n_buckets);
   const Tensor x = qk.detach().to(at::kFloat);
   const Tensor rot = rotations.detach().to(at::kFloat).contiguous().view({H, D, nh * K});
   Tensor kpm;
@@ -115,7 +119,16 @@ std::tuple<Tensor, Tensor> lsh_hash_sort(const Tensor& qk, const Tensor& rotatio
         at::mm_out(Yt, x[b][h].narrow(0, i0, rows), rot[h]);
         const float* y_d = Y.data_ptr<float>();
         for (int64_t i = 0; i < rows; ++i) {
-          for (int64_t r = 0; r < nh; ++r) bk[r * Lp + i0 + i] = argmax_pm(y_d + i * nh * K + r * K, K);
+          for (int64_t r = 0; r < nh; ++r) {
+            const float* y = y_d + i * nh * K + r * K;
+            int64_t bucket = 0, weight = 1;
+            for (const int64_t f : factors) {
+              bucket += weight * argmax_pm(y, f / 2);
+              weight *= f;
+              y += f / 2;
+            }
+            bk[r * Lp + i0 + i] = static_cast<int32_t>(bucket);
+          }
         }
       }
       for (int64_t r = 0; r < nh; ++r) {

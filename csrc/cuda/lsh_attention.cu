@@ -252,8 +252,10 @@ __global__ void __launch_bounds__(kThreads) hash_sort_kernel(const HashSortParam
 
 std::tuple<Tensor, Tensor> lsh_hash_sort(const Tensor& qk, const Tensor& rotations,
                                          const std::optional<Tensor>& key_padding_mask, int64_t n_buckets,
-                                         int64_t padded_len) {
-  checks::lsh_hash_sort("lsh_hash_sort", qk, rotations, key_padding_mask, n_buckets, padded_len);
+                                         int64_t padded_len, at::OptionalIntArrayRef bucket_factors) {
+  checks::lsh_hash_sort("lsh_hash_sort", qk, rotations, key_padding_mask, n_buckets, padded_len, bucket_factors);
+  TORCH_CHECK(!bucket_factors.has_value() || bucket_factors->size() <= 1, "lsh_hash_sort (CUDA): factorised "
+              "buckets run in the torch implementation (lsh_hash_sort_torch), not in this kernel");
   TORCH_CHECK(qk.is_cuda(), "lsh_hash_sort (CUDA): qk must be a CUDA tensor");
   TORCH_CHECK(rotations.scalar_type() == at::kFloat, "lsh_hash_sort (CUDA): rotations must be float32");
   TORCH_CHECK(padded_len < INT_MAX - kThreads, "lsh_hash_sort (CUDA): padded_len must fit in int32, got ", padded_len);

@@ -47,11 +47,12 @@ double rel(const Tensor& a, const Tensor& b) {
 }
 
 bool run_case(const Case& c) {
+  using Opt = const std::optional<Tensor>&;
   using Fwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                         const std::optional<Tensor>&, bool, int64_t, double);
+                                         Opt, bool, int64_t, double, Opt, Opt, double, Opt);
   using Bwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-      const std::optional<Tensor>&, const Tensor&, const Tensor&, bool, int64_t, double);
+      Opt, const Tensor&, const Tensor&, bool, int64_t, double, Opt, Opt, double);
   static auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("longkernels::memory_attention_fwd", "").typed<Fwd>();
   static auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("longkernels::memory_attention_bwd", "").typed<Bwd>();
 
@@ -64,9 +65,11 @@ bool run_case(const Case& c) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.D));
   Tensor dout = at::randn({c.B, c.H, c.N, c.Dv}, opt), dlse = at::randn({c.B, c.H, c.N}, opt);
 
-  auto [out, lse] = fwd.call(q, k, v, mk, mv, slopes, c.causal, c.window, scale);
+  const std::optional<Tensor> none;  // no padding mask, documents or sinks; no softcap
+  auto [out, lse] = fwd.call(q, k, v, mk, mv, slopes, c.causal, c.window, scale, none, none, 0.0, none);
   Tensor delta = (dout * out).sum(-1) - dlse;
-  auto [dq, dk, dv, dmk, dmv] = bwd.call(dout, q, k, v, mk, mv, slopes, lse, delta, c.causal, c.window, scale);
+  auto [dq, dk, dv, dmk, dmv] =
+      bwd.call(dout, q, k, v, mk, mv, slopes, lse, delta, c.causal, c.window, scale, none, none, 0.0);
 
   std::vector<Tensor> leaves = {q, k, v, mk, mv};
   for (auto& t : leaves) t = t.detach().requires_grad_(true);

@@ -29,8 +29,8 @@ import torch
 from .. import _ext
 from . import dispatch
 from ..reference import lsh_attention as _reference
-from ..reference.lsh_attention import (NORM_EPS, default_n_buckets, draw_rotations, lsh_hash, lsh_sort,
-                                       padded_length, padding_mask)
+from ..reference.lsh_attention import (NORM_EPS, bucket_factors, default_n_buckets, draw_rotations, lsh_hash,
+                                       lsh_sort, padded_length, padding_mask, rotation_columns)
 from .memory_attention import TRITON_MAX_HEAD_DIM
 from .validation import INT32_MAX, check_int, check_scale, check_tensor, lse_dtype
 
@@ -42,7 +42,8 @@ BACKENDS = ("cpu", "triton", "reference")
 # --------------------------------------------------------------------------------------------
 def validate(qk, v, n_hashes, chunk_size, n_buckets, causal, rotations, n_chunks_before, n_chunks_after,
              key_padding_mask, scale):
-    """Checks every argument; returns (n_hashes, chunk_size, n_buckets, before, after, scale).
+    """Checks every argument; returns (n_hashes, chunk_size, n_buckets, before, after, scale), ``n_buckets``
+    an int or a tuple of factors (a single factor comes back as an int).
 
     A ``chunk_size`` above ``L`` comes back as ``L``: either way each round is one chunk, and the
     internal padding a larger chunk would add is masked, so the result is the same (without the work)."""
@@ -80,12 +81,22 @@ def validate(qk, v, n_hashes, chunk_size, n_buckets, causal, rotations, n_chunks
             n_buckets = 2 * rotations.shape[3]
     if n_buckets is None:
         n_buckets = default_n_buckets(L, chunk_size)
-    n_buckets = check_int("n_buckets", n_buckets, minimum=2, maximum=INT32_MAX - 1)
-    if n_buckets % 2:
-        raise ValueError(f"n_buckets must be even (buckets come in +/- pairs of rotations), got {n_buckets}")
-    if rotations is not None and rotations.shape[3] != n_buckets // 2:
-        raise ValueError(f"rotations must be (H, D, n_hashes, n_buckets // 2) with n_buckets = {n_buckets}, "
-                         f"got last dimension {rotations.shape[3]}")
+    if isinstance(n_buckets, (list, tuple)):
+        if not n_buckets:
+            raise ValueError("n_buckets as factors must hold at least one factor, got []")
+        factors = tuple(check_int("n_buckets", f, minimum=2, maximum=INT32_MAX - 1) for f in n_buckets)
+        if any(f % 2 for f in factors):
+            raise ValueError(f"each factor of n_buckets must be even (buckets come in +/- pairs), got {list(factors)}")
+        if math.prod(factors) >= INT32_MAX:
+            raise ValueError(f"the product of n_buckets' factors {list(factors)} exceeds the int32 buckets")
+        n_buckets = factors[0] if len(factors) == 1 else factors
+    else:
+        n_buckets = check_int("n_buckets", n_buckets, minimum=2, maximum=INT32_MAX - 1)
+        if n_buckets % 2:
+            raise ValueError(f"n_buckets must be even (buckets come in +/- pairs of rotations), got {n_buckets}")
+    if rotations is not None and rotations.shape[3] != rotation_columns(n_buckets):
+        raise ValueError(f"rotations must be (H, D, n_hashes, {rotation_columns(n_buckets)}) for n_buckets = "
+                         f"{n_buckets} (n / 2, or sum(factors) / 2), got last dimension {rotations.shape[3]}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
@@ -133,9 +144,11 @@ def choose_backend(qk: torch.Tensor, v: torch.Tensor, backend: Optional[str]) ->
                            device_order(qk.device.type), backend)
 
 
-def hash_sort_backend(qk: torch.Tensor) -> str:
-    """Which implementation hashes and sorts: the extension's op for the device, else torch."""
-    if _ext.available() and (qk.device.type == "cpu" or (qk.device.type == "cuda" and _ext.cuda_compiled())):
+def hash_sort_backend(qk: torch.Tensor, factorised: bool = False) -> str:
+    """Which implementation hashes and sorts: the extension's op for the device, else torch (also for
+    factorised buckets on CUDA, which the CUDA kernel does not take)."""
+    if _ext.available() and (qk.device.type == "cpu" or (qk.device.type == "cuda" and _ext.cuda_compiled()
+                                                         and not factorised)):
         return "extension"
     return "torch"
 
@@ -143,7 +156,7 @@ def hash_sort_backend(qk: torch.Tensor) -> str:
 # --------------------------------------------------------------------------------------------
 # Torch ops, with fake (meta) implementations so torch.compile traces through them.
 # --------------------------------------------------------------------------------------------
-def _hash_sort_fake(qk, rotations, key_padding_mask, n_buckets, padded_len):
+def _hash_sort_fake(qk, rotations, key_padding_mask, n_buckets, padded_len, bucket_factors=None):
     B, H = qk.shape[:2]
     shape = (B, H, rotations.shape[2], padded_len)
     return qk.new_empty(shape, dtype=torch.int32), qk.new_empty(shape, dtype=torch.int32)
@@ -175,13 +188,15 @@ def _bwd_fake(dout, qk, v, perm, key_padding_mask, lse_max, lse_log, out, dlse, 
 
 @torch.library.custom_op("longkernels::lsh_hash_sort_torch", mutates_args=())
 def _torch_hash_sort(qk: torch.Tensor, rotations: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                     n_buckets: int, padded_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     n_buckets: int, padded_len: int,
+                     bucket_factors: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton_kernels import checks
-    checks.lsh_hash_sort("lsh_hash_sort_torch", qk, rotations, key_padding_mask, n_buckets, padded_len)
+    checks.lsh_hash_sort("lsh_hash_sort_torch", qk, rotations, key_padding_mask, n_buckets, padded_len,
+                         bucket_factors)
     B, H, L, _ = qk.shape
     pad = padding_mask(B, L, padded_len, key_padding_mask, qk.device)
     qk_p = torch.nn.functional.pad(qk.detach().float(), (0, 0, 0, padded_len - L))
-    buckets = lsh_hash(qk_p, rotations, pad)
+    buckets = lsh_hash(qk_p, rotations, pad, list(bucket_factors) if bucket_factors else n_buckets)
     order = lsh_sort(buckets, n_buckets, True)  # padding's extra bucket: same order either way
     perm = (order % padded_len).view(buckets.shape)
     return buckets.int(), perm.int()
@@ -233,10 +248,14 @@ if _ext.available():
 
 
 def hash_sort(qk, rotations, key_padding_mask, n_buckets, padded_len):
-    """Buckets and sorted order, (B, H, n_hashes, Lp) int32 each (see csrc/ops.cpp)."""
-    op = (torch.ops.longkernels.lsh_hash_sort if hash_sort_backend(qk) == "extension"
+    """Buckets and sorted order, (B, H, n_hashes, Lp) int32 each (see csrc/ops.cpp). ``n_buckets``: an int, or
+    a tuple of factors (their product is the number of buckets)."""
+    factors = bucket_factors(n_buckets)
+    total = math.prod(factors)
+    op = (torch.ops.longkernels.lsh_hash_sort if hash_sort_backend(qk, len(factors) > 1) == "extension"
           else torch.ops.longkernels.lsh_hash_sort_torch)
-    return op(qk.detach(), rotations.detach().float(), key_padding_mask, n_buckets, padded_len)
+    return op(qk.detach(), rotations.detach().float(), key_padding_mask, total, padded_len,
+              list(factors) if len(factors) > 1 else None)
 
 
 def _kernels(backend):
@@ -286,6 +305,26 @@ class LSHAttentionFunction(torch.autograd.Function):
         return dqk.to(qk.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None, None
 
 
+class LSHAttentionFromOrder(torch.autograd.Function):
+    """The attention of :class:`LSHAttentionFunction` over a sorted order ``perm`` computed elsewhere (HF's
+    reversible backward replays the forward's buckets: the order comes from them, nothing is hashed).
+    ``perm``: (B, H, n_hashes, Lp) int32, each round a permutation of its positions (the op checks it)."""
+
+    @staticmethod
+    def forward(ctx, qk, v, perm, key_padding_mask, chunk_size, before, after, causal, scale, backend):
+        fwd, _ = _kernels(backend)
+        out, lse_max, lse_log = fwd(qk, v, perm, key_padding_mask, chunk_size, before, after, causal, scale)
+        ctx.save_for_backward(qk, v, perm, key_padding_mask, out, lse_max, lse_log)
+        ctx.args = (chunk_size, before, after, causal, scale, backend)
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        grads = LSHAttentionFunction.backward(ctx, dout, None)
+        return grads[:2] + (None,) * 8
+
+
 def lsh_attention(qk, v, *, n_hashes, chunk_size, n_buckets=None, causal=False, rotations=None,
                   n_chunks_before=1, n_chunks_after=0, key_padding_mask=None, scale=1.0, return_lse=False,
                   return_rotations=False, backend=None):
@@ -297,9 +336,12 @@ def lsh_attention(qk, v, *, n_hashes, chunk_size, n_buckets=None, causal=False, 
         n_hashes: rounds of hashing; their outputs combine by log-sum-exp.
         chunk_size: queries per chunk of the sorted sequence; any ``L`` works (padded internally).
         n_buckets: even; default the largest power of two <= ``2 * L / chunk_size`` (at least 2), or
-            ``2 * rotations.shape[-1]`` when ``rotations`` is given.
+            ``2 * rotations.shape[-1]`` when ``rotations`` is given. A list ``[n1, n2, ...]`` of even factors
+            hashes factorised (trax's and HF's form): one rotation block of ``n_i / 2`` columns per factor,
+            bucket ``b1 + n1 * b2 + ...``, ``prod(n_i)`` buckets for ``sum(n_i) / 2`` columns.
         causal: mask keys at later positions than the query.
-        rotations: ``(H, D, n_hashes, n_buckets // 2)``; drawn from torch's RNG when None.
+        rotations: ``(H, D, n_hashes, n_buckets // 2)`` (``sum(factors) // 2`` columns for factors); drawn from
+            torch's RNG when None.
         n_chunks_before, n_chunks_after: neighbouring chunks each chunk also attends to.
         key_padding_mask: ``(B, L)`` bool, True where a token is padding (PyTorch's convention;
             HuggingFace's ``attention_mask`` is its negation).

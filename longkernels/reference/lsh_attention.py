@@ -19,6 +19,7 @@ Steps:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -39,10 +40,25 @@ def padded_length(seq_len: int, chunk_size: int) -> int:
     return -(-seq_len // chunk_size) * chunk_size
 
 
-def draw_rotations(num_heads: int, head_dim: int, n_hashes: int, n_buckets: int, *, device=None,
+def bucket_factors(n_buckets) -> tuple[int, ...]:
+    """``n_buckets`` as its factors: ``(n,)`` for an int, the list itself for a factorised count."""
+    return (int(n_buckets),) if isinstance(n_buckets, int) else tuple(int(f) for f in n_buckets)
+
+
+def total_buckets(n_buckets) -> int:
+    """The number of buckets: ``n``, or the product of the factors ``[n1, n2, ...]``."""
+    return math.prod(bucket_factors(n_buckets))
+
+
+def rotation_columns(n_buckets) -> int:
+    """Rotation columns per round: ``n / 2``, or ``sum(n_i) / 2`` for factors (one block per factor)."""
+    return sum(bucket_factors(n_buckets)) // 2
+
+
+def draw_rotations(num_heads: int, head_dim: int, n_hashes: int, n_buckets, *, device=None,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Random rotations ``(H, D, n_hashes, n_buckets // 2)``, i.i.d. standard normal, float32."""
-    return torch.randn(num_heads, head_dim, n_hashes, n_buckets // 2, generator=generator,
+    """Random rotations ``(H, D, n_hashes, rotation_columns(n_buckets))``, i.i.d. standard normal, float32."""
+    return torch.randn(num_heads, head_dim, n_hashes, rotation_columns(n_buckets), generator=generator,
                        dtype=torch.float32, device=device)
 
 
@@ -62,21 +78,31 @@ def padding_mask(batch: int, seq_len: int, padded_len: int, key_padding_mask: Op
     return pad
 
 
-def lsh_hash(qk: torch.Tensor, rotations: torch.Tensor, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+def lsh_hash(qk: torch.Tensor, rotations: torch.Tensor, pad: Optional[torch.Tensor] = None,
+             n_buckets=None) -> torch.Tensor:
     """Buckets (B, H, n_hashes, L), int64 in [0, n_buckets]; padded tokens get n_buckets.
 
-    qk: (B, H, L, D); rotations: (H, D, n_hashes, n_buckets // 2); pad: (B, L) bool or None.
+    qk: (B, H, L, D); rotations: (H, D, n_hashes, columns); pad: (B, L) bool or None. With factors
+    ``n_buckets = [n1, n2, ...]`` the columns are one block of ``n_i / 2`` per factor and the bucket is
+    ``b1 + n1 * b2 + n1 * n2 * b3 + ...`` (trax's and HF's factorised hash); an int (or None) is one block.
     Hashed in float32 from the detached qk, one matrix product per head.
     """
     B, H, L, D = qk.shape
     _, _, n_hashes, half = rotations.shape
+    factors = (2 * half,) if n_buckets is None else bucket_factors(n_buckets)
     x = qk.detach().float()
     rot = rotations.float().reshape(H, D, n_hashes * half)
-    projected = torch.matmul(x, rot).view(B, H, L, n_hashes, half)  # (B, H, L, r, n_buckets/2)
-    projected = torch.cat([projected, -projected], dim=-1)
-    buckets = projected.argmax(dim=-1).permute(0, 1, 3, 2)  # first index on ties
+    projected = torch.matmul(x, rot).view(B, H, L, n_hashes, half)  # (B, H, L, r, columns)
+    buckets, start, weight = 0, 0, 1
+    for f in factors:
+        block = projected[..., start:start + f // 2]
+        block = torch.cat([block, -block], dim=-1)
+        buckets = buckets + weight * block.argmax(dim=-1)  # first index on ties
+        start += f // 2
+        weight *= f
+    buckets = buckets.permute(0, 1, 3, 2)
     if pad is not None:
-        buckets = buckets.masked_fill(pad[:, None, None, :], 2 * half)
+        buckets = buckets.masked_fill(pad[:, None, None, :], weight)
     return buckets
 
 
@@ -119,6 +145,7 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, *, n_hashes: int, chunk_siz
         n_buckets = default_n_buckets(L, chunk_size)
     if rotations is None:
         rotations = draw_rotations(H, D, n_hashes, n_buckets, device=qk.device)
+    factors, n_buckets = n_buckets, total_buckets(n_buckets)
     C = chunk_size
     Lp = padded_length(L, C)
     T = n_hashes * Lp // C  # chunks over all rounds
@@ -127,7 +154,7 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, *, n_hashes: int, chunk_siz
     qk_p = torch.nn.functional.pad(qk.to(cdt), (0, 0, 0, Lp - L))
     v_p = torch.nn.functional.pad(v.to(cdt), (0, 0, 0, Lp - L))
 
-    buckets = lsh_hash(qk_p, rotations, pad)
+    buckets = lsh_hash(qk_p, rotations, pad, factors)
     order = lsh_sort(buckets, n_buckets, bool(pad.any()))  # (B, H, n_hashes * Lp): r * Lp + pos
     pos = order % Lp  # original position of each sorted item
 
