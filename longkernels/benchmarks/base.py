@@ -91,6 +91,8 @@ class Operation:
     summarize: Optional[Callable] = None
     # Plot bytes saved for backward beside the time (what a memory-saving method is about).
     plot_saved_bytes: bool = False
+    # Not in a run of every operation (whole models: long); runs when named in --ops or by its --variants.
+    opt_in: bool = False
 
 
 def select_cases(op: Operation, *, level: str = "default", sizes: Optional[Sequence[int]] = None,

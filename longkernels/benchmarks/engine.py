@@ -482,8 +482,9 @@ def parse_args(argv=None):
     p.add_argument("--sizes", "--lengths", dest="sizes",
                    help="comma list of sizes of the sweep (sequence lengths; depths for reversible; elements "
                         "for reversible_coupling), e.g. 1024,4096")
-    p.add_argument("--variants", help="comma list of case variants (memory_attention: causal,window,gqa; "
-                   "lsh_attention: causal,op; reversible: mlp,lsh)")
+    p.add_argument("--variants", help="comma list of case variants (memory_attention: causal,window,gqa,models; "
+                   "lsh_attention: causal,op; reversible: mlp,lsh; hf_models: hf, Hugging Face models end to "
+                   "end, run only when asked for)")
     p.add_argument("--impls", help="comma list of implementations to run (default: all)")
     p.add_argument("--repeats", type=int, help="timed rounds; the median is reported (default 5; 3 for "
                    "--quick and the default level)")
@@ -512,7 +513,16 @@ def parse_args(argv=None):
 def make_plan(args, device) -> list:
     """[(operation, cases, implementations)] for the selection; ValueError on an unknown name."""
     ops = operations()
-    op_names = _csv(args.ops) or list(ops)
+    wanted = _csv(args.variants)
+    if _csv(args.ops):
+        op_names = _csv(args.ops)
+    elif wanted:  # every operation with one of the variants asked for, opt-in ones included
+        op_names = [n for n, op in ops.items() if any(v in op.variants for v in wanted)]
+        if not op_names:
+            raise ValueError(f"no operation has the variants {wanted}; "
+                             + "; ".join(f"{n}: {','.join(op.variants)}" for n, op in ops.items()))
+    else:
+        op_names = [n for n, op in ops.items() if not op.opt_in]
     unknown = [o for o in op_names if o not in ops]
     if unknown:
         raise ValueError(f"unknown operations {unknown}; known: {list(ops)}")
@@ -523,8 +533,9 @@ def make_plan(args, device) -> list:
     plan = []
     for name in op_names:
         op = ops[name]
+        variants = [v for v in wanted if v in op.variants] if wanted and not _csv(args.ops) else wanted
         cases = select_cases(op, level=args.level, sizes=sizes, dtypes=_csv(args.dtypes), modes=_csv(args.modes),
-                             variants=_csv(args.variants), device=device)
+                             variants=variants, device=device)
         impls = [i for i in op.implementations if not args.impls or i.name in _csv(args.impls)]
         if cases and impls:
             plan.append((op, cases, impls))

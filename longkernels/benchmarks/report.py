@@ -89,7 +89,15 @@ def format_table(records: list[dict], device: torch.device, flops_note: Optional
 def format_summary(summary: dict, indent: str = "") -> str:
     lines = []
     rows = summary.get("rows") if not indent else None
-    if rows:  # the models' table: one line a row
+    if rows and all("label" in v for v in rows.values()):  # whole models: tokens per second, the ratio
+        names = sorted({n for v in rows.values() for n in v["tokens_per_s"]})
+        lines.append(f"{'ratio':>7}  " + "  ".join(f"{n + ' tok/s':>16}" for n in names) + "  row")
+        for v in rows.values():
+            ratio = f"{v['ratio_vs_sdpa']:6.2f}x" if v.get("ratio_vs_sdpa") is not None else "      -"
+            rates = "  ".join(f"{v['tokens_per_s'][n]:16.1f}" if n in v["tokens_per_s"] else f"{'-':>16}"
+                              for n in names)
+            lines.append(f"{ratio}  {rates}  {v['label']} (vs {v.get('vs', '-')})")
+    elif rows:  # the models' table: one line a row
         lines.append(f"{'ours / SDPA fastest call':>26}  {'% bw':>5}  row (SDPA's call)")
         for case, v in rows.items():
             bw = v.get("kv_fraction_of_bandwidth")
@@ -125,7 +133,7 @@ def write(op, records: list, env: dict, args: dict, summary: Optional[dict], ste
     except ImportError:
         return files, "plots skipped: matplotlib is not installed (pip install matplotlib, or longkernels[bench])"
     title = f"{op.name} on {env['device']} ({env['threads']} threads, torch {env['torch']})"
-    curves = [r for r in records if r.get("variant") != "models"]  # the models' rows are no sweep
+    curves = [r for r in records if r.get("variant") not in ("models", "hf")]  # the models' rows are no sweep
     if curves:
         path = stem.with_suffix(".png")
         draw(curves, path, title, curves[0].get("sweep_name") or "size", saved=op.plot_saved_bytes)
@@ -145,7 +153,9 @@ def draw_ratios(summary: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = sorted(summary["rows"].items(), key=lambda kv: (kv[1]["mode"], kv[1]["phase"], kv[1]["dtype"], kv[0]))
-    labels = [f"{v['phase']} {v['mode']} {v['dtype']} ({k.split('-N')[-1].replace('-M', ' M')})" for k, v in rows]
+    rows = [(k, v) for k, v in rows if v.get("ratio_vs_sdpa") is not None]
+    labels = [v.get("label") or f"{v['phase']} {v['mode']} {v['dtype']} ({k.split('-N')[-1].replace('-M', ' M')})"
+              for k, v in rows]
     ratios = [v["ratio_vs_sdpa"] for _, v in rows]
     colors = ["tab:green" if r >= 1 else "tab:red" for r in ratios]
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.6))
@@ -153,7 +163,7 @@ def draw_ratios(summary: dict, path: Path, title: str) -> None:
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xscale("log")
-    ax.set_xlabel("SDPA's fastest call's time / ours (log scale; > 1: faster)")
+    ax.set_xlabel(summary.get("ratio_label", "SDPA's fastest call's time / ours") + " (log scale; > 1: faster)")
     means = ", ".join(f"{m} geomean {summary[f'{m}_geomean_vs_sdpa']:.2f}x" for m in ("fwd", "fwdbwd")
                       if f"{m}_geomean_vs_sdpa" in summary)
     ax.set_title(f"{title}\n{summary.get('implementation', '')}: {means}", fontsize=9)
