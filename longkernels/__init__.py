@@ -11,7 +11,7 @@ from .ops.memory_attention import memory_attention
 from .ops.reversible_coupling import reversible_coupling
 from .reversible import ReversibleBlock, ReversibleSequence
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["lsh_attention", "memory_attention", "nn", "reference", "reversible_coupling", "ReversibleBlock",
            "ReversibleSequence", "__version__"]

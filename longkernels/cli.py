@@ -109,8 +109,19 @@ def _print_op(op: Op) -> None:
         print(line + (f"; {pref}" if pref else ""))
 
 
+def _print_hf() -> None:
+    try:
+        import transformers
+    except ImportError:
+        print("transformers: not installed (pip install longkernels[hf] for attn_implementation=\"longkernels\")")
+        return
+    print(f"transformers {transformers.__version__}: import longkernels.hf registers "
+          f"attn_implementation=\"longkernels\" (and enable(model) for Reformer)")
+
+
 def cmd_info(args) -> int:
     _print_versions()
+    _print_hf()
     for op in operations():
         _print_op(op)
     from .ops import lsh_attention as lsh
@@ -139,6 +150,7 @@ def _memory_jobs(device, backend):
         Case(N=45, M=21, D=64, window=9, alibi=True),
         Case(B=2, N=35, M=18, D=16, strided=True, causal=False),
         Case(N=300, M=700, D=64, H=2, Hkv=1),
+        Case(B=2, N=41, M=17, D=32, H=4, Hkv=2, padding="random", docs=3, softcap=8.0, sinks=True),
     ]
     dtypes = [torch.float64, torch.float32, torch.bfloat16] if device == "cpu" else \
         [torch.float32, torch.bfloat16, torch.float16]

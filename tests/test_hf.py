@@ -22,6 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra: pip install .[hf]")
 
 import longkernels.hf as lkhf  # noqa: E402  (registers "longkernels")
+from hf_stats import fresh_stats, no_fallback  # noqa: E402,F401  (the fixture applies to every test here)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 
@@ -83,15 +84,6 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-4), torch.bfloat16: dict(atol=3e-2
        torch.float64: dict(atol=1e-10, rtol=1e-9)}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_stats():
-    lkhf.reset_stats()
-    yield
-
-
-def _no_fallback():
-    s = lkhf.stats()
-    assert s["fallbacks"] == {} and s["longkernels"] > 0, s
 
 
 def _batch(padding: str, B=3, L=21, seed=0, pads=(4, 13)):
@@ -125,7 +117,7 @@ def test_inference_matches_eager(kind, padding, dtype):
     got, want = _outputs(model, kind, ids, mask), _outputs(eager, kind, ids, mask)
     keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     torch.testing.assert_close(got[keep].float(), want[keep].float(), **TOL[dtype])
-    _no_fallback()
+    no_fallback()
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gpt2"])
@@ -158,7 +150,7 @@ def test_greedy_generate_matches_eager(kind, cache):
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     got, want = _generate(model, ids, **kw), _generate(eager, ids, **kw)
     assert torch.equal(got, want)
-    _no_fallback()
+    no_fallback()
 
 
 @pytest.mark.parametrize("kind", DECODERS)
@@ -167,7 +159,7 @@ def test_greedy_generate_left_padded_batch(kind):
     eager = _twin(model, "eager")
     ids, mask = _batch("left", L=15)
     assert torch.equal(_generate(model, ids, mask), _generate(eager, ids, mask))
-    _no_fallback()
+    no_fallback()
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
@@ -188,7 +180,7 @@ def test_generate_continues_an_existing_cache(kind):
         outs.append((cont.logits, gen))
     torch.testing.assert_close(outs[0][0], outs[1][0], **TOL[torch.float32])
     assert torch.equal(outs[0][1], outs[1][1])
-    _no_fallback()
+    no_fallback()
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +213,7 @@ def test_training_gradients_match_eager(kind):
         # (+1e-6: some gradients are zero in exact arithmetic, e.g. BERT's key bias, and round-off in both)
         err = ((p.grad - q.grad).norm() / (q.grad.norm() + 1e-6)).item()
         assert err <= 1e-5, f"{name}: relative error {err:.2e}"
-    _no_fallback()
+    no_fallback()
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma2", "gpt_oss", bert])
@@ -259,7 +251,7 @@ def test_packed_sequences_become_documents(kind):
         separate = [eager(input_ids=ids[:, a:b], use_cache=False).logits for a, b in ((0, 7), (7, 16), (16, 20))]
     torch.testing.assert_close(got, want, **TOL[torch.float32])
     torch.testing.assert_close(got, torch.cat(separate, 1), **TOL[torch.float32])
-    _no_fallback()
+    no_fallback()
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +267,7 @@ def test_from_pretrained_and_set_attn_implementation(tmp_path):
                                _outputs(model, "llama", ids, mask)[mask.bool()], **TOL[torch.float32])
     model.set_attn_implementation("longkernels")
     assert model.config._attn_implementation == "longkernels"
-    _no_fallback()
+    no_fallback()
 
 
 def test_enable_and_disable():
@@ -283,7 +275,7 @@ def test_enable_and_disable():
     assert lkhf.enable(model) is model and model.config._attn_implementation == "longkernels"
     ids, mask = _batch("left")
     _outputs(model, "mistral", ids, mask)
-    _no_fallback()
+    no_fallback()
     lkhf.disable(model)
     assert model.config._attn_implementation == "sdpa"
 
@@ -313,7 +305,7 @@ def test_attention_dropout_in_training_falls_back():
     lkhf.reset_stats()
     with torch.no_grad():
         model(input_ids=ids)
-    _no_fallback()
+    no_fallback()
 
 
 def test_mask_interface_is_compact():

@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra: pip install .[hf]")
 
 import longkernels.hf as lkhf  # noqa: E402
+from hf_stats import fresh_stats, no_fallback  # noqa: E402,F401  (the fixture applies to every test here)
 from longkernels.testing import LOWP_FACTOR, LOWP_FLOOR, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*loss_type=None.*")
@@ -41,15 +42,6 @@ def _pair(config, cls=None, dtype=torch.float64):
     return ours, theirs
 
 
-@pytest.fixture(autouse=True)
-def _fresh_stats():
-    lkhf.reset_stats()
-    yield
-
-
-def _no_fallback():
-    s = lkhf.stats()
-    assert s["fallbacks"] == {} and s["longkernels"] > 0, s
 
 
 CONFIGS = {
@@ -84,7 +76,7 @@ def test_eval_logits_match_hf_float64(name, padding):
     assert torch.equal(got[1], want[1]), "the patched layers consumed the RNG differently from HF's"
     if name == "hf-default-buckets":
         assert ours.config.num_buckets == [8, 8] == theirs.config.num_buckets  # HF's factorised choice, saved
-    _no_fallback()
+    no_fallback()
 
 
 def test_float32_meets_the_low_precision_rule_against_hf_float64():
@@ -115,7 +107,7 @@ def test_training_gradients_through_hf_reversible_layers(name):
     for (name_, p), q in zip(ours.named_parameters(), theirs.parameters()):
         if q.grad is not None:
             assert rel_err(p.grad, q.grad) <= 1e-9, name_
-    _no_fallback()
+    no_fallback()
 
 
 def test_short_sequences_take_hfs_standard_attention():
@@ -130,7 +122,7 @@ def test_short_sequences_take_hfs_standard_attention():
     with torch.no_grad():
         want = theirs(input_ids=ids).logits
     assert rel_err(got, want) <= 1e-10 and torch.equal(state, torch.get_rng_state())
-    _no_fallback()
+    no_fallback()
 
 
 def test_num_hashes_override_and_buckets_returned():

@@ -43,6 +43,19 @@ def _check_like_q(q, **named):
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
 
 
+def _check_per_head(name, t, q):
+    """A floating ``(H,)`` tensor on q's device: one value per query head (ALiBi slopes, sinks)."""
+    H = q.shape[1]
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (H,), got {type(t).__name__}")
+    if tuple(t.shape) != (H,):
+        raise ValueError(f"{name} must have shape (H={H},), one value per query head, got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+
+
 def validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes):
     """Checks every argument; returns (mem_k, mem_v, window, scale, alibi_slopes) normalised.
 
@@ -93,14 +106,7 @@ def validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes):
             window = 0
     scale = check_scale("scale", scale, default=D ** -0.5)
     if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, torch.Tensor):
-            raise TypeError(f"alibi_slopes must be a torch.Tensor of shape (H,), got {type(alibi_slopes).__name__}")
-        if tuple(alibi_slopes.shape) != (H,):
-            raise ValueError(f"alibi_slopes must have shape (H={H},), got {tuple(alibi_slopes.shape)}")
-        if not alibi_slopes.is_floating_point():
-            raise TypeError(f"alibi_slopes must be floating point, got {alibi_slopes.dtype}")
-        if alibi_slopes.device != q.device:
-            raise ValueError(f"alibi_slopes must be on the device of q ({q.device}), got {alibi_slopes.device}")
+        _check_per_head("alibi_slopes", alibi_slopes, q)
         if alibi_slopes.requires_grad:
             raise ValueError("alibi_slopes receive no gradient (as in FlashAttention); pass a tensor that "
                              "does not require grad, e.g. slopes.detach()")
@@ -148,14 +154,7 @@ def validate_masks(q, mem_k, key_padding_mask, document_ids, softcap, sinks):
             raise ValueError(f"softcap must be > 0 (None: no softcap), got {softcap}")
         softcap = float(softcap)
     if sinks is not None:
-        if not isinstance(sinks, torch.Tensor):
-            raise TypeError(f"sinks must be a torch.Tensor of shape (H,), got {type(sinks).__name__}")
-        if tuple(sinks.shape) != (H,):
-            raise ValueError(f"sinks must have shape (H={H},), one logit per query head, got {tuple(sinks.shape)}")
-        if not sinks.is_floating_point():
-            raise TypeError(f"sinks must be floating point, got {sinks.dtype}")
-        if sinks.device != q.device:
-            raise ValueError(f"sinks must be on the device of q ({q.device}), got {sinks.device}")
+        _check_per_head("sinks", sinks, q)
     return key_padding_mask, document_ids, softcap, sinks
 
 
