@@ -218,7 +218,12 @@ def summarize(records: list, device) -> Optional[dict]:
         return None
     out = {"implementation": "longkernels", "rows": rows,
            "ratio_label": "HF's time / longkernels' (llama-like: sdpa; Reformer: HF's own layer)"}
+    heads = []
+    ref = [r for rs in reformer.values() for r in rs]
+    if ref:
+        heads.append(f"Reformer layer vs HF's {min(ref):.2f}x to {max(ref):.2f}x")
     if llama_ratios:
+        heads.insert(0, f"llama-like vs sdpa {min(llama_ratios):.2f}x to {max(llama_ratios):.2f}x")
         out["llama_min_vs_sdpa"] = min(llama_ratios)
         long_points = [rows[c]["ratio_vs_sdpa"] for c in rows if "llama" in c and rows[c].get("vs") == "sdpa"
                        and _length(c) >= 8192]
@@ -228,6 +233,7 @@ def summarize(records: list, device) -> Optional[dict]:
     fb = [rows[c]["ratio_vs_sdpa"] for c in rows if "reformer" in c and "fwdbwd" in c and _length(c) == 16384]
     if fb:
         out.setdefault("targets_met", {})["reformer L=16384 fwd+bwd >= 4x HF's layer"] = min(fb) >= 4.0
+    out["headline"] = "; ".join(heads)
     return out
 
 

@@ -166,7 +166,7 @@ def draw_ratios(summary: dict, path: Path, title: str) -> None:
     ax.set_xlabel(summary.get("ratio_label", "SDPA's fastest call's time / ours") + " (log scale; > 1: faster)")
     means = ", ".join(f"{m} geomean {summary[f'{m}_geomean_vs_sdpa']:.2f}x" for m in ("fwd", "fwdbwd")
                       if f"{m}_geomean_vs_sdpa" in summary)
-    ax.set_title(f"{title}\n{summary.get('implementation', '')}: {means}", fontsize=9)
+    ax.set_title(f"{title}\n{summary.get('implementation', '')}: {summary.get('headline') or means}", fontsize=9)
     ax.invert_yaxis()
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
