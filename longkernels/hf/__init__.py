@@ -19,6 +19,12 @@ or ``eager`` function, warned once per reason and counted in :func:`stats`.
 """
 from __future__ import annotations
 
+try:
+    import transformers  # noqa: F401
+except ImportError as exc:  # an optional extra: say which
+    raise ImportError("longkernels.hf needs Hugging Face transformers (4.53 or newer): "
+                      "pip install transformers, or longkernels[hf]") from exc
+
 from .attention import (  # noqa: F401
     NAME,
     HFFallbackWarning,
