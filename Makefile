@@ -45,11 +45,13 @@ test-python:
 test: setup-test test-cpp cuda-check test-python
 
 # The transformers drop-in against a 4.5x release too (the test extras install the newest 5.x): that release
-# and the hub/tokenizers it needs go to a folder of their own, ahead on the path for this run only.
+# and what it needs beyond 5.x's own dependencies (the 0.x hub, its tokenizers, requests) go to a folder of
+# their own, ahead on the path for this run only.
 HF_4X ?= transformers==4.57.3
 HF_4X_DIR ?= build/transformers-4x
+HF_4X_DEPS := "huggingface-hub<1.0" "tokenizers>=0.22,<0.23" requests urllib3 idna certifi charset-normalizer fsspec
 test-hf-4x:
-	$(PIP) install -q --no-deps --target $(HF_4X_DIR) $(HF_4X) "huggingface-hub<1.0" "tokenizers>=0.22,<0.23"
+	$(PIP) install -q --no-deps --target $(HF_4X_DIR) $(HF_4X) $(HF_4X_DEPS)
 	PYTHONPATH=$(HF_4X_DIR) $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_hf.py tests/test_hf_reformer.py
 
 check: setup-test
