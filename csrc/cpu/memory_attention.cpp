@@ -587,6 +587,28 @@ struct PackedProducts {
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kSubRows = 48;  // a multiple of the micro-kernels' 6 rows
 
+// The backward's walk over the query rows [lo, hi) that see the key tile [a0, a0 + bk), in tiles of bq_max
+// rows: a tile the masks leave whole in one step, any other in sub-blocks of kSubRows rows over only the
+// columns those rows see (their first column rounded down to a multiple of `align`).
+// step(i0, rows, first column in the tile, columns, whole).
+template <typename Step>
+void walk_query_tiles(const Masks& ms, int64_t b, int64_t lo, int64_t hi, int64_t bq_max, int64_t a0, int64_t bk,
+                      int64_t align, Step&& step) {
+  for (int64_t i0 = lo; i0 < hi; i0 += bq_max) {
+    const int64_t bq = std::min(bq_max, hi - i0);
+    if (ms.fully_visible(b, i0, bq, a0, bk)) {
+      step(i0, bq, int64_t(0), bk, true);
+      continue;
+    }
+    for (int64_t r0 = 0; r0 < bq; r0 += kSubRows) {
+      const int64_t r1 = std::min(bq, r0 + kSubRows);
+      const tiles::Range sub = ms.visible_keys(b, i0 + r0, r1 - r0);
+      const int64_t c0 = (std::max(sub.lo, a0) - a0) / align * align, c1 = std::min(sub.hi, a0 + bk) - a0;
+      if (c1 > c0) step(i0 + r0, r1 - r0, c0, c1 - c0, false);
+    }
+  }
+}
+
 // Query rows per tile: kBlockQ, or fewer when B * H * tiles would leave threads without work (short
 // sequences, few heads), down to kSubRows.
 int64_t query_tile(const Problem& P) {
@@ -719,19 +741,7 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
           dKt.narrow(0, c0k, w).addmm_(dPt.t(), Qt);  // dK += dS^T Q   (scaled at the end)
           dQb.narrow(0, i0, bq).addmm_(dPt, Kc);      // dQ += dS K    (scaled at the end)
         };
-        for (int64_t i0 = rows.lo; i0 < rows.hi; i0 += kBlockQ) {
-          const int64_t bq = std::min(kBlockQ, rows.hi - i0);
-          if (ms.fully_visible(b, i0, bq, a0, bk)) {
-            step(i0, bq, 0, bk, true);
-            continue;
-          }
-          for (int64_t r0 = 0; r0 < bq; r0 += kSubRows) {
-            const int64_t r1 = std::min(bq, r0 + kSubRows);
-            const tiles::Range sub = ms.visible_keys(b, i0 + r0, r1 - r0);
-            const int64_t lo = std::max(sub.lo, a0), hi = std::min(sub.hi, a0 + bk);
-            if (hi > lo) step(i0 + r0, r1 - r0, lo - a0, hi - lo, false);
-          }
-        }
+        walk_query_tiles(ms, b, rows.lo, rows.hi, kBlockQ, a0, bk, 1, step);
       }
     }
   });
@@ -1237,19 +1247,8 @@ void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Te
             tile::gemm_f32(isa, bq, Dp, w, dP.data(), Kp, Kb.data() + c0k * Dp, Dp, dQ.data() + i0 * Dp, Dp, true);
           }
         };
-        for (int64_t i0 = qrows.lo & ~int64_t(1); i0 < qrows.hi; i0 += kBwdQ) {
-          const int64_t bq = std::min(kBwdQ, qrows.hi - i0);
-          if (ms.fully_visible(b, i0, bq, a0, bk)) {
-            step(i0, bq, 0, bk, true);
-            continue;
-          }
-          for (int64_t r0 = 0; r0 < bq; r0 += kSubRows) {
-            const int64_t r1 = std::min(bq, r0 + kSubRows);
-            const tiles::Range sub = ms.visible_keys(b, i0 + r0, r1 - r0);
-            const int64_t lo = ((std::max(sub.lo, a0) - a0) & ~int64_t(15)) + a0, hi = std::min(sub.hi, a0 + bk);
-            if (hi > lo) step(i0 + r0, r1 - r0, lo - a0, hi - lo, false);
-          }
-        }
+        // i0 even (bf16 pairs rows); columns from a multiple of 16 (the panels' column groups).
+        walk_query_tiles(ms, b, qrows.lo & ~int64_t(1), qrows.hi, kBwdQ, a0, bk, 16, step);
         // The tile's key gradients, per query head (the GQA group is summed afterwards).
         float* dk_d = (in_mem ? dmk_h : dk_h)[b][h].data_ptr<float>() + (a0 - offset) * P.D;
         float* dv_d = (in_mem ? dmv_h : dv_h)[b][h].data_ptr<float>() + (a0 - offset) * P.Dv;
