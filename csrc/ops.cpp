@@ -8,17 +8,19 @@ TORCH_LIBRARY(longkernels, m) {
   // key_padding_mask (B, M + N) bool, True = padding; document_ids (B, M + N) integer, non-decreasing;
   // softcap 0: none; sinks (H,) floating (the extra logit of every row's softmax).
   // Returns (out, lse); lse is float32 (float64 for float64 inputs), shape (B, H, N); a row with no
-  // visible key gets out 0 and lse -inf (the sink's logit with sinks).
+  // visible key gets out 0 and lse -inf (the sink's logit with sinks). q_offset (default M) places query i at
+  // position q_offset + i, keys staying at 0 .. M + N - 1: one call computes any block pair of a ring
+  // (docs/semantics.md §5); the CUDA kernels take only the default.
   m.def(
       "memory_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor mem_k, Tensor mem_v, "
       "Tensor? alibi_slopes, bool causal, int window, float scale, Tensor? key_padding_mask=None, "
-      "Tensor? document_ids=None, float softcap=0., Tensor? sinks=None) -> (Tensor, Tensor)");
+      "Tensor? document_ids=None, float softcap=0., Tensor? sinks=None, int? q_offset=None) -> (Tensor, Tensor)");
   // delta = rowsum(dout * out) - dlse, in lse's dtype. Returns (dq, dk, dv, dmem_k, dmem_v). The sinks'
   // gradient, -sum_i exp(sink - lse_i) * delta_i, needs no kernel.
   m.def(
       "memory_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor mem_k, Tensor mem_v, "
       "Tensor? alibi_slopes, Tensor lse, Tensor delta, bool causal, int window, float scale, "
-      "Tensor? key_padding_mask=None, Tensor? document_ids=None, float softcap=0.) "
+      "Tensor? key_padding_mask=None, Tensor? document_ids=None, float softcap=0., int? q_offset=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // LSH attention (docs/semantics.md §2). Hash and sort: buckets (B, H, n_hashes, Lp) int32 in

@@ -11,6 +11,8 @@ import torch
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT32_MAX = 2**31 - 1
+# |q_offset| bound: the kernels form positions in int32 (csrc/common/op_checks.h allows 2^52 in int64).
+MAX_QUERY_OFFSET = 2**30
 
 
 def require(cond: bool, op: str, message: str) -> None:
@@ -29,8 +31,9 @@ def shape(op: str, name: str, t: torch.Tensor, want: Sequence[int]) -> None:
     require(tuple(t.shape) == tuple(want), op, f"{name} must have shape {tuple(want)}, got {tuple(t.shape)}")
 
 
-def memory_attention(op, q, k, v, mem_k, mem_v, alibi_slopes, window) -> int:
-    """Returns the window the kernels use (0 also for one that hides nothing)."""
+def memory_attention(op, q, k, v, mem_k, mem_v, alibi_slopes, window, q_offset=None) -> tuple[int, int]:
+    """Returns the window the kernels use (0 also for one that hides nothing) and the position of query 0
+    (``q_offset``, default M)."""
     require(isinstance(q, torch.Tensor) and q.dim() == 4, op, "q must be a 4-D tensor (B, H, N, D)")
     for name, t in (("q", q), ("k", k), ("v", v), ("mem_k", mem_k), ("mem_v", mem_v)):
         floating(op, name, t, 4, q.device)
@@ -48,10 +51,15 @@ def memory_attention(op, q, k, v, mem_k, mem_v, alibi_slopes, window) -> int:
         require(alibi_slopes.dtype in _FLOATS and alibi_slopes.device == q.device, op,
                 f"alibi_slopes must be a floating tensor on {q.device}")
     require(0 <= window, op, f"window must be >= 0 (0: no window), got {window}")
-    return 0 if window >= M + N else int(window)
+    q0 = M
+    if q_offset is not None:
+        require(isinstance(q_offset, int) and abs(q_offset) <= MAX_QUERY_OFFSET, op,
+                f"q_offset must be an int in [-2^30, 2^30], got {q_offset!r}")
+        q0 = int(q_offset)
+    return (0 if window >= q0 + N else int(window)), q0
 
 
-def memory_attention_masks(op, q, mem_k, key_padding_mask, document_ids, softcap, sinks) -> None:
+def memory_attention_masks(op, q, mem_k, key_padding_mask, document_ids, softcap, sinks, q0=None) -> None:
     """key_padding_mask (B, M + N) bool, document_ids (B, M + N) integer, softcap finite >= 0, sinks (H,)."""
     B, H, N, _ = q.shape
     L = mem_k.shape[2] + N
@@ -64,6 +72,8 @@ def memory_attention_masks(op, q, mem_k, key_padding_mask, document_ids, softcap
                 and document_ids.dtype != torch.bool and not document_ids.is_complex()
                 and document_ids.device == q.device, op, f"document_ids must be an integer tensor on {q.device}")
         shape(op, "document_ids", document_ids, (B, L))
+        require(q0 is None or q0 == mem_k.shape[2], op, "document_ids need the queries at positions M + i "
+                "(q_offset = M)")
     require(math.isfinite(softcap) and softcap >= 0, op, f"softcap must be finite and >= 0 (0: none), got {softcap}")
     if sinks is not None:
         require(isinstance(sinks, torch.Tensor) and sinks.dim() == 1 and sinks.shape[0] == H, op,

@@ -49,7 +49,7 @@ _BF16_DOT_IN_F32 = tl.constexpr(_INTERPRET)
 
 # Sequence lengths and head counts vary from call to call: keep them runtime values so one compiled
 # kernel serves all of them (Triton would otherwise turn a value of 1 into a constant).
-_RUNTIME_INTS = ["H", "HKV", "N", "M", "window", "N_BUCKET", "M_BUCKET"]
+_RUNTIME_INTS = ["H", "HKV", "N", "M", "Q0", "window", "N_BUCKET", "M_BUCKET"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,22 +132,22 @@ def _key_tiles(q_lo, q_hi, rs, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.c
 
 
 @triton.jit
-def _query_tiles(k_lo, k_hi, M, N, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+def _query_tiles(k_lo, k_hi, Q0, N, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  BLOCK_M: tl.constexpr):
-    """Query tiles for the key positions k_lo..k_hi (inclusive, real keys); as _key_tiles.
+    """Query tiles for the key positions k_lo..k_hi (inclusive, real keys), query i at Q0 + i; as _key_tiles.
 
     Rows past N need no mask in backward (their LSE reads as +inf, so their P is 0): a tile that
     reaches N counts as seen in full.
     """
-    if CAUSAL:  # M + i >= j
-        lo = _clamp(k_lo - M, 0, N)
-        full_lo = _clamp(k_hi - M, 0, N)
+    if CAUSAL:  # Q0 + i >= j
+        lo = _clamp(k_lo - Q0, 0, N)
+        full_lo = _clamp(k_hi - Q0, 0, N)
     else:
         lo = 0
         full_lo = 0
-    if HAS_WINDOW:  # M + i < j + window
-        hi = _clamp(k_hi - M + window, 0, N)
-        full_hi = _clamp(k_lo - M + window, 0, N)
+    if HAS_WINDOW:  # Q0 + i < j + window
+        hi = _clamp(k_hi - Q0 + window, 0, N)
+        full_hi = _clamp(k_lo - Q0 + window, 0, N)
         f1 = tl.where(full_hi >= N, tl.cdiv(N, BLOCK_M), full_hi // BLOCK_M)
     else:
         hi = N
@@ -300,7 +300,7 @@ def _fwd_kernel(
     stride_mvb, stride_mvh, stride_mvn, stride_mvd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
-    H, HKV, N, M, window, scale_hi, scale_lo, cap, N_BUCKET, M_BUCKET,
+    H, HKV, N, M, Q0, window, scale_hi, scale_lo, cap, N_BUCKET, M_BUCKET,
     GROUP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -335,7 +335,7 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < N
-    qpos = M + offs_m
+    qpos = Q0 + offs_m
 
     q_ptrs = (Q + b * stride_qb + h.to(tl.int64) * stride_qh + tl.cast(i0, tl.int64) * stride_qn
               + arange_m[:, None] * stride_qn + offs_d[None, :] * stride_qd)
@@ -352,8 +352,8 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     m_i = tl.full([BLOCK_M], _NEG_INF, dtype=ACC)
-    q_lo = M + i0
-    q_hi = M + tl.minimum(i0 + BLOCK_M, N) - 1
+    q_lo = Q0 + i0
+    q_hi = Q0 + tl.minimum(i0 + BLOCK_M, N) - 1
     L_all = M + N
     pad_b = Pad + b * L_all
     dlo, dhi, d_lo, d_hi = _row_docs(DocStart, DocStop, b, L_all, qpos, row_ok, HAS_DOCS)
@@ -419,7 +419,7 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, stride_qn, stride_qd, stride_don, stride_dod,
-                stride_ln, stride_dln, t_lo, t_hi, N, M, kpos, slope, qk_scale, window, kpad, dstart_b, dstop_b, cap,
+                stride_ln, stride_dln, t_lo, t_hi, N, Q0, kpos, slope, qk_scale, window, kpad, dstart_b, dstop_b, cap,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOCS: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
@@ -445,7 +445,7 @@ def _dkdv_stage(dk, dv, k, v, Q, DO, Lse, Delta, stride_qn, stride_qd, stride_do
         if EXP2:
             lse = lse * _LOG2E
         # Transposed scores (keys x queries): dk, dv accumulate along the key rows.
-        qpos = M + i
+        qpos = Q0 + i
         s_t, dcap = _softcap(_dot(k, tl.trans(q), DOT_PREC) * qk_scale, cap, HAS_SOFTCAP)
         if HAS_ALIBI:
             s_t -= slope * (qpos[None, :] - kpos[:, None]).to(s_t.dtype)
@@ -482,7 +482,7 @@ def _dkdv_tile(K, V, DK, DV, stride_kn, stride_kd, stride_vn, stride_vd,
                stride_qb, stride_qh, stride_qn, stride_qd,
                stride_dob, stride_doh, stride_don, stride_dod,
                stride_lb, stride_lh, stride_ln, stride_dlb, stride_dlh, stride_dln,
-               b, hkv, j0, rs, L, N, M, window, qk_scale, Pad, DocStart, DocStop, cap,
+               b, hkv, j0, rs, L, N, M, Q0, window, qk_scale, Pad, DocStart, DocStop, cap,
                GROUP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -506,7 +506,7 @@ def _dkdv_tile(K, V, DK, DV, stride_kn, stride_kd, stride_vn, stride_vd,
 
     k_lo = rs + j0
     k_hi = rs + tl.minimum(j0 + BLOCK_N, L) - 1
-    t_lo, t_f0, t_f1, t_hi = _query_tiles(k_lo, k_hi, M, N, window, CAUSAL, HAS_WINDOW, BLOCK_M)
+    t_lo, t_f0, t_f1, t_hi = _query_tiles(k_lo, k_hi, Q0, N, window, CAUSAL, HAS_WINDOW, BLOCK_M)
     L_all = M + N
     dstart_b = DocStart + b * L_all
     dstop_b = DocStop + b * L_all
@@ -532,17 +532,17 @@ def _dkdv_tile(K, V, DK, DV, stride_kn, stride_kd, stride_vn, stride_vd,
         Lh = Lse + b * stride_lb + h * stride_lh
         DLh = Delta + b * stride_dlb + h * stride_dlh
         dk, dv = _dkdv_stage(dk, dv, k, v, Qh, DOh, Lh, DLh, stride_qn, stride_qd, stride_don,
-                             stride_dod, stride_ln, stride_dln, t_lo, t_f0, N, M, kpos, slope,
+                             stride_dod, stride_ln, stride_dln, t_lo, t_f0, N, Q0, kpos, slope,
                              qk_scale, window, kpad, dstart_b, dstop_b, cap, True, CAUSAL,
                              HAS_WINDOW, HAS_ALIBI, HAS_PAD, HAS_DOCS, HAS_SOFTCAP, HEAD_D, HEAD_DV,
                              BLOCK_D, BLOCK_DV, BLOCK_M, EXP2, DOT_PREC)
         dk, dv = _dkdv_stage(dk, dv, k, v, Qh, DOh, Lh, DLh, stride_qn, stride_qd, stride_don,
-                             stride_dod, stride_ln, stride_dln, t_f0, t_f1, N, M, kpos, slope,
+                             stride_dod, stride_ln, stride_dln, t_f0, t_f1, N, Q0, kpos, slope,
                              qk_scale, window, kpad, dstart_b, dstop_b, cap, False, CAUSAL,
                              HAS_WINDOW, HAS_ALIBI, HAS_PAD, HAS_DOCS, HAS_SOFTCAP, HEAD_D, HEAD_DV,
                              BLOCK_D, BLOCK_DV, BLOCK_M, EXP2, DOT_PREC)
         dk, dv = _dkdv_stage(dk, dv, k, v, Qh, DOh, Lh, DLh, stride_qn, stride_qd, stride_don,
-                             stride_dod, stride_ln, stride_dln, t_f1, t_hi, N, M, kpos, slope,
+                             stride_dod, stride_ln, stride_dln, t_f1, t_hi, N, Q0, kpos, slope,
                              qk_scale, window, kpad, dstart_b, dstop_b, cap, True, CAUSAL,
                              HAS_WINDOW, HAS_ALIBI, HAS_PAD, HAS_DOCS, HAS_SOFTCAP, HEAD_D, HEAD_DV,
                              BLOCK_D, BLOCK_DV, BLOCK_M, EXP2, DOT_PREC)
@@ -572,7 +572,7 @@ def _dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dmkb, stride_dmkh, stride_dmkn, stride_dmkd,
     stride_dmvb, stride_dmvh, stride_dmvn, stride_dmvd,
-    H, HKV, N, M, window, scale_hi, scale_lo, cap, N_BUCKET, M_BUCKET,
+    H, HKV, N, M, Q0, window, scale_hi, scale_lo, cap, N_BUCKET, M_BUCKET,
     GROUP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -609,7 +609,7 @@ def _dkdv_kernel(
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_dob, stride_doh, stride_don, stride_dod,
                    stride_lb, stride_lh, stride_ln, stride_dlb, stride_dlh, stride_dln,
-                   b, hkv, tile * BLOCK_N, 0, M, N, M, window, qk_scale, Pad, DocStart, DocStop, cap,
+                   b, hkv, tile * BLOCK_N, 0, M, N, M, Q0, window, qk_scale, Pad, DocStart, DocStop, cap,
                    GROUP, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI,
                    HAS_PAD, HAS_DOCS, HAS_SOFTCAP, ACC, EXP2, DOT_PREC, BLOCK_M, BLOCK_N)
     else:
@@ -621,7 +621,7 @@ def _dkdv_kernel(
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_dob, stride_doh, stride_don, stride_dod,
                    stride_lb, stride_lh, stride_ln, stride_dlb, stride_dlh, stride_dln,
-                   b, hkv, (tile - n_mem) * BLOCK_N, M, N, N, M, window, qk_scale, Pad, DocStart, DocStop,
+                   b, hkv, (tile - n_mem) * BLOCK_N, M, N, N, M, Q0, window, qk_scale, Pad, DocStart, DocStop,
                    cap, GROUP, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, CAUSAL, HAS_WINDOW, HAS_ALIBI,
                    HAS_PAD, HAS_DOCS, HAS_SOFTCAP, ACC, EXP2, DOT_PREC, BLOCK_M, BLOCK_N)
 
@@ -671,7 +671,7 @@ def _dq_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_dlb, stride_dlh, stride_dln,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    H, HKV, N, M, window, scale_hi, scale_lo, cap, N_BUCKET, M_BUCKET,
+    H, HKV, N, M, Q0, window, scale_hi, scale_lo, cap, N_BUCKET, M_BUCKET,
     GROUP: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -701,7 +701,7 @@ def _dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < N
-    qpos = M + offs_m
+    qpos = Q0 + offs_m
     start = tl.cast(i0, tl.int64)
 
     q = _load_rows(Q + b * stride_qb + h64 * stride_qh + start * stride_qn
@@ -724,8 +724,8 @@ def _dq_kernel(
             slope = slope * _LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    q_lo = M + i0
-    q_hi = M + tl.minimum(i0 + BLOCK_M, N) - 1
+    q_lo = Q0 + i0
+    q_hi = Q0 + tl.minimum(i0 + BLOCK_M, N) - 1
     L_all = M + N
     pad_b = Pad + b * L_all
     dlo, dhi, d_lo, d_hi = _row_docs(DocStart, DocStop, b, L_all, qpos, row_ok, HAS_DOCS)
@@ -1081,10 +1081,11 @@ def _meta(q, k, v, alibi_slopes, causal, window, scale):
     return meta, scale_hi, scale_lo
 
 
-def _ints(q, k, mem_k, window):
+def _ints(q, k, mem_k, window, q0=None):
+    """(H, HKV, N, M, Q0, window): Q0 is query 0's position (M unless a ring step places the queries)."""
     B, H, N, _ = q.shape
     M = mem_k.shape[2]
-    return (H, k.shape[1], N, M, int(window))
+    return (H, k.shape[1], N, M, M if q0 is None else int(q0), int(window))
 
 
 def _buckets(N, M):
@@ -1092,10 +1093,11 @@ def _buckets(N, M):
 
 
 def memory_attention_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, window: int, scale: float,
-                         key_padding_mask=None, document_ids=None, softcap: float = 0.0, sinks=None):
-    """(out (B, H, N, Dv) in q's dtype, lse (B, H, N) float32 / float64 for float64 inputs)."""
+                         key_padding_mask=None, document_ids=None, softcap: float = 0.0, sinks=None, q0=None):
+    """(out (B, H, N, Dv) in q's dtype, lse (B, H, N) float32 / float64 for float64 inputs). ``q0``: query 0's
+    position (default M)."""
     exp2 = q.dtype != torch.float64
-    if use_decode(q, k):
+    if use_decode(q, k) and (q0 is None or q0 == mem_k.shape[2]):
         masks = _Masks(q, key_padding_mask, document_ids, softcap, sinks, exp2=False)  # decode: natural units
         return decode_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale, masks)
     masks = _Masks(q, key_padding_mask, document_ids, softcap, sinks, exp2=exp2)
@@ -1111,14 +1113,14 @@ def memory_attention_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, wind
     args = (q, k, v, mem_k, mem_v, alibi_slopes, *masks.pointers(), masks.sinks_pointer(), out, lse,
             *q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(),
             *out.stride(), *lse.stride(),
-            *_ints(q, k, mem_k, window), scale_hi, scale_lo, masks.cap, *_buckets(N, M))
+            *_ints(q, k, mem_k, window, q0), scale_hi, scale_lo, masks.cap, *_buckets(N, M))
     grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]) * B * H,)  # noqa: E731
     _launch(_fwd_kernel, "fwd", grid, args, meta)
     return out, lse
 
 
 def memory_attention_bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal: bool, window: int,
-                         scale: float, key_padding_mask=None, document_ids=None, softcap: float = 0.0):
+                         scale: float, key_padding_mask=None, document_ids=None, softcap: float = 0.0, q0=None):
     """(dq, dk, dv, dmem_k, dmem_v) in the inputs' dtypes, shapes and memory layouts.
 
     Each gradient is laid out like its input (``empty_like``, as the op's fake implementation
@@ -1133,7 +1135,7 @@ def memory_attention_bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, 
     meta, scale_hi, scale_lo = _meta(q, k, v, alibi_slopes, causal, window, scale)
     masks = _Masks(q, key_padding_mask, document_ids, softcap, None, exp2=q.dtype != torch.float64)
     meta.update(masks.meta())
-    tail = (*_ints(q, k, mem_k, window), scale_hi, scale_lo, masks.cap, *_buckets(N, M))
+    tail = (*_ints(q, k, mem_k, window, q0), scale_hi, scale_lo, masks.cap, *_buckets(N, M))
     common = (*q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(),
               *dout.stride(), *lse.stride(), *delta.stride())
     mask_args = masks.pointers()

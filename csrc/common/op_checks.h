@@ -38,12 +38,17 @@ inline void shape(const char* op, const char* name, const at::Tensor& t, at::Int
 // ---------------------------------------------------------------------------------------------
 struct MemoryAttentionDims {
   int64_t B, H, Hkv, N, M, D, Dv;
-  int64_t window;  // 0: none (also for a window that hides nothing, window >= M + N)
+  int64_t window;  // 0: none (also for a window that hides nothing, window >= Q0 + N)
+  int64_t Q0;      // position of query 0: M, unless q_offset places the queries elsewhere
 };
+
+// Bound on |q_offset|: positions stay far from int64 overflow in every sum the kernels form.
+constexpr int64_t kMaxQueryOffset = int64_t(1) << 52;
 
 inline MemoryAttentionDims memory_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
                                             const at::Tensor& v, const at::Tensor& mem_k, const at::Tensor& mem_v,
-                                            const std::optional<at::Tensor>& alibi_slopes, int64_t window) {
+                                            const std::optional<at::Tensor>& alibi_slopes, int64_t window,
+                                            std::optional<int64_t> q_offset = std::nullopt) {
   TORCH_CHECK(q.defined() && q.dim() == 4, op, ": q must be a 4-D tensor (B, H, N, D)");
   const at::Device dev = q.device();
   floating(op, "q", q, 4, dev);
@@ -54,7 +59,13 @@ inline MemoryAttentionDims memory_attention(const char* op, const at::Tensor& q,
   for (const at::Tensor* t : {&k, &v, &mem_k, &mem_v})
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": q, k, v, mem_k and mem_v must share one dtype, got ",
                 q.scalar_type(), " and ", t->scalar_type());
-  MemoryAttentionDims d{q.size(0), q.size(1), k.size(1), q.size(2), mem_k.size(2), q.size(3), v.size(3), window};
+  MemoryAttentionDims d{q.size(0), q.size(1), k.size(1), q.size(2), mem_k.size(2), q.size(3), v.size(3), window,
+                        mem_k.size(2)};
+  if (q_offset.has_value()) {
+    TORCH_CHECK(*q_offset >= -kMaxQueryOffset && *q_offset <= kMaxQueryOffset, op, ": q_offset must lie in [-2^52, "
+                "2^52], got ", *q_offset);
+    d.Q0 = *q_offset;
+  }
   TORCH_CHECK(d.Hkv >= 1 && d.H % d.Hkv == 0, op, ": the query heads (", d.H,
               ") must be a multiple of the key/value heads (", d.Hkv, ")");
   TORCH_CHECK(d.D >= 1 && d.Dv >= 1, op, ": head dims must be at least 1, got D=", d.D, ", Dv=", d.Dv);
@@ -69,7 +80,8 @@ inline MemoryAttentionDims memory_attention(const char* op, const at::Tensor& q,
                 ": alibi_slopes must be a floating tensor on ", dev);
   }
   TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0: no window), got ", window);
-  if (window >= d.M + d.N) d.window = 0;  // hides nothing; and the kernels' sums stay far from overflow
+  // A window that hides nothing (no visible distance reaches it) is none; the kernels' sums stay far from overflow.
+  if (window >= d.Q0 + d.N) d.window = 0;
   return d;
 }
 
@@ -102,6 +114,8 @@ inline void memory_attention_masks(const char* op, const MemoryAttentionDims& d,
                 ": document_ids must be an integer tensor");
     TORCH_CHECK(t.device() == dev, op, ": document_ids must be on ", dev, ", got ", t.device());
     shape(op, "document_ids", t, {d.B, L});
+    // A query's document is that of the key at its own position, which exists only for queries at M + i.
+    TORCH_CHECK(d.Q0 == d.M, op, ": document_ids need the queries at positions M + i (q_offset = M)");
   }
   TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op, ": softcap must be finite and >= 0 (0: none), got ",
               softcap);

@@ -285,13 +285,14 @@ struct Masks {
 
 struct Problem {
   int64_t B, H, Hkv, N, M, D, Dv;
+  int64_t Q0;  // position of query 0: M, or a ring step's block offset (q_offset)
   bool causal;
   int64_t window;  // 0: none
   double scale;
   double softcap = 0.0;  // 0: none
   Masks mk{};
   int64_t group() const { return H / Hkv; }
-  tiles::Geometry geometry() const { return {N, M, causal, window}; }
+  tiles::Geometry geometry() const { return {N, M, Q0, causal, window}; }
 };
 
 // The masks' buffers (kept alive for the call) and the Masks view over them.
@@ -299,10 +300,11 @@ struct MaskBuffers {
   Tensor doc_lo, doc_hi, pad, pad_before;
 };
 
-Problem describe(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, bool causal, int64_t window,
-                 double scale, const std::optional<Tensor>& key_padding_mask,
+Problem describe(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, int64_t q0, bool causal,
+                 int64_t window, double scale, const std::optional<Tensor>& key_padding_mask,
                  const std::optional<Tensor>& document_ids, double softcap, MaskBuffers& buf) {
-  Problem P{q.size(0), q.size(1), k.size(1), q.size(2), mem_k.size(2), q.size(3), v.size(3), causal, window, scale};
+  Problem P{q.size(0), q.size(1), k.size(1), q.size(2), mem_k.size(2), q.size(3), v.size(3), q0, causal, window,
+            scale};
   P.softcap = softcap;
   P.mk.geo = P.geometry();
   P.mk.N = P.N;
@@ -639,7 +641,7 @@ void forward_kernel(const Problem& P, const typename Products::Shared& shared, c
       for (int64_t r = r0; r < r1; ++r) {
         int64_t c0 = 0, c1 = bk;
         if (!full) mk.row_columns(b, i0 + r, a0, bk, &c0, &c1);
-        terms.dist0 = static_cast<T>(P.M + i0 + r - a0);  // qpos - kpos of column 0
+        terms.dist0 = static_cast<T>(P.Q0 + i0 + r - a0);  // qpos - kpos of column 0
         const T alpha = fwd_row(s_ptr + r * Products::s_ld, bk, c0, c1, terms, m[r], l[r]);
         if (alpha != T(1)) scale_row(o_ptr + r * prod.o_ld, P.Dv, alpha);
       }
@@ -734,7 +736,7 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
           for (int64_t r = 0; r < bq; ++r) {
             int64_t c0 = 0, c1 = w;
             if (!full) ms.row_columns(b, i0 + r, ac, w, &c0, &c1);
-            terms.dist0 = static_cast<T>(P.M + i0 + r - ac);
+            terms.dist0 = static_cast<T>(P.Q0 + i0 + r - ac);
             bwd_row(s_ptr + r * kBlockK, dp_ptr + r * kBlockK, w, c0, c1, terms, lse_b[i0 + r], delta_b[i0 + r]);
           }
           dVt.narrow(0, c0k, w).addmm_(St.t(), dOt);  // dV += P^T dO
@@ -988,6 +990,7 @@ class Decoder {
 // Whether the decode path takes this call, and with which products. LONGKERNELS_CPU_TILES=blas (f32 None on a
 // machine with the tile kernels) keeps every call on the BLAS tiles, the portable path tests compare with.
 DecodeKind decode_kind(const Problem& P, at::ScalarType t, F32Tiles f32) {
+  if (P.Q0 != P.M) return DecodeKind::None;  // a ring step's block pair: the tiles take any offset
   if (P.N > kDecodeMaxQueries || P.group() * P.N > kDecodeMaxRows) return DecodeKind::None;
   if (t == at::kDouble) return f32 == F32Tiles::None && has_f32_tiles() ? DecodeKind::None : DecodeKind::Loops;
   if (f32 == F32Tiles::None) return DecodeKind::None;
@@ -1220,7 +1223,7 @@ void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Te
           for (int64_t r = 0; r < bq; ++r) {
             int64_t c0 = 0, c1 = w;
             if (!full) ms.row_columns(b, i0 + r, ac, w, &c0, &c1);
-            terms.dist0 = static_cast<float>(P.M + i0 + r - ac);
+            terms.dist0 = static_cast<float>(P.Q0 + i0 + r - ac);
             bwd_row(S.data() + r * Kp, dP.data() + r * Kp, wp, c0, c1, terms, lse_b[i0 + r], delta_b[i0 + r]);
           }
           if constexpr (kBf16) {
@@ -1274,13 +1277,14 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
                                                 bool causal, int64_t window, double scale,
                                                 const std::optional<Tensor>& key_padding_mask,
                                                 const std::optional<Tensor>& document_ids, double softcap,
-                                                const std::optional<Tensor>& sinks) {
-  const auto dims = checks::memory_attention("memory_attention_fwd", q, k, v, mem_k, mem_v, alibi_slopes, window);
+                                                const std::optional<Tensor>& sinks, std::optional<int64_t> q_offset) {
+  const auto dims =
+      checks::memory_attention("memory_attention_fwd", q, k, v, mem_k, mem_v, alibi_slopes, window, q_offset);
   checks::memory_attention_masks("memory_attention_fwd", dims, q.device(), key_padding_mask, document_ids, softcap,
                                  &sinks);
   MaskBuffers buffers;
-  const Problem P = describe(q, k, v, mem_k, causal, dims.window, scale, key_padding_mask, document_ids, softcap,
-                             buffers);
+  const Problem P = describe(q, k, v, mem_k, dims.Q0, causal, dims.window, scale, key_padding_mask, document_ids,
+                             softcap, buffers);
   const auto ct = compute_type(q.scalar_type());
   const Tensor slopes = optional_slopes(alibi_slopes, ct);
   const Tensor sinks_c = optional_slopes(sinks, ct);
@@ -1337,14 +1341,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, const Tensor& mem_v,
     const std::optional<Tensor>& alibi_slopes, const Tensor& lse, const Tensor& delta, bool causal, int64_t window,
     double scale, const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& document_ids,
-    double softcap) {
-  const auto dims = checks::memory_attention("memory_attention_bwd", q, k, v, mem_k, mem_v, alibi_slopes, window);
+    double softcap, std::optional<int64_t> q_offset) {
+  const auto dims =
+      checks::memory_attention("memory_attention_bwd", q, k, v, mem_k, mem_v, alibi_slopes, window, q_offset);
   checks::memory_attention_grads("memory_attention_bwd", dims, q, dout, lse, delta);
   checks::memory_attention_masks("memory_attention_bwd", dims, q.device(), key_padding_mask, document_ids, softcap,
                                  nullptr);
   MaskBuffers buffers;
-  const Problem P = describe(q, k, v, mem_k, causal, dims.window, scale, key_padding_mask, document_ids, softcap,
-                             buffers);
+  const Problem P = describe(q, k, v, mem_k, dims.Q0, causal, dims.window, scale, key_padding_mask, document_ids,
+                             softcap, buffers);
   const auto ct = compute_type(q.scalar_type());
   const Tensor lsec = compute_view(lse, ct).contiguous(), deltac = compute_view(delta, ct).contiguous();
   const Tensor slopes = optional_slopes(alibi_slopes, ct);

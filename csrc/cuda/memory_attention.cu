@@ -105,7 +105,7 @@ struct Params {
   int64_t N, M, window;  // window 0: none
   bool causal;
   acc_t scale;
-  __device__ tiles::Geometry geometry() const { return {N, M, causal, window}; }
+  __device__ tiles::Geometry geometry() const { return {N, M, M, causal, window}; }
 };
 
 // Copies rows [0, rows) x columns [0, cols) of a strided (L, D) slice into shared memory with row
@@ -611,8 +611,12 @@ at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDoub
 // register tiles hold. The window in the result is the one the kernels use (0 for one that hides nothing).
 checks::MemoryAttentionDims check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
                                          const Tensor& mem_k, const Tensor& mem_v,
-                                         const std::optional<Tensor>& alibi, int64_t window) {
-  const auto d = checks::memory_attention(op, q, k, v, mem_k, mem_v, alibi, window);
+                                         const std::optional<Tensor>& alibi, int64_t window,
+                                         std::optional<int64_t> q_offset) {
+  const auto d = checks::memory_attention(op, q, k, v, mem_k, mem_v, alibi, window, q_offset);
+  // Queries placed elsewhere than M + i (a ring step's block pair) are the Triton kernels' (the dispatcher sends them
+  // there).
+  TORCH_CHECK(d.Q0 == d.M, op, " (CUDA): q_offset other than M runs in the Triton kernels, not in these");
   TORCH_CHECK(q.is_cuda(), op, " (CUDA): tensors must be on a CUDA device, got ", q.device());
   TORCH_CHECK(d.D <= kMaxHeadDim && d.Dv <= kMaxHeadDim, op, " (CUDA): head dims must be in [1, ", kMaxHeadDim,
               "], got D=", d.D, ", Dv=", d.Dv);
@@ -666,8 +670,8 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
                                                 bool causal, int64_t window, double scale,
                                                 const std::optional<Tensor>& key_padding_mask,
                                                 const std::optional<Tensor>& document_ids, double softcap,
-                                                const std::optional<Tensor>& sinks) {
-  const auto dims = check_inputs("memory_attention_fwd", q, k, v, mem_k, mem_v, alibi_slopes, window);
+                                                const std::optional<Tensor>& sinks, std::optional<int64_t> q_offset) {
+  const auto dims = check_inputs("memory_attention_fwd", q, k, v, mem_k, mem_v, alibi_slopes, window, q_offset);
   no_masks("memory_attention_fwd", dims, q, key_padding_mask, document_ids, softcap, &sinks);
   window = dims.window;
   const c10::cuda::CUDAGuard guard(q.device());
@@ -694,8 +698,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k, const Tensor& mem_v,
     const std::optional<Tensor>& alibi_slopes, const Tensor& lse, const Tensor& delta, bool causal, int64_t window,
     double scale, const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& document_ids,
-    double softcap) {
-  const auto dims = check_inputs("memory_attention_bwd", q, k, v, mem_k, mem_v, alibi_slopes, window);
+    double softcap, std::optional<int64_t> q_offset) {
+  const auto dims = check_inputs("memory_attention_bwd", q, k, v, mem_k, mem_v, alibi_slopes, window, q_offset);
   checks::memory_attention_grads("memory_attention_bwd", dims, q, dout, lse, delta);
   no_masks("memory_attention_bwd", dims, q, key_padding_mask, document_ids, softcap, nullptr);
   window = dims.window;

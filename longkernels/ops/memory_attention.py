@@ -5,12 +5,13 @@ The math is in ``longkernels/reference/memory_attention.py``; the kernels are
 ``triton_kernels/memory_attention.py`` (Triton). All take the same arguments:
 
     fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale,
-        key_padding_mask, document_ids, softcap, sinks) -> (out, lse)
+        key_padding_mask, document_ids, softcap, sinks, q_offset) -> (out, lse)
     bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale,
-        key_padding_mask, document_ids, softcap) -> (dq, dk, dv, dmem_k, dmem_v)
+        key_padding_mask, document_ids, softcap, q_offset) -> (dq, dk, dv, dmem_k, dmem_v)
 
 with ``window = 0`` for no window, ``softcap = 0`` for none, ``mem_k``/``mem_v`` always tensors
-(``M = 0`` when there is no memory) and ``delta = rowsum(dout * out) - dlse`` (the LSE's own gradient
+(``M = 0`` when there is no memory), ``q_offset`` None for queries at ``M + i`` (else query ``i`` sits at
+``q_offset + i``: a ring step's block pair, see :func:`block_attention`) and ``delta = rowsum(dout * out) - dlse`` (the LSE's own gradient
 folded in). The LSE includes the sinks, so the backward needs none of them: the sinks' own gradient is
 ``-sum_i exp(sink - lse_i) * delta_i``, formed here.
 """
@@ -195,7 +196,7 @@ def choose_backend(q: torch.Tensor, v: torch.Tensor, backend: Optional[str], mas
 # and every op gets a fake (meta) implementation so torch.compile traces through it.
 # --------------------------------------------------------------------------------------------
 def _fwd_fake(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale, key_padding_mask=None,
-              document_ids=None, softcap=0.0, sinks=None):
+              document_ids=None, softcap=0.0, sinks=None, q_offset=None):
     B, H, N, _ = q.shape
     out = q.new_empty(B, H, N, v.shape[-1])
     lse = q.new_empty(B, H, N, dtype=lse_dtype(q.dtype))
@@ -203,7 +204,7 @@ def _fwd_fake(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale, key_pa
 
 
 def _bwd_fake(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale, key_padding_mask=None,
-              document_ids=None, softcap=0.0):
+              document_ids=None, softcap=0.0, q_offset=None):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(mem_k), torch.empty_like(mem_v))
 
@@ -212,28 +213,29 @@ def _bwd_fake(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, win
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
                 alibi_slopes: Optional[torch.Tensor], causal: bool, window: int, scale: float,
                 key_padding_mask: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None,
-                softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                softcap: float = 0.0, sinks: Optional[torch.Tensor] = None, q_offset: Optional[int] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton_kernels import checks, memory_attention as tk
     op = "memory_attention_fwd_triton"
-    window = checks.memory_attention(op, q, k, v, mem_k, mem_v, alibi_slopes, window)
-    checks.memory_attention_masks(op, q, mem_k, key_padding_mask, document_ids, softcap, sinks)
+    window, q0 = checks.memory_attention(op, q, k, v, mem_k, mem_v, alibi_slopes, window, q_offset)
+    checks.memory_attention_masks(op, q, mem_k, key_padding_mask, document_ids, softcap, sinks, q0)
     return tk.memory_attention_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale,
-                                   key_padding_mask, document_ids, softcap, sinks)
+                                   key_padding_mask, document_ids, softcap, sinks, q0)
 
 
 @torch.library.custom_op("longkernels::memory_attention_bwd_triton", mutates_args=())
 def _triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor,
                 mem_v: torch.Tensor, alibi_slopes: Optional[torch.Tensor], lse: torch.Tensor, delta: torch.Tensor,
                 causal: bool, window: int, scale: float, key_padding_mask: Optional[torch.Tensor] = None,
-                document_ids: Optional[torch.Tensor] = None, softcap: float = 0.0
+                document_ids: Optional[torch.Tensor] = None, softcap: float = 0.0, q_offset: Optional[int] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton_kernels import checks, memory_attention as tk
     op = "memory_attention_bwd_triton"
-    window = checks.memory_attention(op, q, k, v, mem_k, mem_v, alibi_slopes, window)
+    window, q0 = checks.memory_attention(op, q, k, v, mem_k, mem_v, alibi_slopes, window, q_offset)
     checks.memory_attention_grads(op, q, k, v, dout, lse, delta)
-    checks.memory_attention_masks(op, q, mem_k, key_padding_mask, document_ids, softcap, None)
+    checks.memory_attention_masks(op, q, mem_k, key_padding_mask, document_ids, softcap, None, q0)
     return tk.memory_attention_bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale,
-                                   key_padding_mask, document_ids, softcap)
+                                   key_padding_mask, document_ids, softcap, q0)
 
 
 _triton_fwd.register_fake(_fwd_fake)
@@ -255,18 +257,18 @@ class MemoryAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mem_k, mem_v, sinks, alibi_slopes, masks, causal, window, scale, softcap, backend,
-                has_mem):
+                has_mem, q_offset=None):
         kpm, docs = masks
         fwd, _ = _kernels(backend)
-        out, lse = fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale, kpm, docs, softcap, sinks)
+        out, lse = fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal, window, scale, kpm, docs, softcap, sinks, q_offset)
         ctx.save_for_backward(q, k, v, mem_k, mem_v, sinks, alibi_slopes, kpm, docs, out, lse)
-        ctx.args = (causal, window, scale, softcap, backend, has_mem)
+        ctx.args = (causal, window, scale, softcap, backend, has_mem, q_offset)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, mem_k, mem_v, sinks, alibi_slopes, kpm, docs, out, lse = ctx.saved_tensors
-        causal, window, scale, softcap, backend, has_mem = ctx.args
+        causal, window, scale, softcap, backend, has_mem, q_offset = ctx.args
         _, bwd = _kernels(backend)
         if dout is None:
             dout = torch.zeros_like(out)
@@ -276,7 +278,7 @@ class MemoryAttentionFunction(torch.autograd.Function):
         if dlse is not None:
             delta = delta - dlse
         dq, dk, dv, dmk, dmv = bwd(dout, q, k, v, mem_k, mem_v, alibi_slopes, lse, delta, causal, window, scale,
-                                   kpm, docs, softcap)
+                                   kpm, docs, softcap, q_offset)
         if not has_mem:
             dmk = dmv = None
         dsinks = None
@@ -285,7 +287,7 @@ class MemoryAttentionFunction(torch.autograd.Function):
             # (0 - delta_i), summed over batch and queries.
             w = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)
             dsinks = -(w * delta).sum(dim=(0, 2)).to(sinks.dtype)
-        return dq, dk, dv, dmk, dmv, dsinks, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dmk, dmv, dsinks, None, None, None, None, None, None, None, None, None
 
 
 def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=None, scale=None,
@@ -333,3 +335,39 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=Non
         out, lse = _kernels(name)[0](q, k, v, mem_k, mem_v, alibi, causal, window_i, scale_f, kpm, docs, cap,
                                      sinks_c)
     return (out, lse) if return_lse else out
+
+
+def block_attention(q, k, v, *, q_offset, causal=True, window=None, scale=None, alibi_slopes=None,
+                    key_padding_mask=None, backend=None):
+    """One block pair of a ring: queries at positions ``q_offset + i`` over keys at positions ``0 .. N - 1``.
+
+    ``q`` ``(B, H, N, D)``, ``k``/``v`` ``(B, Hkv, N, D | Dv)`` (a ring's blocks have one length);
+    visibility and ALiBi distances as :func:`memory_attention` with query ``i`` at ``q_offset + i``
+    (semantics §1 and §5). Returns ``(out, lse)`` with gradients to q, k, v and through the LSE; a row
+    that sees no key of the block gets ``out`` 0 and ``lse`` -inf, so :func:`longkernels.merge_attention`
+    ignores it. ``key_padding_mask`` ``(B, N)`` hides keys of the block (a ring's padded or unsent rows).
+    ``q_offset = 0`` is the diagonal block, ``q_offset >= N`` a block of earlier keys,
+    ``q_offset < 0`` later keys (non-causal attention). One call of the fused kernels: no mask tensor.
+    """
+    if isinstance(q_offset, bool) or not isinstance(q_offset, numbers.Integral):
+        raise TypeError(f"q_offset must be an int, got {type(q_offset).__name__}")
+    q_offset = int(q_offset)
+    if abs(q_offset) > 2**30:
+        raise ValueError(f"q_offset must lie in [-2^30, 2^30], got {q_offset}")
+    mem_k, mem_v, _, scale_f, alibi = validate(q, k, v, None, None, causal, None, scale, alibi_slopes)
+    kpm = validate_masks(q, mem_k, key_padding_mask, None, None, None)[0]
+    N = q.shape[2]
+    window_i = 0
+    if window is not None:
+        window_i = check_int("window", window, minimum=1, maximum=INT64_MAX)
+        if window_i >= q_offset + N:  # no visible pair is that far apart
+            window_i = 0
+    name = choose_backend(q, v, backend, ("q_offset",))
+    if name == "reference":
+        return _reference(q, k, v, causal=causal, window=window_i or None, scale=scale_f, alibi_slopes=alibi,
+                          return_lse=True, key_padding_mask=kpm, q_offset=q_offset)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return MemoryAttentionFunction.apply(q, k, v, mem_k, mem_v, None, alibi, (kpm, None), causal, window_i,
+                                             scale_f, 0.0, name, False, q_offset)
+    return _kernels(name)[0](q, k, v, mem_k, mem_v, alibi, causal, window_i, scale_f, kpm, None, 0.0, None,
+                             q_offset)

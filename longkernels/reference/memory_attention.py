@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 
-def visible_mask(n: int, m: int, *, causal: bool, window: int | None, device=None) -> torch.Tensor:
+def visible_mask(n: int, m: int, *, causal: bool, window: int | None, device=None, q_offset=None) -> torch.Tensor:
     """Boolean (N, M + N) mask: True where query i may see key j.
 
-    Query i sits at absolute position M + i, key j at position j (memory first).
+    Query i sits at absolute position M + i (``q_offset + i`` when given), key j at position j (memory first).
     """
-    qpos = torch.arange(n, device=device).unsqueeze(1) + m
+    qpos = torch.arange(n, device=device).unsqueeze(1) + (m if q_offset is None else q_offset)
     kpos = torch.arange(m + n, device=device).unsqueeze(0)
     mask = torch.ones(n, m + n, dtype=torch.bool, device=device)
     if causal:
@@ -25,9 +25,9 @@ def visible_mask(n: int, m: int, *, causal: bool, window: int | None, device=Non
 
 
 def visible_keys(n: int, m: int, *, causal: bool, window: int | None, key_padding_mask=None, document_ids=None,
-                 device=None) -> torch.Tensor:
+                 device=None, q_offset=None) -> torch.Tensor:
     """Boolean (B or 1, N, M + N) mask: True where query i may see key j, with every mask applied."""
-    vis = visible_mask(n, m, causal=causal, window=window, device=device).unsqueeze(0)
+    vis = visible_mask(n, m, causal=causal, window=window, device=device, q_offset=q_offset).unsqueeze(0)
     if key_padding_mask is not None:
         vis = vis & ~key_padding_mask.unsqueeze(1)
     if document_ids is not None:
@@ -37,11 +37,13 @@ def visible_keys(n: int, m: int, *, causal: bool, window: int | None, key_paddin
 
 def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=None, scale=None,
                      alibi_slopes=None, return_lse=False, key_padding_mask=None, document_ids=None, softcap=None,
-                     sinks=None):
+                     sinks=None, q_offset=None):
     """Reference of :func:`longkernels.memory_attention`; same arguments, same results.
 
     Computes in float32 (float64 for float64 inputs) and returns the input dtype. A row with no
     visible key gets output 0 and LSE -inf (the sink's logit with sinks), and no gradient.
+    ``q_offset`` (default M) places query i at position ``q_offset + i`` (the keys stay at
+    ``0 .. M + N - 1``): a ring step's block pair (docs/semantics.md §5).
     """
     dtype = q.dtype
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -63,12 +65,12 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=Non
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     if alibi_slopes is not None:
-        qpos = torch.arange(N, device=q.device).unsqueeze(1) + M
+        qpos = torch.arange(N, device=q.device).unsqueeze(1) + (M if q_offset is None else q_offset)
         kpos = torch.arange(M + N, device=q.device).unsqueeze(0)
         dist = (qpos - kpos).to(cdt)  # M + i - j
         s = s - alibi_slopes.to(cdt).view(1, H, 1, 1) * dist
     vis = visible_keys(N, M, causal=causal, window=window, key_padding_mask=key_padding_mask,
-                       document_ids=document_ids, device=q.device).unsqueeze(1)  # (B | 1, 1, N, M + N)
+                       document_ids=document_ids, device=q.device, q_offset=q_offset).unsqueeze(1)  # (B | 1, 1, N, M + N)
     vis = vis.expand(B, H, N, M + N)
     if sinks is not None:  # one more logit per row, carrying no value
         s = torch.cat([s, sinks.to(cdt).view(1, H, 1, 1).expand(B, H, N, 1)], dim=-1)

@@ -1,0 +1,81 @@
+"""Worker of tests/test_distributed.py: one process of a gloo group (a module of its own, so that
+``torch.multiprocessing`` can import it in a fresh interpreter). Each rank runs every case on its shard of
+inputs drawn from the case's seed (the same full tensors on every rank) and saves its local results; the
+test compares them with single-process ``memory_attention`` on the full tensors."""
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+
+def full_inputs(case: dict):
+    """The whole sequence's q, k, v, output and LSE gradients, and ALiBi slopes, from the case's seed."""
+    g = torch.Generator().manual_seed(case["seed"])
+    B, H, Hkv, T, D, Dv = (case[x] for x in ("B", "H", "Hkv", "T", "D", "Dv"))
+    dtype = getattr(torch, case["dtype"])
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    q, k, v = rnd(B, H, T, D), rnd(B, Hkv, T, D), rnd(B, Hkv, T, Dv)
+    dout, dlse = rnd(B, H, T, Dv), torch.randn(B, H, T, generator=g, dtype=torch.float64)
+    slopes = torch.rand(H, generator=g, dtype=torch.float64) * 0.5 if case.get("alibi") else None
+    return q, k, v, dout, dlse, slopes
+
+
+def run_case(case: dict, group=None) -> dict:
+    from longkernels import distributed as cp
+
+    q, k, v, dout, dlse, slopes = full_inputs(case)
+    fn = cp.ring_attention if case["fn"] == "ring" else cp.ulysses_attention
+    if case.get("bad"):
+        return bad_input(case, fn, q, k, v, group)
+    ql, kl, vl = (cp.shard_sequence(t, 2, group).detach().requires_grad_() for t in (q, k, v))
+    out, lse = fn(ql, kl, vl, group=group, causal=case["causal"], window=case.get("window"),
+                  alibi_slopes=slopes, return_lse=True)
+    dl = cp.shard_sequence(dlse, 2, group).to(lse.dtype)
+    loss = (out * cp.shard_sequence(dout, 2, group)).sum() + (lse.masked_fill(torch.isinf(lse), 0) * dl).sum()
+    loss.backward()
+    full = cp.gather_sequence(out.detach(), 2, group)
+    return {"positions": cp.sequence_positions(case["T"], group), "out": out.detach(), "lse": lse.detach(),
+            "dq": ql.grad, "dk": kl.grad, "dv": vl.grad, "gathered": full}
+
+
+def bad_input(case, fn, q, k, v, group) -> dict:
+    """Each rank passes the case's own wrong input; every rank must raise a ValueError."""
+    from longkernels import distributed as cp
+
+    rank = dist.get_rank(group)
+    ql, kl, vl = (cp.shard_sequence(t, 2, group) for t in (q, k, v))
+    if case["bad"] == "length" and rank == 0:
+        ql, kl, vl = (t[:, :, 3:] for t in (ql, kl, vl))  # local lengths differ by at most 2 in the layout
+    if case["bad"] == "dtype" and rank == 0:
+        ql, kl, vl = (t.float() for t in (ql, kl, vl))
+    kwargs = dict(causal=case["causal"], window=case.get("window"))
+    if case["bad"] == "window" and rank == 0:
+        kwargs["window"] = (case.get("window") or 4) + 1
+    try:
+        fn(ql, kl, vl, group=group, **kwargs)
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def worker(rank: int, world_size: int, port: int, out_dir: str, cases: list) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {}
+        for case in cases:
+            try:
+                results[case["id"]] = run_case(case)
+            except Exception:  # noqa: BLE001 - reported to the test, which fails with it
+                results[case["id"]] = {"exception": traceback.format_exc()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
