@@ -36,7 +36,7 @@ from .ops import memory_attention as _ma
 from .ops.validation import INT64_MAX, check_int, check_scale, lse_dtype
 from .reference import memory_attention as _reference
 
-__all__ = ["gather_sequence", "ring_attention", "sequence_positions", "shard_sequence", "ulysses_attention",
+__all__ = ["gather_sequence", "gather_tail", "ring_attention", "sequence_positions", "shard_sequence", "ulysses_attention",
            "zigzag_layout"]
 
 
@@ -428,9 +428,22 @@ class _RingConfig:
     causal: bool
     window: int
     scale: float
+    M: int = 0  # memory (on every rank) before the sequence: positions 0 .. M - 1, the sequence at M ..
+
+    def mem_visible(self, a: int) -> bool:
+        """Whether some query of chunk a sees the memory (every memory key precedes every query)."""
+        lay = self.plan.lay
+        return self.M > 0 and lay.length(a) > 0 and (not self.window or lay.start(a) < self.window - 1)
+
+    def mem_mask(self, B, device):
+        """The memory block's key_padding_mask: the memory's M keys, then C hidden stand-ins for the segment
+        keys the op's geometry needs (whole tiles of them are skipped)."""
+        kpm = torch.zeros(B, self.M + self.plan.lay.C, dtype=torch.bool, device=device)
+        kpm[:, self.M:] = True
+        return kpm
 
 
-def _ring_forward(cfg: _RingConfig, q, k, v, alibi, fwd):
+def _ring_forward(cfg: _RingConfig, q, k, v, mem_k, mem_v, alibi, fwd):
     lay, r = cfg.plan.lay, cfg.r
     B, H, _, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
@@ -458,6 +471,13 @@ def _ring_forward(cfg: _RingConfig, q, k, v, alibi, fwd):
 
     rounds = cfg.plan.rounds
     pending = post(rounds[0]) if rounds else None
+    if cfg.M:
+        kpm = cfg.mem_mask(B, q.device)
+        for ai, a in enumerate(lay.chunks(r)):
+            if cfg.mem_visible(a):
+                o, lse = fwd(q_parts[ai], k_parts[ai], v_parts[ai], mem_k, mem_v, alibi, cfg.causal, cfg.window,
+                             cfg.scale, kpm, None, 0.0, None, cfg.M + lay.start(a))
+                _merge_into(acc_o[ai], acc_l[ai], o, lse)
     compute(_Blocks.local(lay, r, k_parts, v_parts))
     for i in range(len(rounds)):
         reqs, buf, in_msg = pending
@@ -470,7 +490,7 @@ def _ring_forward(cfg: _RingConfig, q, k, v, alibi, fwd):
     return out, lse
 
 
-def _ring_backward(cfg: _RingConfig, dout, q, k, v, out, lse, dlse, alibi, bwd):
+def _ring_backward(cfg: _RingConfig, dout, q, k, v, mem_k, mem_v, out, lse, dlse, alibi, bwd):
     lay, r = cfg.plan.lay, cfg.r
     B, H, _, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
@@ -542,6 +562,19 @@ def _ring_backward(cfg: _RingConfig, dout, q, k, v, out, lse, dlse, alibi, bwd):
 
     rounds = cfg.plan.rounds
     pending_kv = post_kv(rounds[0]) if rounds else None
+    dmk = dmv = None
+    if cfg.M:
+        kpm = cfg.mem_mask(B, q.device)
+        dmk = torch.zeros(mem_k.shape, dtype=ct, device=q.device)
+        dmv = torch.zeros(mem_v.shape, dtype=ct, device=q.device)
+        for ai, a in enumerate(lay.chunks(r)):
+            if cfg.mem_visible(a):
+                gq, _, _, gmk, gmv = bwd(do_parts[ai], q_parts[ai], k_parts[ai], v_parts[ai], mem_k, mem_v, alibi,
+                                         lse_parts[ai], delta_parts[ai], cfg.causal, cfg.window, cfg.scale, kpm,
+                                         None, 0.0, cfg.M + lay.start(a))
+                dq[ai].add_(gq)
+                dmk.add_(gmk)
+                dmv.add_(gmv)
     for c, (gk, gv) in compute(_Blocks.local(lay, r, k_parts, v_parts)).items():
         i = lay.chunks(r).index(c)
         dk[i].add_(gk)
@@ -558,25 +591,26 @@ def _ring_backward(cfg: _RingConfig, dout, q, k, v, out, lse, dlse, alibi, bwd):
     if pending_grads is not None:
         add_grads(pending_grads)
     return (_join_local(dq, lay, r).to(q.dtype), _join_local(dk, lay, r).to(k.dtype),
-            _join_local(dv, lay, r).to(v.dtype))
+            _join_local(dv, lay, r).to(v.dtype), None if dmk is None else dmk.to(mem_k.dtype),
+            None if dmv is None else dmv.to(mem_v.dtype))
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, alibi, cfg):
+    def forward(ctx, q, k, v, mem_k, mem_v, alibi, cfg):
         fwd, bwd = _block_ops(q, v)
-        out, lse = _ring_forward(cfg, q, k, v, alibi, fwd)
-        ctx.save_for_backward(q, k, v, alibi, out, lse)
+        out, lse = _ring_forward(cfg, q, k, v, mem_k, mem_v, alibi, fwd)
+        ctx.save_for_backward(q, k, v, mem_k, mem_v, alibi, out, lse)
         ctx.cfg, ctx.bwd = cfg, bwd
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, alibi, out, lse = ctx.saved_tensors
+        q, k, v, mem_k, mem_v, alibi, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _ring_backward(ctx.cfg, dout, q, k, v, out, lse, dlse, alibi, ctx.bwd)
-        return dq, dk, dv, None, None
+        dq, dk, dv, dmk, dmv = _ring_backward(ctx.cfg, dout, q, k, v, mem_k, mem_v, out, lse, dlse, alibi, ctx.bwd)
+        return dq, dk, dv, dmk, dmv, None, None
 
 
 def _validate_local(fn, q, k, v, causal, window, scale, alibi_slopes):
@@ -599,7 +633,7 @@ def _validate_local(fn, q, k, v, causal, window, scale, alibi_slopes):
     return w, s, alibi
 
 
-def _check_group(fn, q, k, v, causal, window, scale, alibi, g, W, extra=()):
+def _check_group(fn, q, k, v, causal, window, scale, alibi, g, W, extra=(), extra_names=()):
     """One all-gather of every rank's shapes and options; the same ValueError on every rank on a mismatch."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     scale_bits = int(torch.tensor([scale], dtype=torch.float64).view(torch.int64).item())
@@ -608,7 +642,7 @@ def _check_group(fn, q, k, v, causal, window, scale, alibi, g, W, extra=()):
             scale_bits, int(grad), q.device.type == "cuda", *extra]
     rows = _exchange_meta(meta, g, W)
     names = ["local length", "k's local length", "B", "H", "Hkv", "D", "Dv", "dtype", "causal", "window",
-             "alibi_slopes given", "scale", "requires grad", "on CUDA"]
+             "alibi_slopes given", "scale", "requires grad", "on CUDA", *extra_names]
     for i, name in enumerate(names[2:], start=2):
         vals = [m[i] for m in rows]
         if len(set(vals)) > 1:
@@ -624,7 +658,7 @@ def _check_group(fn, q, k, v, causal, window, scale, alibi, g, W, extra=()):
 
 
 def ring_attention(q, k, v, *, group=None, causal=True, window=None, scale=None, alibi_slopes=None,
-                   return_lse=False):
+                   return_lse=False, mem_k=None, mem_v=None):
     """Attention over a sequence sharded across a process group (zigzag layout), by a ring of block pairs.
 
     Args:
@@ -634,6 +668,10 @@ def ring_attention(q, k, v, *, group=None, causal=True, window=None, scale=None,
         causal, window, scale, alibi_slopes: as :func:`longkernels.memory_attention` (M = 0), over
             absolute positions of the whole sequence.
         return_lse: also return the float32 LSE ``(B, H, n_r)`` (float64 for float64).
+        mem_k, mem_v: ``(B, Hkv, M, D | Dv)`` Transformer-XL memory, the same on every rank, before the
+            sequence (memory at positions ``0 .. M - 1``, the sequence at ``M .. M + T - 1``): the result is
+            then single-process ``memory_attention(q, k, v, mem_k, mem_v)``'s rows. Their gradient on each
+            rank is that rank's queries' part (sum it over the group if the memory is trained through).
 
     Returns:
         This rank's rows of single-process ``memory_attention`` over the whole sequence, whatever ``W``;
@@ -641,17 +679,62 @@ def ring_attention(q, k, v, *, group=None, causal=True, window=None, scale=None,
     """
     g, W, r = _group_rank(group)
     window_i, scale_f, alibi = _validate_local("ring_attention", q, k, v, causal, window, scale, alibi_slopes)
-    lay = _check_group("ring_attention", q, k, v, causal, window_i, scale_f, alibi, g, W)
+    M = _validate_memory(q, k, v, mem_k, mem_v)
+    lay = _check_group("ring_attention", q, k, v, causal, window_i, scale_f, alibi, g, W, extra=(M,),
+                       extra_names=("memory length",))
     if lay.T == 0:
         raise ValueError("ring_attention: the sequence is empty on every rank")
-    if window_i >= lay.T:
+    if window_i >= M + lay.T:
         window_i = 0  # hides nothing
-    cfg = _RingConfig(g, W, r, _plan(lay, causal, window_i), causal, window_i, scale_f)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        out, lse = _RingAttention.apply(q, k, v, alibi, cfg)
+    cfg = _RingConfig(g, W, r, _plan(lay, causal, window_i), causal, window_i, scale_f, M)
+    if M == 0:
+        mem_k = mem_v = None
+    tensors = (q, k, v) + ((mem_k, mem_v) if M else ())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        out, lse = _RingAttention.apply(q, k, v, mem_k, mem_v, alibi, cfg)
     else:
-        out, lse = _ring_forward(cfg, q, k, v, alibi, _block_ops(q, v)[0])
+        out, lse = _ring_forward(cfg, q, k, v, mem_k, mem_v, alibi, _block_ops(q, v)[0])
     return (out, lse) if return_lse else out
+
+
+def _validate_memory(q, k, v, mem_k, mem_v) -> int:
+    if mem_k is None and mem_v is None:
+        return 0
+    if (mem_k is None) != (mem_v is None):
+        raise ValueError("mem_k and mem_v must be given together (both tensors or both None)")
+    for name, t, like in (("mem_k", mem_k, k), ("mem_v", mem_v, v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4 or t.shape[:2] != like.shape[:2] or t.shape[3] != like.shape[3]:
+            raise ValueError(f"{name} must have shape (B={like.shape[0]}, Hkv={like.shape[1]}, M, "
+                             f"{like.shape[3]}), got {tuple(t.shape)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, "
+                             f"{t.device}")
+    if mem_k.shape[2] != mem_v.shape[2]:
+        raise ValueError(f"mem_k and mem_v must hold the same number of tokens, got {mem_k.shape[2]} and "
+                         f"{mem_v.shape[2]}")
+    return mem_k.shape[2]
+
+
+def gather_tail(x: torch.Tensor, n: int, group=None, *, dim: int = 2) -> torch.Tensor:
+    """The last ``n`` positions of the sharded sequence along ``dim``, in order, on every rank (what a
+    Transformer-XL layer keeps as the next segment's memory); only those rows travel."""
+    g, W, r = _group_rank(group)
+    dim = _dim(dim, x)
+    rows = _exchange_meta([x.shape[dim]], g, W)
+    lay = zigzag_layout(sum(m[0] for m in rows), W)
+    n = min(check_int("n", n, minimum=0), lay.T)
+    lo = lay.T - n
+    pos = [lay.positions(s) for s in range(W)]
+    keep = [torch.nonzero(p >= lo).flatten() for p in pos]
+    mine = x.index_select(dim, keep[r].to(x.device))
+    parts = _all_to_all_p2p([mine] * W, [_with_dim(x.shape, dim, len(kp)) for kp in keep], x.dtype, x.device, g,
+                            W, r)
+    out = x.new_empty(_with_dim(x.shape, dim, n))
+    for s, part in enumerate(parts):
+        out.index_copy_(dim, (pos[s][keep[s]] - lo).to(x.device), part)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,25 +24,33 @@ def full_inputs(case: dict):
     q, k, v = rnd(B, H, T, D), rnd(B, Hkv, T, D), rnd(B, Hkv, T, Dv)
     dout, dlse = rnd(B, H, T, Dv), torch.randn(B, H, T, generator=g, dtype=torch.float64)
     slopes = torch.rand(H, generator=g, dtype=torch.float64) * 0.5 if case.get("alibi") else None
-    return q, k, v, dout, dlse, slopes
+    M = case.get("M", 0)
+    mem = (rnd(B, Hkv, M, D), rnd(B, Hkv, M, Dv)) if M else (None, None)
+    return q, k, v, dout, dlse, slopes, mem
 
 
 def run_case(case: dict, group=None) -> dict:
     from longkernels import distributed as cp
 
-    q, k, v, dout, dlse, slopes = full_inputs(case)
+    q, k, v, dout, dlse, slopes, (mk, mv) = full_inputs(case)
     fn = cp.ring_attention if case["fn"] == "ring" else cp.ulysses_attention
     if case.get("bad"):
         return bad_input(case, fn, q, k, v, group)
     ql, kl, vl = (cp.shard_sequence(t, 2, group).detach().requires_grad_() for t in (q, k, v))
+    mem = {}
+    if mk is not None:
+        mem = dict(mem_k=mk.requires_grad_(), mem_v=mv.requires_grad_())
     out, lse = fn(ql, kl, vl, group=group, causal=case["causal"], window=case.get("window"),
-                  alibi_slopes=slopes, return_lse=True)
+                  alibi_slopes=slopes, return_lse=True, **mem)
     dl = cp.shard_sequence(dlse, 2, group).to(lse.dtype)
     loss = (out * cp.shard_sequence(dout, 2, group)).sum() + (lse.masked_fill(torch.isinf(lse), 0) * dl).sum()
     loss.backward()
     full = cp.gather_sequence(out.detach(), 2, group)
-    return {"positions": cp.sequence_positions(case["T"], group), "out": out.detach(), "lse": lse.detach(),
-            "dq": ql.grad, "dk": kl.grad, "dv": vl.grad, "gathered": full}
+    res = {"positions": cp.sequence_positions(case["T"], group), "out": out.detach(), "lse": lse.detach(),
+           "dq": ql.grad, "dk": kl.grad, "dv": vl.grad, "gathered": full}
+    if mk is not None:  # each rank's part of the memory's gradient; the test sums them
+        res.update(dmk=mk.grad, dmv=mv.grad, tail_k=cp.gather_tail(kl.detach(), case["tail"], group))
+    return res
 
 
 def bad_input(case, fn, q, k, v, group) -> dict:

@@ -31,11 +31,11 @@ DEADLINE_S = 240
 
 
 def _case(fn, T, *, B=1, H=4, Hkv=2, D=16, Dv=None, causal=True, window=None, alibi=False, dtype="float64",
-          bad=None, worlds=WORLD_SIZES):
-    cid = f"{fn}-T{T}-B{B}-H{H}/{Hkv}-D{D}/{Dv or D}-{'causal' if causal else 'full'}-w{window}" \
+          bad=None, worlds=WORLD_SIZES, M=0):
+    cid = f"{fn}-T{T}-M{M}-B{B}-H{H}/{Hkv}-D{D}/{Dv or D}-{'causal' if causal else 'full'}-w{window}" \
           f"{'-alibi' if alibi else ''}-{dtype}{'-bad_' + bad if bad else ''}"
     return dict(id=cid, fn=fn, T=T, B=B, H=H, Hkv=Hkv, D=D, Dv=Dv or D, causal=causal, window=window, alibi=alibi,
-                dtype=dtype, bad=bad, seed=case_seed(cid), worlds=worlds)
+                dtype=dtype, bad=bad, seed=case_seed(cid), worlds=worlds, M=M, tail=min(M, T) or 1)
 
 
 EXACT = [
@@ -48,6 +48,8 @@ EXACT = [
     _case("ring", 1, H=2, Hkv=2),
     _case("ring", 37, causal=False, alibi=True),
     _case("ring", 50, causal=False, window=9),
+    _case("ring", 45, M=20),                                      # Transformer-XL memory on every rank
+    _case("ring", 37, M=30, window=25, alibi=True, H=2, Hkv=1),   # the window reaches into the memory
     _case("ulysses", 37, H=12, Hkv=2, window=7, alibi=True),      # Hkv split or repeated by W
     _case("ulysses", 50, H=12, Hkv=4, causal=False),
 ]
@@ -97,18 +99,23 @@ def _assemble(ranks, cid, name, T):
 
 
 def _single_process(case):
-    q, k, v, dout, dlse, slopes = _cp_worker.full_inputs(case)
+    q, k, v, dout, dlse, slopes, (mk, mv) = _cp_worker.full_inputs(case)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out, lse = longkernels.memory_attention(q, k, v, causal=case["causal"], window=case["window"],
+    if mk is not None:
+        mk, mv = mk.requires_grad_(), mv.requires_grad_()
+    out, lse = longkernels.memory_attention(q, k, v, mk, mv, causal=case["causal"], window=case["window"],
                                             alibi_slopes=slopes, return_lse=True)
     loss = (out * dout).sum() + (lse.masked_fill(torch.isinf(lse), 0) * dlse.to(lse.dtype)).sum()
     loss.backward()
-    return {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    res = {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    if mk is not None:
+        res.update(dmk=mk.grad, dmv=mv.grad, tail_k=k.detach()[:, :, case["T"] - case["tail"]:])
+    return res
 
 
 def _reference64(case):
     """The float64 reference on the case's (rounded) inputs."""
-    q, k, v, dout, dlse, slopes = _cp_worker.full_inputs(case)
+    q, k, v, dout, dlse, slopes, _ = _cp_worker.full_inputs(case)
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
     out, lse = longkernels.reference.memory_attention(q, k, v, causal=case["causal"], window=case["window"],
                                                       alibi_slopes=slopes, return_lse=True)
@@ -126,6 +133,12 @@ def test_float64_equals_single_process(W, case):
         got = _assemble(ranks, case["id"], name, case["T"])
         err = rel_err(got, want[name])
         assert err <= FLOAT64_RTOL, f"W={W} {name}: relative error {err:.2e} (seed {case['seed']})"
+    if case["M"]:  # the memory's gradient: the ranks' parts sum to it; gather_tail: the same tail everywhere
+        for name in ("dmk", "dmv"):
+            err = rel_err(sum(r[case["id"]][name] for r in ranks), want[name])
+            assert err <= FLOAT64_RTOL, f"W={W} {name}: relative error {err:.2e}"
+        for r in ranks:
+            assert torch.equal(r[case["id"]]["tail_k"], want["tail_k"])
     gathered = ranks[0][case["id"]]["gathered"]  # gather_sequence: the full output on every rank
     for r in ranks:
         assert torch.equal(r[case["id"]]["gathered"], gathered)
