@@ -20,6 +20,14 @@ Prints a table and writes JSON (and a PNG of the loss curves when matplotlib is 
     python examples/train_lm.py --task recall --steps 300 --configs rev-mem,rev-nomem
     python examples/train_lm.py --task text --steps 200 --out results/train_lm_mybox.json
 
+Context parallelism (each segment sharded over N processes, ring attention; gloo on the CPU), optionally
+with data parallelism on the other axis of a 2-D device mesh when WORLD_SIZE is a multiple of N; the
+per-step losses match one process's (``--context-parallel 1``) to float32 round-off:
+
+    torchrun --nproc-per-node 2 examples/train_lm.py --context-parallel 2 --steps 20
+    torchrun --nproc-per-node 4 examples/train_lm.py --context-parallel 2 --steps 20   # 2 data x 2 context
+    python examples/train_lm.py --context-parallel 1 --steps 20                         # the same, one process
+
 Results go to ./longkernels-bench/train_lm_<machine>.json (and .png) unless --out says otherwise.
 """
 from __future__ import annotations
@@ -224,6 +232,76 @@ def worker(args) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Context parallelism (torchrun)
+# --------------------------------------------------------------------------------------------
+def context_parallel(args) -> dict:
+    """Trains the text task with every segment sharded over ``args.context_parallel`` processes (ring
+    attention) and the batch split over the mesh's other axis; returns the per-step losses (of the whole
+    batch: the same numbers one process gets)."""
+    import torch.distributed as dist
+    from longkernels import distributed as cp
+
+    world, n_cp = int(os.environ.get("WORLD_SIZE", "1")), args.context_parallel
+    if world % n_cp:
+        raise SystemExit(f"--context-parallel {n_cp} must divide the number of processes ({world})")
+    torch.set_num_threads(args.threads)
+    group, dp_rank, n_dp = None, 0, world // n_cp
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (n_dp, n_cp), mesh_dim_names=("dp", "cp"))
+        group = mesh.get_group("cp") if n_cp > 1 else None
+        dp_rank = mesh.get_local_rank("dp")
+    if args.batch % n_dp:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of the data-parallel size {n_dp}")
+    torch.manual_seed(args.seed)
+    model = LongContextLM(256, args.dim, args.depth, args.heads, attention="memory", mem_len=args.mem_len,
+                          ff_chunks=args.ff_chunks, context_parallel_group=group)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 50))
+    data = TextData(args.text_mb << 20, args.seg_len * args.segments)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def world_sum(t):
+        if world > 1:
+            dist.all_reduce(t)
+        return t
+
+    losses, t_start = [], time.perf_counter()
+    per = args.batch // n_dp
+    for step in range(args.steps):
+        x, y, w, _ = data.batch(args.batch, gen)  # the same global batch on every process
+        x, y, w = (t[dp_rank * per:(dp_rank + 1) * per] for t in (x, y, w))
+        mems, total, count = None, 0.0, 0.0
+        for s in range(0, x.shape[1], args.seg_len):
+            xs, ys, ws = (t[:, s:s + args.seg_len] for t in (x, y, w))
+            if group is not None:
+                xs, ys, ws = (cp.shard_sequence(t, 1, group) for t in (xs, ys, ws))
+            out = model(xs, mems)
+            nll = (F.cross_entropy(out.logits.float().transpose(1, 2), ys, reduction="none") * ws).sum()
+            n = world_sum(ws.sum().double()).item()
+            opt.zero_grad(set_to_none=True)
+            (nll / n).backward()
+            for p in model.parameters():  # the gradient of the whole batch's mean: a sum over every process
+                if p.grad is not None:
+                    world_sum(p.grad)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            mems = out.mems
+            total += world_sum(nll.detach().double()).item()
+            count += n
+        sched.step()
+        losses.append(total / count)
+        if not args.no_progress and int(os.environ.get("RANK", "0")) == 0:
+            print(f"step {step + 1}/{args.steps} loss {losses[-1]:.6f}", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - t_start
+    if world > 1:
+        dist.destroy_process_group()
+    return {"context_parallel": n_cp, "data_parallel": n_dp, "losses": losses, "seconds": seconds,
+            "tokens_per_s": args.steps * args.batch * args.seg_len * args.segments / seconds}
+
+
+# --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
 QUICK = dict(steps=150, batch=8, dim=64, eval_every=50, eval_batches=2, text_mb=2)
@@ -262,6 +340,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="JSON path (default ./longkernels-bench/train_lm_<machine>.json); a PNG goes beside it")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.add_argument("--context-parallel", type=int, default=None, metavar="N",
+                   help="train the text task with each segment sharded over N processes (launch with torchrun; "
+                        "1: one process, the reference) and print the per-step losses")
     p.add_argument("--config", help=argparse.SUPPRESS)  # worker mode: run one configuration
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     return p
@@ -347,6 +428,16 @@ def main(argv=None):
     args = parse(argv)
     if args.config:  # one configuration, in its own process
         Path(args.worker_out).write_text(json.dumps(worker(args)))
+        return
+    if args.context_parallel is not None:
+        if args.context_parallel < 1:
+            raise SystemExit("--context-parallel must be >= 1")
+        res = context_parallel(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(res))
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(res, indent=1))
         return
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in configs:

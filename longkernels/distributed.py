@@ -36,8 +36,8 @@ from .ops import memory_attention as _ma
 from .ops.validation import INT64_MAX, check_int, check_scale, lse_dtype
 from .reference import memory_attention as _reference
 
-__all__ = ["gather_sequence", "gather_tail", "ring_attention", "sequence_positions", "shard_sequence", "ulysses_attention",
-           "zigzag_layout"]
+__all__ = ["gather_sequence", "gather_tail", "ring_attention", "sequence_positions", "shard_sequence", "total_length",
+           "ulysses_attention", "zigzag_layout"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +103,12 @@ def sequence_positions(length: int, group=None) -> torch.Tensor:
     rotary phases and position embeddings of a sharded model take."""
     g, W, r = _group_rank(group)
     return zigzag_layout(length, W).positions(r)
+
+
+def total_length(local_length: int, group=None) -> int:
+    """The whole sequence's length from every rank's local length (one all-reduce)."""
+    g, W, r = _group_rank(group)
+    return sum(m[0] for m in _exchange_meta([local_length], g, W))
 
 
 def shard_sequence(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:

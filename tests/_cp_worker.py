@@ -29,8 +29,47 @@ def full_inputs(case: dict):
     return q, k, v, dout, dlse, slopes, mem
 
 
+def build_lm(case: dict, group=None):
+    from longkernels.nn import LongContextLM
+
+    torch.manual_seed(case["seed"])
+    return LongContextLM(50, 16, 2, 4, attention="memory", mem_len=case["M"], window=case.get("window"),
+                         num_kv_heads=2, reversible=case.get("reversible", True), dtype=torch.float64,
+                         context_parallel_group=group)
+
+
+def lm_tokens(case: dict):
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    return torch.randint(0, 50, (2, case["segments"] * case["T"]), generator=g)
+
+
+def run_lm(case: dict, model, group=None, shard=None) -> dict:
+    """Segments of T tokens with memory carried; the loss of every segment's logits backpropagated."""
+    tokens, mems, logits = lm_tokens(case), None, []
+    g = torch.Generator().manual_seed(case["seed"] + 2)
+    weights = torch.randn(2, tokens.shape[1], 50, generator=g, dtype=torch.float64)
+    loss = 0.0
+    for s in range(case["segments"]):
+        xs = tokens[:, s * case["T"]:(s + 1) * case["T"]]
+        ws = weights[:, s * case["T"]:(s + 1) * case["T"]]
+        if shard is not None:
+            xs, ws = shard(xs, 1, group), shard(ws, 1, group)
+        out = model(xs, mems)
+        loss = loss + (out.logits * ws).sum()
+        mems = out.mems
+        logits.append(out.logits.detach())
+    loss.backward()
+    return {"logits": torch.stack(logits, 1), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
 def run_case(case: dict, group=None) -> dict:
     from longkernels import distributed as cp
+
+    if case["fn"] == "lm":
+        group = group if group is not None else dist.group.WORLD  # the model's None means "not sharded"
+        res = run_lm(case, build_lm(case, group), group, cp.shard_sequence)
+        res["positions"] = cp.sequence_positions(case["T"], group)
+        return res
 
     q, k, v, dout, dlse, slopes, (mk, mv) = full_inputs(case)
     fn = cp.ring_attention if case["fn"] == "ring" else cp.ulysses_attention

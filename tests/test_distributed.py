@@ -53,6 +53,8 @@ EXACT = [
     _case("ulysses", 37, H=12, Hkv=2, window=7, alibi=True),      # Hkv split or repeated by W
     _case("ulysses", 50, H=12, Hkv=4, causal=False),
 ]
+# LongContextLM with its blocks on a context-parallel group: segments with memory (windowed and not).
+LM = [dict(_case("lm", 24, M=16), segments=3), dict(_case("lm", 21, M=10, window=13), segments=3, reversible=False)]
 LOWP = [_case("ring", 256, H=4, Hkv=2, D=32, dtype=dt) for dt in ("float32", "bfloat16")]
 BAD = [
     _case("ring", 40, bad="length", worlds=(2, 3, 4)),
@@ -61,7 +63,7 @@ BAD = [
     _case("ulysses", 40, H=4, bad="heads", worlds=(3,)),
     _case("ulysses", 40, bad="length", worlds=(2, 4)),
 ]
-ALL = EXACT + LOWP + BAD
+ALL = EXACT + LM + LOWP + BAD
 
 
 def _free_port() -> int:
@@ -143,6 +145,24 @@ def test_float64_equals_single_process(W, case):
     for r in ranks:
         assert torch.equal(r[case["id"]]["gathered"], gathered)
     assert rel_err(gathered, want["out"]) <= FLOAT64_RTOL
+
+
+@pytest.mark.parametrize("W", WORLD_SIZES)
+@pytest.mark.parametrize("case", LM, ids=[c["id"] for c in LM])
+def test_long_context_lm_on_a_group(W, case):
+    """Logits of every segment (rotary phases at the shard's positions, memory kept whole on every rank) and
+    parameter gradients (summed over the ranks) equal the unsharded model's."""
+    want = _cp_worker.run_lm(case, _cp_worker.build_lm(case))
+    ranks = _results(W)
+    for p in ranks:
+        assert "exception" not in p[case["id"]], p[case["id"]]["exception"]
+    logits = torch.zeros_like(want["logits"])
+    for p in ranks:
+        logits[:, :, p[case["id"]]["positions"]] = p[case["id"]]["logits"]
+    assert rel_err(logits, want["logits"]) <= FLOAT64_RTOL
+    for name, g in want["grads"].items():
+        got = sum(p[case["id"]]["grads"][name] for p in ranks)
+        assert rel_err(got, g) <= FLOAT64_RTOL, name
 
 
 @pytest.mark.parametrize("case", LOWP, ids=[c["id"] for c in LOWP])

@@ -68,7 +68,7 @@ class ReformerBlock(ReversibleBlock):
         norm_eps: of both LayerNorms.
         causal: LSH attention only (memory attention is causal).
         chunk_size, n_hashes, n_buckets, lsh_seed: LSH attention only (``lsh_seed``: its ``seed``).
-        mem_len, window, num_kv_heads, rotary: memory attention only.
+        mem_len, window, num_kv_heads, rotary, context_parallel_group: memory attention only.
         backend: forwarded to the attention op.
 
     Extra arguments of F (``f_kwargs`` of the stack): ``key_padding_mask`` for LSH attention,
@@ -81,7 +81,7 @@ class ReformerBlock(ReversibleBlock):
                  norm_eps: float = 1e-5, causal: bool = True, chunk_size: int = 64, n_hashes: int = 2,
                  n_buckets: Optional[int] = None, lsh_seed: Optional[int] = None, mem_len: int = 0,
                  window: Optional[int] = None, num_kv_heads: Optional[int] = None, rotary: bool = True,
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, context_parallel_group=None, device=None, dtype=None):
         dim = _check_int("dim", dim, minimum=1)
         num_heads = _check_int("num_heads", num_heads, minimum=1)
         ff_hidden = 4 * dim if ff_hidden is None else _check_int("ff_hidden", ff_hidden, minimum=1)
@@ -95,9 +95,12 @@ class ReformerBlock(ReversibleBlock):
                                           backend=backend, **factory), "lsh"
         elif attention == "memory":
             attn, kind = MemoryAttention(dim, num_heads, mem_len=mem_len, num_kv_heads=num_kv_heads, window=window,
-                                         dropout=dropout, rotary=rotary, backend=backend, **factory), "memory"
+                                         dropout=dropout, rotary=rotary, backend=backend,
+                                         context_parallel_group=context_parallel_group, **factory), "memory"
         else:
             raise ValueError(f"attention must be one of {ATTENTIONS} or an nn.Module, got {attention!r}")
+        if context_parallel_group is not None and kind != "memory":
+            raise ValueError("context_parallel_group needs attention='memory' (ring attention)")
         ff = ChunkedFeedForward(dim, ff_hidden, ff_chunks, activation=activation, dropout=dropout, **factory)
         super().__init__(PreNorm(dim, attn, eps=norm_eps, **factory), PreNorm(dim, ff, eps=norm_eps, **factory))
         self.dim = dim
@@ -144,14 +147,18 @@ class LongContextLM(nn.Module):
             (:class:`~longkernels.ReversibleSequence`).
         tie_weights: the head shares the embedding matrix (default).
         dropout: on the embedding and inside each block.
+        context_parallel_group: a ``torch.distributed`` process group over which every segment is sharded
+            (memory attention only): ``tokens`` is then this rank's part of the segment
+            (:func:`longkernels.distributed.shard_sequence` along dim 1), the logits its rows of the unsharded
+            model's, and each block runs ring attention (see :class:`MemoryAttention`).
         **block_kwargs: the rest of :class:`ReformerBlock`'s arguments (``mem_len``, ``window``,
             ``chunk_size``, ``n_hashes``, ``ff_hidden``, ``ff_chunks``, ...).
     """
 
     def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, *, attention: str = "memory",
                  reversible: bool = True, stream_dtype: Optional[torch.dtype] = None, fixed_point=False,
-                 tie_weights: bool = True,
-                 dropout: float = 0.0, device=None, dtype=None, **block_kwargs):
+                 tie_weights: bool = True, dropout: float = 0.0, context_parallel_group=None, device=None,
+                 dtype=None, **block_kwargs):
         super().__init__()
         self.vocab_size = _check_int("vocab_size", vocab_size, minimum=1)
         dim = _check_int("dim", dim, minimum=1)
@@ -161,6 +168,9 @@ class LongContextLM(nn.Module):
         if not isinstance(tie_weights, bool):
             raise TypeError(f"tie_weights must be a bool, got {type(tie_weights).__name__}")
         self.dim, self.depth, self.attention = dim, depth, attention
+        self.context_parallel_group = context_parallel_group
+        if context_parallel_group is not None:
+            block_kwargs["context_parallel_group"] = context_parallel_group
         self.dropout = _check_prob("dropout", dropout)
         factory = {"device": device, "dtype": dtype}
         self.embed = nn.Embedding(vocab_size, dim, **factory)
@@ -208,6 +218,10 @@ class LongContextLM(nn.Module):
         x = nn.functional.dropout(self.embed(tokens), p=self.dropout, training=self.training)
         if self.attention == "memory":
             f_kwargs = None if mems is None else [{"mems": m} for m in mems]
+            if self.context_parallel_group is not None:  # the whole segment's length, found once for every block
+                from ..distributed import total_length
+                T = total_length(tokens.shape[1], self.context_parallel_group)
+                f_kwargs = [{**kw, "seq_len": T} for kw in (f_kwargs or [{}] * self.depth)]
             h, new_mems = self.layers(x, f_kwargs=f_kwargs)
         else:
             f_kwargs = None if key_padding_mask is None else {"key_padding_mask": key_padding_mask}

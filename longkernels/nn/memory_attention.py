@@ -95,8 +95,10 @@ class RotaryEmbedding(nn.Module):
         cos, sin = table
         return cos[offset:stop], sin[offset:stop]
 
-    def forward(self, x: torch.Tensor, offset: int = 0, *, seq_dim: int = -2) -> torch.Tensor:
-        """Rotates ``x`` (``..., L, ..., dim``) at positions ``offset .. offset + L - 1``.
+    def forward(self, x: torch.Tensor, offset: int = 0, *, seq_dim: int = -2,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rotates ``x`` (``..., L, ..., dim``) at positions ``offset .. offset + L - 1``, or at
+        ``offset + positions`` (``(L,)`` integers, e.g. a context-parallel shard's positions) when given.
 
         ``seq_dim`` is the position axis: ``-2`` for ``(B, H, L, D)``, ``1`` for ``(B, L, H, D)``.
         """
@@ -111,7 +113,16 @@ class RotaryEmbedding(nn.Module):
         if s == x.dim() - 1:
             raise ValueError("seq_dim must not be the last (rotated) dimension")
         cdt = self.compute_dtype(x.dtype)
-        cos, sin = self.cos_sin(offset, x.shape[s], device=x.device, dtype=cdt)
+        if positions is None:
+            cos, sin = self.cos_sin(offset, x.shape[s], device=x.device, dtype=cdt)
+        else:
+            if positions.shape != (x.shape[s],) or positions.is_floating_point():
+                raise ValueError(f"positions must be ({x.shape[s]},) integers, got {tuple(positions.shape)} "
+                                 f"{positions.dtype}")
+            top = int(positions.max()) + 1 if positions.numel() else 0
+            cos, sin = self.cos_sin(offset, top, device=x.device, dtype=cdt)
+            idx = positions.to(device=x.device, dtype=torch.long)
+            cos, sin = cos[idx], sin[idx]
         view = (x.shape[s],) + (1,) * (x.dim() - s - 2) + (self.dim,)
         cos, sin = cos.view(view), sin.view(view)
         xf = x.to(cdt)
@@ -167,6 +178,11 @@ class MemoryAttention(nn.Module):
         dropout: dropout probability on the output.
         rotary: apply rotary position embeddings to q and k (needs an even ``D``).
         backend: forwarded to :func:`longkernels.memory_attention`; None for the default dispatch.
+        context_parallel_group: a ``torch.distributed`` process group over which each segment is sharded
+            (:func:`longkernels.distributed.shard_sequence`'s zigzag layout): ``x`` is then this rank's part
+            of the segment, attention runs as :func:`~longkernels.distributed.ring_attention`, rotary phases
+            follow the rows' absolute positions, and the memory (the last ``mem_len`` tokens' keys and
+            values) is kept whole on every rank. The outputs are this rank's rows of the unsharded layer's.
 
     Example::
 
@@ -178,7 +194,7 @@ class MemoryAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, *, mem_len: int, num_kv_heads: Optional[int] = None,
                  window: Optional[int] = None, bias: bool = True, dropout: float = 0.0, rotary: bool = True,
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, context_parallel_group=None, device=None, dtype=None):
         super().__init__()
         embed_dim = _check_int("embed_dim", embed_dim, minimum=1)
         num_heads = _check_int("num_heads", num_heads, minimum=1)
@@ -207,6 +223,7 @@ class MemoryAttention(nn.Module):
         self.window = window
         self.dropout = float(dropout)
         self.backend = backend
+        self.context_parallel_group = context_parallel_group
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
@@ -259,18 +276,23 @@ class MemoryAttention(nn.Module):
             raise ValueError(f"mems.pos must be an int >= the tokens in memory ({mems.k.shape[2]}), got {pos!r}")
         return mems
 
-    def forward(self, x: torch.Tensor, mems: Optional[MemoryCache] = None) -> tuple[torch.Tensor, MemoryCache]:
+    def forward(self, x: torch.Tensor, mems: Optional[MemoryCache] = None, *,
+                seq_len: Optional[int] = None) -> tuple[torch.Tensor, MemoryCache]:
         """Attends ``x`` over the memory and itself.
 
         Args:
-            x: ``(B, L, E)``.
+            x: ``(B, L, E)``; with a context-parallel group, this rank's rows of the segment.
             mems: None for the first segment, else the cache returned by the previous call.
+            seq_len: with a context-parallel group, the whole segment's length (found with one all-reduce
+                when not given).
 
         Returns:
             ``(y, new_mems)``: ``y`` of shape ``(B, L, E)``, and the :class:`MemoryCache` holding the
             last ``mem_len`` tokens of ``cat(mems, x)``'s keys and values (detached) and the next position.
         """
         mems = self._check_input(x, mems)
+        if self.context_parallel_group is not None:
+            return self._forward_sharded(x, mems, seq_len)
         B, L, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         pos = 0 if mems is None else int(mems.pos)
@@ -291,6 +313,41 @@ class MemoryAttention(nn.Module):
         y = self.out_proj(o.transpose(1, 2).reshape(B, L, H * D))
         y = F.dropout(y, p=self.dropout, training=self.training)
         return y, self._next_cache(mem_k, mem_v, k, v, pos + L)
+
+    def _forward_sharded(self, x, mems, seq_len):
+        from .. import distributed as cp
+
+        group = self.context_parallel_group
+        B, L, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if seq_len is None:
+            seq_len = cp.total_length(L, group)
+        pos = 0 if mems is None else int(mems.pos)
+        q = self.q_proj(x).view(B, L, H, D)
+        k = self.k_proj(x).view(B, L, Hkv, D)
+        v = self.v_proj(x).view(B, L, Hkv, D)
+        if self.rotary is not None:
+            positions = cp.sequence_positions(seq_len, group)
+            q = self.rotary(q, pos, seq_dim=1, positions=positions)
+            k = self.rotary(k, pos, seq_dim=1, positions=positions)
+        mem_k = mem_v = None
+        if mems is not None and mems.k.shape[2] > 0:
+            mem_k, mem_v = mems.k.detach(), mems.v.detach()
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+        o = cp.ring_attention(q.transpose(1, 2), kt, vt, group=group, causal=True, window=self.window,
+                              mem_k=mem_k, mem_v=mem_v)
+        y = self.out_proj(o.transpose(1, 2).reshape(B, L, H * D))
+        y = F.dropout(y, p=self.dropout, training=self.training)
+        # The next memory, whole on every rank: the segment's last tokens travel from the ranks holding them.
+        M = 0 if mem_k is None else mem_k.shape[2]
+        keep = min(self.mem_len, M + seq_len)
+        from_cur, from_mem = min(seq_len, keep), keep - min(seq_len, keep)
+        ks = [cp.gather_tail(kt.detach(), from_cur, group)]
+        vs = [cp.gather_tail(vt.detach(), from_cur, group)]
+        if from_mem:
+            ks.insert(0, mem_k[:, :, M - from_mem:])
+            vs.insert(0, mem_v[:, :, M - from_mem:])
+        return y, MemoryCache(torch.cat(ks, dim=2), torch.cat(vs, dim=2), pos + seq_len)
 
     def _next_cache(self, mem_k, mem_v, k, v, next_pos) -> MemoryCache:
         # Copy only the tokens kept, so the cache does not pin the whole cat(mem, current).
