@@ -12,7 +12,7 @@ CMAKE_BUILD := build/cmake
 BENCH_OUT ?= longkernels-bench
 
 .PHONY: setup-build setup setup-test setup-bench test test-python test-cpp test-hf-4x cuda-check check bench \
-	bench-full gpu-check dist-check clean
+	bench-full bench-cp gpu-check dist-check clean
 
 # torch is installed only when none is: a CUDA build already present is kept as it is. The build
 # runs without isolation, against that torch (isolation would fetch another one).
@@ -66,6 +66,10 @@ bench-full: setup-bench
 	$(PYTHON) -m longkernels info
 	$(PYTHON) -m longkernels check
 	$(PYTHON) -m longkernels bench --full --out $(BENCH_OUT)
+
+# Ring attention on a gloo group of this machine's processes (2: one per core here), about 4 minutes.
+bench-cp: setup-bench
+	$(PYTHON) -m longkernels.benchmarks.context_parallel --world 2 --out $(BENCH_OUT)/context_parallel-w2.json
 
 # No setup step: a GPU machine has torch, triton, nvcc and ninja, and no network; the script builds in place.
 gpu-check:

@@ -7,6 +7,7 @@
 #   3. the GPU tests (pytest -m gpu), and the op checks on CUDA tensors
 #   4. longkernels check on CUDA tensors (every backend against the reference)
 #   5. a short benchmark of every operation against its peers on the GPU (JSON and PNG named by the device)
+#   6. ring attention on one GPU (W = 1): its overhead against plain memory attention
 #
 # Each step has a time limit taken from what is left of the budget (GPU_CHECK_BUDGET_S, default 540 s), a
 # failing step does not stop the later ones, and a table of the steps comes last. Results and logs go to
@@ -27,10 +28,12 @@ declare -a SUMMARY
 DEV=cuda
 LEVEL=()
 CHECK=()
+CP_LEVEL=(--lengths 8192)
 if [[ "${GPU_CHECK_DRY_RUN:-0}" == "1" ]]; then
   DEV=cpu
   LEVEL=(--quick --ops reversible_coupling,reversible)
   CHECK=(--ops lsh_attention --backends cpu)
+  CP_LEVEL=(--lengths 4096 --dtypes float32)
   device=dry-run-cpu
   arch=none
 elif ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -79,6 +82,9 @@ step info 60 "$PYTHON" -m longkernels info
 step gpu-tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu --maxfail=20 tests
 step check 90 "$PYTHON" -m longkernels check --device "$DEV" --no-progress "${CHECK[@]}"
 step bench 300 "$PYTHON" -m longkernels bench --device "$DEV" --out "$OUTDIR" --no-progress "${LEVEL[@]}"
+# The ring on one device (W = 1, NCCL): its own overhead against plain memory attention at the same shapes.
+step ring-w1 60 "$PYTHON" -m longkernels.benchmarks.context_parallel --world 1 --device "$DEV" --reps 3 \
+  --no-progress "${CP_LEVEL[@]}" --out "$OUTDIR/context_parallel_${device}-w1.json"
 
 echo | tee -a "$LOG"
 echo "gpu-check summary ($device, $(( $(date +%s) - start ))s of ${BUDGET}s):" | tee -a "$LOG"

@@ -435,6 +435,9 @@ class _RingConfig:
     window: int
     scale: float
     M: int = 0  # memory (on every rank) before the sequence: positions 0 .. M - 1, the sequence at M ..
+    # What runs (the context-parallel benchmark times each apart): "both"; "compute" (no messages: received
+    # buffers stand in, the same sizes); "comm" (the messages, no block computed).
+    measure: str = "both"
 
     def mem_visible(self, a: int) -> bool:
         """Whether some query of chunk a sees the memory (every memory key precedes every query)."""
@@ -459,6 +462,8 @@ def _ring_forward(cfg: _RingConfig, q, k, v, mem_k, mem_v, alibi, fwd):
     acc_l = [torch.full((B, H, lay.C), float("-inf"), dtype=ct, device=q.device) for _ in range(2)]
 
     def compute(blocks):
+        if cfg.measure == "comm":
+            return
         for ai, a in enumerate(lay.chunks(r)):
             for b, kb, vb, kpm, *_ in blocks:
                 if _visible(lay, a, b, cfg.causal, cfg.window) is None:
@@ -471,8 +476,10 @@ def _ring_forward(cfg: _RingConfig, q, k, v, mem_k, mem_v, alibi, fwd):
         src, dst = (r - d) % cfg.W, (r + d) % cfg.W
         out_msg, in_msg = cfg.plan.message(r, d), cfg.plan.message(src, d)
         sends = [(_pack(out_msg, k_parts, v_parts, lay, r), dst)] if out_msg else []
-        buf = q.new_empty(_msg_numel(in_msg, B, Hkv, D, Dv)) if in_msg else None
+        buf = q.new_zeros(_msg_numel(in_msg, B, Hkv, D, Dv)) if in_msg else None
         recvs = [(buf, src)] if in_msg else []
+        if cfg.measure == "compute":
+            return [], buf, in_msg
         return _post(sends, recvs, cfg.group), buf, in_msg
 
     rounds = cfg.plan.rounds
@@ -521,6 +528,9 @@ def _ring_backward(cfg: _RingConfig, dout, q, k, v, mem_k, mem_v, out, lse, dlse
         for b, kb, vb, kpm, *_ in blocks:
             gk = torch.zeros(B, Hkv, lay.C, D, dtype=ct, device=q.device)
             gv = torch.zeros(B, Hkv, lay.C, Dv, dtype=ct, device=q.device)
+            grads[b] = (gk, gv)
+            if cfg.measure == "comm":
+                continue
             for ai, a in enumerate(lay.chunks(r)):
                 if _visible(lay, a, b, cfg.causal, cfg.window) is None:
                     continue
@@ -530,14 +540,15 @@ def _ring_backward(cfg: _RingConfig, dout, q, k, v, mem_k, mem_v, out, lse, dlse
                 dq[ai].add_(gq)
                 gk.add_(gkb)
                 gv.add_(gvb)
-            grads[b] = (gk, gv)
         return grads
 
     def post_kv(d):
         src, dst = (r - d) % cfg.W, (r + d) % cfg.W
         out_msg, in_msg = cfg.plan.message(r, d), cfg.plan.message(src, d)
         sends = [(_pack(out_msg, k_parts, v_parts, lay, r), dst)] if out_msg else []
-        buf = q.new_empty(_msg_numel(in_msg, B, Hkv, D, Dv)) if in_msg else None
+        buf = q.new_zeros(_msg_numel(in_msg, B, Hkv, D, Dv)) if in_msg else None
+        if cfg.measure == "compute":
+            return [], buf, in_msg
         return _post(sends, [(buf, src)] if in_msg else [], cfg.group), buf, in_msg
 
     def post_grads(d, in_msg, grads):
@@ -551,7 +562,9 @@ def _ring_backward(cfg: _RingConfig, dout, q, k, v, mem_k, mem_v, out, lse, dlse
                 pieces += [gk[:, :, lo:hi].reshape(-1), gv[:, :, lo:hi].reshape(-1)]
             sends = [(torch.cat(pieces), src)]
         back_msg = cfg.plan.message(r, d)  # what we sent to r + d: its gradients come back
-        buf = torch.empty(_msg_numel(back_msg, B, Hkv, D, Dv), dtype=ct, device=q.device) if back_msg else None
+        buf = torch.zeros(_msg_numel(back_msg, B, Hkv, D, Dv), dtype=ct, device=q.device) if back_msg else None
+        if cfg.measure == "compute":
+            return [], buf, back_msg
         return _post(sends, [(buf, dst)] if back_msg else [], cfg.group), buf, back_msg
 
     def add_grads(pending):

@@ -153,3 +153,14 @@ def test_op_checks_q_offset():
         op(q, q, q, e, e, None, True, 0, 1.0, None, docs, 0.0, None, 3)
     out, lse = op(q, q, q, e, e, None, True, 0, 1.0, None, None, 0.0, None, -(2**52))  # the bound itself runs
     assert bool(torch.isneginf(lse).all())  # every key lies after every query
+
+
+def test_triton_op_checks_q_offset():
+    # The Triton op's launcher checks q_offset too (int32 positions inside the kernels).
+    q = torch.randn(1, 2, 4, 8)
+    e = q[:, :, :0]
+    op = torch.ops.longkernels.memory_attention_fwd_triton
+    with pytest.raises(RuntimeError, match="q_offset must be an int in"):
+        op(q, q, q, e, e, None, True, 0, 1.0, None, None, 0.0, None, 2**31)
+    with pytest.raises(RuntimeError, match="document_ids need the queries"):
+        op(q, q, q, e, e, None, True, 0, 1.0, None, torch.zeros(1, 4, dtype=torch.long), 0.0, None, 3)
