@@ -15,7 +15,7 @@ from .ops.merge_attention import merge_attention
 from .ops.reversible_coupling import reversible_coupling
 from .reversible import ReversibleBlock, ReversibleSequence
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = ["lsh_attention", "memory_attention", "merge_attention", "nn", "reference", "reversible_coupling", "ReversibleBlock",
            "ReversibleSequence", "__version__"]
