@@ -23,6 +23,17 @@ TORCH_LIBRARY(longkernels, m) {
       "Tensor? key_padding_mask=None, Tensor? document_ids=None, float softcap=0., int? q_offset=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // Transformer-XL relative positions (docs/semantics.md §9), causal, CPU only: q is q + content_bias, q_pos is
+  // q + pos_bias, pos_emb (H, P, D) the projected embedding of each distance d = (M + i) - j at index d. Returns
+  // (out, lse) as memory_attention_fwd; the backward (dq, dq_pos, dk, dv, dmem_k, dmem_v, dpos_emb).
+  m.def(
+      "memory_attention_rel_fwd(Tensor q, Tensor q_pos, Tensor k, Tensor v, Tensor mem_k, Tensor mem_v, "
+      "Tensor pos_emb, bool causal, int window, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "memory_attention_rel_bwd(Tensor dout, Tensor q, Tensor q_pos, Tensor k, Tensor v, Tensor mem_k, "
+      "Tensor mem_v, Tensor pos_emb, Tensor lse, Tensor delta, bool causal, int window, float scale) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // LSH attention (docs/semantics.md §2). Hash and sort: buckets (B, H, n_hashes, Lp) int32 in
   // [0, n_buckets] (padding, i.e. key_padding_mask or position >= L, gets n_buckets) and perm
   // (B, H, n_hashes, Lp) int32, the original positions in sorted order: round r's items sorted by

@@ -759,30 +759,20 @@ def gather_tail(x: torch.Tensor, n: int, group=None, *, dim: int = 2) -> torch.T
 # --------------------------------------------------------------------------------------------
 # Ulysses: all-to-all over heads
 # --------------------------------------------------------------------------------------------
-class _SeqToHeads(torch.autograd.Function):
-    """(B, h_all, n_r, d) sequence-sharded -> (B, h_all / W, T, d) head-sharded in natural order; and back."""
+class _Exchange(torch.autograd.Function):
+    """``to_heads``: (B, h_all, n_r, d) sequence-sharded -> (B, h_all / W, T, d) head-sharded in natural order;
+    else the way back. Each is the other's backward."""
 
     @staticmethod
-    def forward(ctx, x, g, W, r, lay):
-        ctx.args = (g, W, r, lay)
-        return _seq_to_heads(x, g, W, r, lay)
-
-    @staticmethod
-    def backward(ctx, grad):
-        g, W, r, lay = ctx.args
-        return _heads_to_seq(grad.contiguous(), g, W, r, lay), None, None, None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, g, W, r, lay):
-        ctx.args = (g, W, r, lay)
-        return _heads_to_seq(x, g, W, r, lay)
+    def forward(ctx, x, to_heads, g, W, r, lay):
+        ctx.args = (to_heads, g, W, r, lay)
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, g, W, r, lay)
 
     @staticmethod
     def backward(ctx, grad):
-        g, W, r, lay = ctx.args
-        return _seq_to_heads(grad.contiguous(), g, W, r, lay), None, None, None, None
+        to_heads, g, W, r, lay = ctx.args
+        return (_heads_to_seq if to_heads else _seq_to_heads)(grad.contiguous(), g, W, r, lay), None, None, None, \
+            None, None
 
 
 def _seq_to_heads(x, g, W, r, lay):
@@ -822,17 +812,17 @@ def ulysses_attention(q, k, v, *, group=None, causal=True, window=None, scale=No
                          f"({W}); use ring_attention for this shape")
     if Hkv % W != 0:
         k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
-    qf = _SeqToHeads.apply(q, g, W, r, lay)
-    kf = _SeqToHeads.apply(k, g, W, r, lay)
-    vf = _SeqToHeads.apply(v, g, W, r, lay)
+    qf = _Exchange.apply(q, True, g, W, r, lay)
+    kf = _Exchange.apply(k, True, g, W, r, lay)
+    vf = _Exchange.apply(v, True, g, W, r, lay)
     hs = H // W
     slopes = None if alibi_slopes is None else alibi_slopes[r * hs:(r + 1) * hs]
     if lay.T == 0:
         raise ValueError("ulysses_attention: the sequence is empty on every rank")
     out, lse = _ma.memory_attention(qf, kf, vf, causal=causal, window=window_i or None, scale=scale_f,
                                     alibi_slopes=slopes, return_lse=True)
-    out = _HeadsToSeq.apply(out, g, W, r, lay)
+    out = _Exchange.apply(out, False, g, W, r, lay)
     if not return_lse:
         return out
-    lse = _HeadsToSeq.apply(lse.unsqueeze(-1).contiguous(), g, W, r, lay).squeeze(-1)
+    lse = _Exchange.apply(lse.unsqueeze(-1).contiguous(), False, g, W, r, lay).squeeze(-1)
     return out, lse

@@ -140,27 +140,20 @@ def test_bad_input(bad, err, match):
         block_attention(q, q, q, **bad)
 
 
-@pytest.mark.skipif(not _ext.available(), reason="the C++ extension is not built")
-def test_op_checks_q_offset():
-    # The registered op checks what its memory safety depends on, whoever calls it.
+@pytest.mark.parametrize("op_name, too_far, match", [
+    ("memory_attention_fwd", 2**60, "q_offset must lie in"),                  # C++: int64 positions, |q0| <= 2^52
+    ("memory_attention_fwd_triton", 2**31, "q_offset must be an int in"),     # Triton: int32 positions
+])
+def test_op_checks_q_offset(op_name, too_far, match):
+    # The registered ops check what their memory safety depends on, whoever calls them.
+    if op_name == "memory_attention_fwd" and not _ext.available():
+        pytest.skip("the C++ extension is not built")
     q = torch.randn(1, 2, 4, 8)
     e = q[:, :, :0]
-    op = torch.ops.longkernels.memory_attention_fwd
-    with pytest.raises(RuntimeError, match="q_offset must lie in"):
-        op(q, q, q, e, e, None, True, 0, 1.0, None, None, 0.0, None, 2**60)
-    docs = torch.zeros(1, 4, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="document_ids need the queries"):
-        op(q, q, q, e, e, None, True, 0, 1.0, None, docs, 0.0, None, 3)
-    out, lse = op(q, q, q, e, e, None, True, 0, 1.0, None, None, 0.0, None, -(2**52))  # the bound itself runs
-    assert bool(torch.isneginf(lse).all())  # every key lies after every query
-
-
-def test_triton_op_checks_q_offset():
-    # The Triton op's launcher checks q_offset too (int32 positions inside the kernels).
-    q = torch.randn(1, 2, 4, 8)
-    e = q[:, :, :0]
-    op = torch.ops.longkernels.memory_attention_fwd_triton
-    with pytest.raises(RuntimeError, match="q_offset must be an int in"):
-        op(q, q, q, e, e, None, True, 0, 1.0, None, None, 0.0, None, 2**31)
+    op = getattr(torch.ops.longkernels, op_name)
+    with pytest.raises(RuntimeError, match=match):
+        op(q, q, q, e, e, None, True, 0, 1.0, None, None, 0.0, None, too_far)
     with pytest.raises(RuntimeError, match="document_ids need the queries"):
         op(q, q, q, e, e, None, True, 0, 1.0, None, torch.zeros(1, 4, dtype=torch.long), 0.0, None, 3)
+    out, lse = op(q, q, q, e, e, None, True, 0, 1.0, None, None, 0.0, None, -(2**30))  # within both bounds
+    assert bool(torch.isneginf(lse).all()) and not out.any()  # every key lies after every query

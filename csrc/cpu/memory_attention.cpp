@@ -589,6 +589,77 @@ struct PackedProducts {
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kSubRows = 48;  // a multiple of the micro-kernels' 6 rows
 
+// ---------------------------------------------------------------------------------------------
+// Transformer-XL relative positions (docs/semantics.md §9): the logit of query i and key j gains
+// <qv_i, R[h, d]> for the distance d = qpos_i - kpos_j (qv = q + pos_bias, formed by the caller; the
+// content term's q + content_bias is the q the kernels get). Per tile, rows [r0, r1) against keys
+// [a0, a0 + bk) meet the distances of one band, [qpos(r0) - (a0 + bk - 1), qpos(r1 - 1) - a0]: one product
+// QV_rows R_band^T, in blocks of kSubRows rows (band width kSubRows + bk - 1), read along each row's
+// diagonal into the score tile. No N x (M + N) position matrix, no shift in memory. BLAS tiles only.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct RelPositions {
+  const Tensor* qv;   // (B, H, N, D), compute type
+  const Tensor* pos;  // (H, P, D), compute type
+  int64_t P;
+
+  // The band of distances the rows [rs, re) of the tile at i0 meet in keys [a0, a0 + bk), clamped to [0, P).
+  void band(int64_t q0, int64_t i0, int64_t rs, int64_t re, int64_t a0, int64_t bk, int64_t* lo, int64_t* hi) const {
+    *lo = std::max<int64_t>(0, q0 + i0 + rs - (a0 + bk - 1));
+    *hi = std::min<int64_t>(P - 1, q0 + i0 + re - 1 - a0);
+  }
+
+  // s (rows of ld T) += the position logits of rows [r0, r1) of the query tile at i0 against keys a0 ...
+  void add(T* s, int64_t ld, int64_t b, int64_t h, int64_t q0, int64_t i0, int64_t r0, int64_t r1, int64_t a0,
+           int64_t bk, Tensor& scratch) const {
+    for (int64_t rs = r0; rs < r1; rs += kSubRows) {
+      const int64_t re = std::min(r1, rs + kSubRows);
+      int64_t lo, hi;
+      band(q0, i0, rs, re, a0, bk, &lo, &hi);
+      if (hi < lo) continue;
+      Tensor bd = scratch.narrow(0, 0, re - rs).narrow(1, 0, hi - lo + 1);
+      at::mm_out(bd, (*qv)[b][h].narrow(0, i0 + rs, re - rs), (*pos)[h].narrow(0, lo, hi - lo + 1).t());
+      const T* bdp = bd.data_ptr<T>();
+      const int64_t bld = scratch.size(1);
+      for (int64_t r = rs; r < re; ++r) {
+        // Column c meets distance t = qpos - a0 - c; visible columns have t in [lo, hi] (the caller checked
+        // that P covers every visible distance), the others are masked after this.
+        const int64_t t0 = q0 + i0 + r - a0;
+        const int64_t c_lo = std::max<int64_t>(0, t0 - hi), c_hi = std::min<int64_t>(bk - 1, t0 - lo);
+        T* row = s + r * ld;
+        const T* brow = bdp + (r - rs) * bld + (t0 - lo);  // brow[-c] is distance t0 - c
+        for (int64_t c = c_lo; c <= c_hi; ++c) row[c] += brow[-c];
+      }
+    }
+  }
+
+  // Backward: with ds the score gradients of rows [0, rows) (query tile at i0) against keys [a0, a0 + bk)
+  // (row stride ld), dqv rows += dBD R_band and dpos_band += dBD^T QV, dBD the band layout of ds.
+  void grad(const T* ds, int64_t ld, int64_t b, int64_t h, int64_t q0, int64_t i0, int64_t rows, int64_t a0,
+            int64_t bk, Tensor& dqv, Tensor& dpos, Tensor& scratch) const {
+    for (int64_t rs = 0; rs < rows; rs += kSubRows) {
+      const int64_t re = std::min(rows, rs + kSubRows);
+      int64_t lo, hi;
+      band(q0, i0, rs, re, a0, bk, &lo, &hi);
+      if (hi < lo) continue;
+      Tensor dbd = scratch.narrow(0, 0, re - rs).narrow(1, 0, hi - lo + 1);
+      dbd.zero_();
+      T* dp = dbd.data_ptr<T>();
+      const int64_t bld = scratch.size(1);
+      for (int64_t r = rs; r < re; ++r) {
+        const int64_t t0 = q0 + i0 + r - a0;
+        const int64_t c_lo = std::max<int64_t>(0, t0 - hi), c_hi = std::min<int64_t>(bk - 1, t0 - lo);
+        const T* row = ds + r * ld;
+        T* brow = dp + (r - rs) * bld + (t0 - lo);
+        for (int64_t c = c_lo; c <= c_hi; ++c) brow[-c] += row[c];
+      }
+      const Tensor band_r = (*pos)[h].narrow(0, lo, hi - lo + 1);
+      dqv.narrow(0, i0 + rs, re - rs).addmm_(dbd, band_r);
+      dpos.narrow(0, lo, hi - lo + 1).addmm_(dbd.t(), (*qv)[b][h].narrow(0, i0 + rs, re - rs));
+    }
+  }
+};
+
 // The backward's walk over the query rows [lo, hi) that see the key tile [a0, a0 + bk), in tiles of bq_max
 // rows: a tile the masks leave whole in one step, any other in sub-blocks of kSubRows rows over only the
 // columns those rows see (their first column rounded down to a multiple of `align`).
@@ -622,7 +693,7 @@ int64_t query_tile(const Problem& P) {
 
 template <typename T, typename Products>
 void forward_kernel(const Problem& P, const typename Products::Shared& shared, const T* slopes, const T* sinks,
-                    Tensor& out, Tensor& lse) {
+                    Tensor& out, Tensor& lse, const RelPositions<T>* rel = nullptr) {
   const int64_t BQ = query_tile(P), n_qt = (P.N + BQ - 1) / BQ;
   const Masks& mk = P.mk;
   T* out_d = out.data_ptr<T>();
@@ -630,12 +701,14 @@ void forward_kernel(const Problem& P, const typename Products::Shared& shared, c
   at::parallel_for(0, P.B * P.H * n_qt, 1, [&](int64_t begin, int64_t end) {
     Products prod(shared, P);
     std::vector<T> m(kBlockQ), l(kBlockQ);
+    Tensor rel_scratch = rel ? at::empty({kSubRows, kSubRows + kBlockK}, out.options()) : Tensor();
     // Rows [r0, r1) of the tile at i0 over keys [rel0, rel0 + bk) of segment s (absolute start a0).
     const auto step = [&](int64_t b, int64_t h, int64_t hk, int64_t i0, int s, int64_t rel0, int64_t bk, int64_t a0,
                           bool full, int64_t r0, int64_t r1) {
       prod.scores(s == 0, b, hk, rel0, bk, r0, r1);
       T* s_ptr = prod.s_ptr();
       T* o_ptr = prod.o_ptr();
+      if (rel) rel->add(s_ptr, Products::s_ld, b, h, P.Q0, i0, r0, r1, a0, bk, rel_scratch);
       RowTerms<T> terms{static_cast<T>(P.scale), slopes ? slopes[h] : T(0), T(0), static_cast<T>(P.softcap),
                         full ? nullptr : mk.pad_at(b, a0, bk)};
       for (int64_t r = r0; r < r1; ++r) {
@@ -696,13 +769,15 @@ void forward_kernel(const Problem& P, const typename Products::Shared& shared, c
 template <typename T>
 void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                      const Tensor& mk, const Tensor& mv, const T* slopes, const Tensor& lse, const Tensor& delta,
-                     int64_t n_slices, Tensor& dq_part, Tensor& dk_h, Tensor& dv_h, Tensor& dmk_h, Tensor& dmv_h) {
+                     int64_t n_slices, Tensor& dq_part, Tensor& dk_h, Tensor& dv_h, Tensor& dmk_h, Tensor& dmv_h,
+                     const RelPositions<T>* rel = nullptr, Tensor* dqv_part = nullptr, Tensor* dpos_part = nullptr) {
   const int64_t n_kt_mem = (P.M + kBlockK - 1) / kBlockK, n_kt = n_kt_mem + (P.N + kBlockK - 1) / kBlockK;
   const auto opts = q.options();
   const Masks& ms = P.mk;
   at::parallel_for(0, P.B * P.H * n_slices, 1, [&](int64_t begin, int64_t end) {
     Tensor S = at::empty({kBlockQ, kBlockK}, opts);
     Tensor dP = at::empty({kBlockQ, kBlockK}, opts);
+    Tensor rel_scratch = rel ? at::empty({kSubRows, kSubRows + kBlockK}, opts) : Tensor();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t slice = item % n_slices, bh = item / n_slices, b = bh / P.H, h = bh % P.H, hk = h / P.group();
       RowTerms<T> terms{static_cast<T>(P.scale), slopes ? slopes[h] : T(0), T(0), static_cast<T>(P.softcap), nullptr};
@@ -710,6 +785,8 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
       const T* lse_b = lse[b][h].data_ptr<T>();
       const T* delta_b = delta[b][h].data_ptr<T>();
       Tensor dQb = dq_part[slice][b][h];
+      Tensor dQVb = rel ? (*dqv_part)[slice][b][h] : Tensor();
+      Tensor dPosb = rel ? (*dpos_part)[slice][b][h] : Tensor();
       for (int64_t kt = slice; kt < n_kt; kt += n_slices) {
         const bool in_mem = kt < n_kt_mem;
         const int64_t offset = in_mem ? 0 : P.M, len = in_mem ? P.M : P.N;
@@ -732,6 +809,7 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
           T* s_ptr = S.data_ptr<T>();
           T* dp_ptr = dP.data_ptr<T>();
           const int64_t ac = a0 + c0k;
+          if (rel) rel->add(s_ptr, kBlockK, b, h, P.Q0, i0, 0, bq, ac, w, rel_scratch);
           terms.pad = full ? nullptr : ms.pad_at(b, ac, w);
           for (int64_t r = 0; r < bq; ++r) {
             int64_t c0 = 0, c1 = w;
@@ -739,6 +817,7 @@ void backward_kernel(const Problem& P, const Tensor& dout, const Tensor& q, cons
             terms.dist0 = static_cast<T>(P.Q0 + i0 + r - ac);
             bwd_row(s_ptr + r * kBlockK, dp_ptr + r * kBlockK, w, c0, c1, terms, lse_b[i0 + r], delta_b[i0 + r]);
           }
+          if (rel) rel->grad(dp_ptr, kBlockK, b, h, P.Q0, i0, bq, ac, w, dQVb, dPosb, rel_scratch);
           dVt.narrow(0, c0k, w).addmm_(St.t(), dOt);  // dV += P^T dO
           dKt.narrow(0, c0k, w).addmm_(dPt.t(), Qt);  // dK += dS^T Q   (scaled at the end)
           dQb.narrow(0, i0, bq).addmm_(dPt, Kc);      // dQ += dS K    (scaled at the end)
@@ -1397,11 +1476,94 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
   return {dq, fold(dk_h, scale), fold(dv_h, 1.0), fold(dmk_h, scale), fold(dmv_h, 1.0)};
 }
 
+// Relative positions (docs/semantics.md §9): what the ops add to memory_attention's checks. Returns P.
+int64_t check_relative(const char* op, const checks::MemoryAttentionDims& d, const Tensor& q, const Tensor& qv,
+                       const Tensor& pos_emb, bool causal) {
+  TORCH_CHECK(causal, op, ": relative positions need causal attention (distances are >= 0)");
+  TORCH_CHECK(qv.defined() && qv.sizes() == q.sizes() && qv.scalar_type() == q.scalar_type() &&
+                  qv.device() == q.device(),
+              op, ": q_pos must have q's shape, dtype and device, got ", qv.sizes());
+  TORCH_CHECK(pos_emb.defined() && pos_emb.dim() == 3 && pos_emb.size(0) == d.H && pos_emb.size(2) == d.D &&
+                  pos_emb.scalar_type() == q.scalar_type() && pos_emb.device() == q.device(),
+              op, ": pos_emb must be (H=", d.H, ", P, D=", d.D, ") of q's dtype and device, got ", pos_emb.sizes());
+  const int64_t far = (d.window ? std::min<int64_t>(d.window, d.Q0 + d.N) : d.Q0 + d.N) - 1;
+  TORCH_CHECK(pos_emb.size(1) >= far + 1, op, ": pos_emb must hold every visible distance 0 .. ", far,
+              " (P >= ", far + 1, "), got P=", pos_emb.size(1));
+  return pos_emb.size(1);
+}
+
+std::tuple<Tensor, Tensor> memory_attention_rel_fwd(const Tensor& q, const Tensor& qv, const Tensor& k,
+                                                    const Tensor& v, const Tensor& mem_k, const Tensor& mem_v,
+                                                    const Tensor& pos_emb, bool causal, int64_t window, double scale) {
+  const char* op = "memory_attention_rel_fwd";
+  const auto dims = checks::memory_attention(op, q, k, v, mem_k, mem_v, std::nullopt, window);
+  const int64_t Pn = check_relative(op, dims, q, qv, pos_emb, causal);
+  MaskBuffers buffers;
+  const Problem P = describe(q, k, v, mem_k, dims.Q0, causal, dims.window, scale, std::nullopt, std::nullopt, 0.0,
+                             buffers);
+  const auto ct = compute_type(q.scalar_type());
+  Tensor out = at::empty({P.B, P.H, P.N, P.Dv}, q.options().dtype(ct));
+  Tensor lse = at::empty({P.B, P.H, P.N}, q.options().dtype(ct));
+  const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
+  const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct);
+  const Tensor qvc = compute_view(qv, ct), posc = compute_view(pos_emb, ct);
+  AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_rel_fwd_cpu", [&] {
+    const typename BlasProducts<scalar_t>::Shared shared{qc, kc, vc, mkc, mvc};
+    const RelPositions<scalar_t> rel{&qvc, &posc, Pn};
+    forward_kernel<scalar_t, BlasProducts<scalar_t>>(P, shared, nullptr, nullptr, out, lse, &rel);
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_rel_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& qv, const Tensor& k, const Tensor& v, const Tensor& mem_k,
+    const Tensor& mem_v, const Tensor& pos_emb, const Tensor& lse, const Tensor& delta, bool causal, int64_t window,
+    double scale) {
+  const char* op = "memory_attention_rel_bwd";
+  const auto dims = checks::memory_attention(op, q, k, v, mem_k, mem_v, std::nullopt, window);
+  checks::memory_attention_grads(op, dims, q, dout, lse, delta);
+  const int64_t Pn = check_relative(op, dims, q, qv, pos_emb, causal);
+  MaskBuffers buffers;
+  const Problem P = describe(q, k, v, mem_k, dims.Q0, causal, dims.window, scale, std::nullopt, std::nullopt, 0.0,
+                             buffers);
+  const auto ct = compute_type(q.scalar_type());
+  const Tensor lsec = compute_view(lse, ct).contiguous(), deltac = compute_view(delta, ct).contiguous();
+  const int64_t threads = at::get_num_threads(), bh = P.B * P.H;
+  const int64_t n_kt = (P.M + kBlockK - 1) / kBlockK + (P.N + kBlockK - 1) / kBlockK;
+  int64_t n_slices = 1;
+  if (bh % threads != 0 && bh < 4 * threads) n_slices = std::min(n_kt, (2 * threads + bh - 1) / bh);
+  const auto copts = q.options().dtype(ct);
+  Tensor dq_part = at::zeros({n_slices, P.B, P.H, P.N, P.D}, copts);
+  Tensor dqv_part = at::zeros({n_slices, P.B, P.H, P.N, P.D}, copts);
+  Tensor dpos_part = at::zeros({n_slices, P.B, P.H, Pn, P.D}, copts);
+  Tensor dk_h = at::zeros({P.B, P.H, P.N, P.D}, copts), dv_h = at::zeros({P.B, P.H, P.N, P.Dv}, copts);
+  Tensor dmk_h = at::zeros({P.B, P.H, P.M, P.D}, copts), dmv_h = at::zeros({P.B, P.H, P.M, P.Dv}, copts);
+  const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
+  const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct), doc = compute_view(dout, ct);
+  const Tensor qvc = compute_view(qv, ct), posc = compute_view(pos_emb, ct);
+  AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_rel_bwd_cpu", [&] {
+    const RelPositions<scalar_t> rel{&qvc, &posc, Pn};
+    backward_kernel<scalar_t>(P, doc, qc, kc, vc, mkc, mvc, nullptr, lsec, deltac, n_slices, dq_part, dk_h, dv_h,
+                              dmk_h, dmv_h, &rel, &dqv_part, &dpos_part);
+  });
+  const auto fold = [&](const Tensor& g, double s) {
+    Tensor r = P.group() == 1 ? g : g.view({P.B, P.Hkv, P.group(), g.size(2), g.size(3)}).sum(2);
+    if (s != 1.0) r = r.mul_(s);
+    return r.to(q.scalar_type());
+  };
+  Tensor dq = dq_part.sum(0).mul_(scale).to(q.scalar_type());
+  Tensor dqv = dqv_part.sum(0).mul_(scale).to(q.scalar_type());
+  Tensor dpos = dpos_part.sum({0, 1}).mul_(scale).to(pos_emb.scalar_type());
+  return {dq, dqv, fold(dk_h, scale), fold(dv_h, 1.0), fold(dmk_h, scale), fold(dmv_h, 1.0), dpos};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(longkernels, CPU, m) {
   m.impl("memory_attention_fwd", &memory_attention_fwd);
   m.impl("memory_attention_bwd", &memory_attention_bwd);
+  m.impl("memory_attention_rel_fwd", &memory_attention_rel_fwd);
+  m.impl("memory_attention_rel_bwd", &memory_attention_rel_bwd);
 }
 
 }  // namespace longkernels::cpu

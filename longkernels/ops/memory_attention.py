@@ -159,6 +159,91 @@ def validate_masks(q, mem_k, key_padding_mask, document_ids, softcap, sinks):
     return key_padding_mask, document_ids, softcap, sinks
 
 
+def validate_relative(q, mem_k, causal, window, alibi, masks, pos_emb, content_bias, pos_bias) -> None:
+    """Transformer-XL relative positions (semantics §9): causal, no second position scheme, no masks."""
+    B, H, N, D = q.shape
+    if pos_emb is None:
+        raise ValueError("content_bias and pos_bias need pos_emb (the relative-position embeddings)")
+    if not isinstance(pos_emb, torch.Tensor):
+        raise TypeError(f"pos_emb must be a torch.Tensor of shape (H, P, D), got {type(pos_emb).__name__}")
+    if pos_emb.dim() != 3 or pos_emb.shape[0] != H or pos_emb.shape[2] != D:
+        raise ValueError(f"pos_emb must have shape (H={H}, P, D={D}), got {tuple(pos_emb.shape)}")
+    _check_like_q(q, pos_emb=pos_emb)
+    for name, t in (("content_bias", content_bias), ("pos_bias", pos_bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (H, D), got {type(t).__name__}")
+        if tuple(t.shape) != (H, D):
+            raise ValueError(f"{name} must have shape (H={H}, D={D}), got {tuple(t.shape)}")
+        _check_like_q(q, **{name: t})
+    if not causal:
+        raise ValueError("pos_emb needs causal=True (relative distances (M + i) - j are >= 0 only for causal "
+                         "attention)")
+    if alibi is not None:
+        raise ValueError("pos_emb and alibi_slopes are two position schemes; pass one")
+    if any(m is not None for m in masks):
+        raise ValueError("pos_emb does not combine with key_padding_mask, document_ids, softcap or sinks")
+    M = mem_k.shape[2]
+    far = (min(window, M + N) if window else M + N) - 1
+    if pos_emb.shape[1] < far + 1:
+        raise ValueError(f"pos_emb must hold every visible distance 0 .. {far}: P >= {far + 1}, got "
+                         f"P={pos_emb.shape[1]}")
+
+
+class RelativeMemoryAttentionFunction(torch.autograd.Function):
+    """The relative-position kernels; q + content_bias and q + pos_bias are formed outside (autograd gives the
+    biases their gradients as the sums of the two query gradients)."""
+
+    @staticmethod
+    def forward(ctx, qu, qv, k, v, mem_k, mem_v, pos_emb, causal, window, scale, has_mem):
+        out, lse = torch.ops.longkernels.memory_attention_rel_fwd(qu, qv, k, v, mem_k, mem_v, pos_emb, causal,
+                                                                  window, scale)
+        ctx.save_for_backward(qu, qv, k, v, mem_k, mem_v, pos_emb, out, lse)
+        ctx.args = (causal, window, scale, has_mem)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        qu, qv, k, v, mem_k, mem_v, pos_emb, out, lse = ctx.saved_tensors
+        causal, window, scale, has_mem = ctx.args
+        if dout is None:
+            dout = torch.zeros_like(out)
+        delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse
+        dqu, dqv, dk, dv, dmk, dmv, dpos = torch.ops.longkernels.memory_attention_rel_bwd(
+            dout, qu, qv, k, v, mem_k, mem_v, pos_emb, lse, delta, causal, window, scale)
+        if not has_mem:
+            dmk = dmv = None
+        return dqu, dqv, dk, dv, dmk, dmv, dpos, None, None, None, None
+
+
+def _relative(q, k, v, mem_k, mem_v, has_mem, causal, window, scale, return_lse, pos_emb, content_bias, pos_bias,
+              backend):
+    H, D = q.shape[1], q.shape[3]
+    name = dispatch.choose("memory_attention", BACKENDS, lambda n: relative_reasons(n, q), ("cpu", "reference"),
+                           backend)
+    if name == "reference":
+        return _reference(q, k, v, mem_k if has_mem else None, mem_v if has_mem else None, causal=causal,
+                          window=window or None, scale=scale, return_lse=return_lse, pos_emb=pos_emb,
+                          content_bias=content_bias, pos_bias=pos_bias)
+    qu = q if content_bias is None else q + content_bias.view(1, H, 1, D)
+    qv = q if pos_bias is None else q + pos_bias.view(1, H, 1, D)
+    out, lse = RelativeMemoryAttentionFunction.apply(qu, qv, k, v, mem_k, mem_v, pos_emb, causal, window, scale,
+                                                     has_mem)
+    return (out, lse) if return_lse else out
+
+
+def relative_reasons(backend: str, q: torch.Tensor) -> list[str]:
+    """Why ``backend`` cannot run relative-position attention (the C++ CPU kernels and the reference can)."""
+    if backend == "reference":
+        return []
+    if backend == "cpu":
+        return dispatch.extension_reasons(q.device.type)
+    return [f"relative positions (pos_emb) run in the C++ CPU kernels and the reference, not in {backend}"]
+
+
 # --------------------------------------------------------------------------------------------
 # Backends: each says why it cannot take an input; ops/dispatch.py picks one.
 # --------------------------------------------------------------------------------------------
@@ -292,7 +377,7 @@ class MemoryAttentionFunction(torch.autograd.Function):
 
 def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=None, scale=None,
                      alibi_slopes=None, return_lse=False, key_padding_mask=None, document_ids=None, softcap=None,
-                     sinks=None, backend=None):
+                     sinks=None, pos_emb=None, content_bias=None, pos_bias=None, backend=None):
     """Attention of the current segment's queries over cached memory and the segment itself.
 
     Args:
@@ -310,6 +395,11 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=Non
         softcap: ``softcap * tanh(scale q.k / softcap)`` replaces the scaled dot product (Gemma 2).
         sinks: ``(H,)`` one extra logit per head in every row's softmax, carrying no value (GPT-OSS);
             receives a gradient when it requires one.
+        pos_emb: ``(H, P, D)`` Transformer-XL relative positions: the projected embedding of each distance
+            ``d = (M + i) - j`` at index ``d`` (``P`` at least the largest visible distance + 1); causal only.
+            The logit becomes ``scale * (<q_i + content_bias, k_j> + <q_i + pos_bias, pos_emb[h, d]>)``, the
+            shift done per tile inside the kernel. Receives a gradient, as do the biases.
+        content_bias, pos_bias: ``(H, D)``, Transformer-XL's ``r_w_bias`` and ``r_r_bias`` (default zero).
         backend: ``"cpu"``, ``"triton"``, ``"cuda"`` or ``"reference"``; default by device,
             overridable by the ``LONGKERNELS_BACKEND`` environment variable.
 
@@ -320,6 +410,11 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=Non
     has_mem = mem_k is not None
     mem_k, mem_v, window_i, scale_f, alibi = validate(q, k, v, mem_k, mem_v, causal, window, scale, alibi_slopes)
     kpm, docs, cap, sinks = validate_masks(q, mem_k, key_padding_mask, document_ids, softcap, sinks)
+    if pos_emb is not None or content_bias is not None or pos_bias is not None:
+        validate_relative(q, mem_k, causal, window_i, alibi, (kpm, docs, cap or None, sinks), pos_emb, content_bias,
+                          pos_bias)
+        return _relative(q, k, v, mem_k, mem_v, has_mem, causal, window_i, scale_f, return_lse, pos_emb,
+                         content_bias, pos_bias, backend)
     used = tuple(name for name, x in (("key_padding_mask", kpm), ("document_ids", docs), ("sinks", sinks))
                  if x is not None) + (("softcap",) if cap else ())
     name = choose_backend(q, v, backend, used)

@@ -37,13 +37,15 @@ def visible_keys(n: int, m: int, *, causal: bool, window: int | None, key_paddin
 
 def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=None, scale=None,
                      alibi_slopes=None, return_lse=False, key_padding_mask=None, document_ids=None, softcap=None,
-                     sinks=None, q_offset=None):
+                     sinks=None, q_offset=None, pos_emb=None, content_bias=None, pos_bias=None):
     """Reference of :func:`longkernels.memory_attention`; same arguments, same results.
 
     Computes in float32 (float64 for float64 inputs) and returns the input dtype. A row with no
     visible key gets output 0 and LSE -inf (the sink's logit with sinks), and no gradient.
     ``q_offset`` (default M) places query i at position ``q_offset + i`` (the keys stay at
-    ``0 .. M + N - 1``): a ring step's block pair (docs/semantics.md §5).
+    ``0 .. M + N - 1``): a ring step's block pair (docs/semantics.md §8).
+    ``pos_emb`` ``(H, P, D)``, ``content_bias``/``pos_bias`` ``(H, D)``: Transformer-XL's relative logits
+    (docs/semantics.md §9), ``scale * (<q_i + u, k_j> + <q_i + v, pos_emb[h, d_ij]>)``, ``d_ij = qpos_i - j``.
     """
     dtype = q.dtype
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -61,7 +63,15 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=Non
     keys = keys.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
     vals = vals.repeat_interleave(group, dim=1)
 
-    s = torch.matmul(q.to(cdt), keys.transpose(-1, -2)) * scale  # (B, H, N, M + N)
+    if pos_emb is None:
+        s = torch.matmul(q.to(cdt), keys.transpose(-1, -2)) * scale  # (B, H, N, M + N)
+    else:  # Transformer-XL: content (a)+(c) and position (b)+(d) terms, the position one gathered by distance
+        qc = q.to(cdt) if content_bias is None else q.to(cdt) + content_bias.to(cdt).view(1, H, 1, -1)
+        qp = q.to(cdt) if pos_bias is None else q.to(cdt) + pos_bias.to(cdt).view(1, H, 1, -1)
+        pos_scores = torch.matmul(qp, pos_emb.to(cdt).transpose(-1, -2).unsqueeze(0))  # (B, H, N, P)
+        qpos = torch.arange(N, device=q.device).unsqueeze(1) + (M if q_offset is None else q_offset)
+        dist = (qpos - torch.arange(M + N, device=q.device).unsqueeze(0)).clamp(0, pos_emb.shape[1] - 1)
+        s = (torch.matmul(qc, keys.transpose(-1, -2)) + pos_scores.gather(-1, dist.expand(B, H, N, M + N))) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     if alibi_slopes is not None:
