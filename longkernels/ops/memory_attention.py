@@ -330,6 +330,15 @@ if _ext.available():
     torch.library.register_fake("longkernels::memory_attention_fwd")(_fwd_fake)
     torch.library.register_fake("longkernels::memory_attention_bwd")(_bwd_fake)
 
+    @torch.library.register_fake("longkernels::memory_attention_rel_fwd")
+    def _rel_fwd_fake(q, q_pos, k, v, mem_k, mem_v, pos_emb, causal, window, scale):
+        return _fwd_fake(q, k, v, mem_k, mem_v, None, causal, window, scale)
+
+    @torch.library.register_fake("longkernels::memory_attention_rel_bwd")
+    def _rel_bwd_fake(dout, q, q_pos, k, v, mem_k, mem_v, pos_emb, lse, delta, causal, window, scale):
+        return (torch.empty_like(q), torch.empty_like(q_pos), torch.empty_like(k), torch.empty_like(v),
+                torch.empty_like(mem_k), torch.empty_like(mem_v), torch.empty_like(pos_emb))
+
 
 def _kernels(backend):
     if backend == "triton":
