@@ -68,7 +68,8 @@ class ReformerBlock(ReversibleBlock):
         norm_eps: of both LayerNorms.
         causal: LSH attention only (memory attention is causal).
         chunk_size, n_hashes, n_buckets, lsh_seed: LSH attention only (``lsh_seed``: its ``seed``).
-        mem_len, window, num_kv_heads, rotary, context_parallel_group: memory attention only.
+        mem_len, window, num_kv_heads, rotary, positions, clamp_len, context_parallel_group: memory attention
+            only (``positions="relative"``: Transformer-XL's relative positions, fused).
         backend: forwarded to the attention op.
 
     Extra arguments of F (``f_kwargs`` of the stack): ``key_padding_mask`` for LSH attention,
@@ -81,7 +82,8 @@ class ReformerBlock(ReversibleBlock):
                  norm_eps: float = 1e-5, causal: bool = True, chunk_size: int = 64, n_hashes: int = 2,
                  n_buckets: Optional[int] = None, lsh_seed: Optional[int] = None, mem_len: int = 0,
                  window: Optional[int] = None, num_kv_heads: Optional[int] = None, rotary: bool = True,
-                 backend: Optional[str] = None, context_parallel_group=None, device=None, dtype=None):
+                 backend: Optional[str] = None, context_parallel_group=None, positions: Optional[str] = None,
+                 clamp_len: Optional[int] = None, device=None, dtype=None):
         dim = _check_int("dim", dim, minimum=1)
         num_heads = _check_int("num_heads", num_heads, minimum=1)
         ff_hidden = 4 * dim if ff_hidden is None else _check_int("ff_hidden", ff_hidden, minimum=1)
@@ -96,7 +98,8 @@ class ReformerBlock(ReversibleBlock):
         elif attention == "memory":
             attn, kind = MemoryAttention(dim, num_heads, mem_len=mem_len, num_kv_heads=num_kv_heads, window=window,
                                          dropout=dropout, rotary=rotary, backend=backend,
-                                         context_parallel_group=context_parallel_group, **factory), "memory"
+                                         context_parallel_group=context_parallel_group, positions=positions,
+                                         clamp_len=clamp_len, **factory), "memory"
         else:
             raise ValueError(f"attention must be one of {ATTENTIONS} or an nn.Module, got {attention!r}")
         if context_parallel_group is not None and kind != "memory":

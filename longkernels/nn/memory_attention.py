@@ -177,6 +177,10 @@ class MemoryAttention(nn.Module):
         bias: biases on the four projections.
         dropout: dropout probability on the output.
         rotary: apply rotary position embeddings to q and k (needs an even ``D``).
+        positions: ``"rotary"`` (the default; ``rotary=False`` makes it ``"none"``), ``"relative"``
+            (Transformer-XL's relative positions, fused: sinusoidal embeddings of the distances projected
+            per head, a content and a position bias; ``embed_dim`` must be even), or ``"none"``.
+        clamp_len: with relative positions, distances above it share its embedding.
         backend: forwarded to :func:`longkernels.memory_attention`; None for the default dispatch.
         context_parallel_group: a ``torch.distributed`` process group over which each segment is sharded
             (:func:`longkernels.distributed.shard_sequence`'s zigzag layout): ``x`` is then this rank's part
@@ -194,7 +198,8 @@ class MemoryAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, *, mem_len: int, num_kv_heads: Optional[int] = None,
                  window: Optional[int] = None, bias: bool = True, dropout: float = 0.0, rotary: bool = True,
-                 backend: Optional[str] = None, context_parallel_group=None, device=None, dtype=None):
+                 backend: Optional[str] = None, context_parallel_group=None, positions: Optional[str] = None,
+                 clamp_len: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         embed_dim = _check_int("embed_dim", embed_dim, minimum=1)
         num_heads = _check_int("num_heads", num_heads, minimum=1)
@@ -210,6 +215,15 @@ class MemoryAttention(nn.Module):
             raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
         if not isinstance(rotary, bool):
             raise TypeError(f"rotary must be a bool, got {type(rotary).__name__}")
+        if positions is None:
+            positions = "rotary" if rotary else "none"
+        if positions not in ("rotary", "relative", "none"):
+            raise ValueError(f"positions must be 'rotary', 'relative' or 'none', got {positions!r}")
+        rotary = positions == "rotary"
+        if positions == "relative" and embed_dim % 2:
+            raise ValueError(f"positions='relative' needs an even embed_dim (sinusoidal embeddings), got {embed_dim}")
+        if positions == "relative" and context_parallel_group is not None:
+            raise ValueError("positions='relative' does not run on a context-parallel group yet (rotary does)")
         head_dim = embed_dim // num_heads
         if rotary and head_dim % 2:
             raise ValueError(f"rotary=True needs an even head dim, but embed_dim // num_heads = "
@@ -230,6 +244,12 @@ class MemoryAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **factory)
         self.rotary = RotaryEmbedding(head_dim) if rotary else None
+        self.positions = positions
+        self.clamp_len = None if clamp_len is None else _check_int("clamp_len", clamp_len, minimum=0)
+        if positions == "relative":  # Transformer-XL's r_net, r_w_bias (content) and r_r_bias (position)
+            self.r_net = nn.Linear(embed_dim, num_heads * head_dim, bias=False, **factory)
+            self.content_bias = nn.Parameter(torch.zeros(num_heads, head_dim, **factory))
+            self.pos_bias = nn.Parameter(torch.zeros(num_heads, head_dim, **factory))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -238,6 +258,10 @@ class MemoryAttention(nn.Module):
             nn.init.xavier_uniform_(proj.weight)
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
+        if self.positions == "relative":
+            nn.init.xavier_uniform_(self.r_net.weight)
+            nn.init.zeros_(self.content_bias)
+            nn.init.zeros_(self.pos_bias)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
@@ -308,8 +332,15 @@ class MemoryAttention(nn.Module):
         mem_k = mem_v = None
         if mems is not None and mems.k.shape[2] > 0:
             mem_k, mem_v = mems.k.detach(), mems.v.detach()
+        rel = {}
+        if self.positions == "relative":
+            from .relative import relative_pos_emb
+            M = 0 if mem_k is None else mem_k.shape[2]
+            n = min(self.window, M + L) if self.window else M + L
+            rel = dict(pos_emb=relative_pos_emb(self.r_net, n, H, D, clamp_len=self.clamp_len),
+                       content_bias=self.content_bias, pos_bias=self.pos_bias)
         o = memory_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mem_k, mem_v,
-                             causal=True, window=self.window, backend=self.backend)
+                             causal=True, window=self.window, backend=self.backend, **rel)
         y = self.out_proj(o.transpose(1, 2).reshape(B, L, H * D))
         y = F.dropout(y, p=self.dropout, training=self.training)
         return y, self._next_cache(mem_k, mem_v, k, v, pos + L)
