@@ -68,8 +68,8 @@ class ReformerBlock(ReversibleBlock):
         norm_eps: of both LayerNorms.
         causal: LSH attention only (memory attention is causal).
         chunk_size, n_hashes, n_buckets, lsh_seed: LSH attention only (``lsh_seed``: its ``seed``).
-        mem_len, window, num_kv_heads, rotary, positions, clamp_len, context_parallel_group: memory attention
-            only (``positions="relative"``: Transformer-XL's relative positions, fused).
+        mem_len, window, num_kv_heads, rotary, positions, clamp_len, cmem_len, compression_rate, compression,
+            context_parallel_group: memory attention only (:class:`MemoryAttention`'s arguments).
         backend: forwarded to the attention op.
 
     Extra arguments of F (``f_kwargs`` of the stack): ``key_padding_mask`` for LSH attention,
@@ -83,7 +83,8 @@ class ReformerBlock(ReversibleBlock):
                  n_buckets: Optional[int] = None, lsh_seed: Optional[int] = None, mem_len: int = 0,
                  window: Optional[int] = None, num_kv_heads: Optional[int] = None, rotary: bool = True,
                  backend: Optional[str] = None, context_parallel_group=None, positions: Optional[str] = None,
-                 clamp_len: Optional[int] = None, device=None, dtype=None):
+                 clamp_len: Optional[int] = None, cmem_len: int = 0, compression_rate: Optional[int] = None,
+                 compression: str = "mean", device=None, dtype=None):
         dim = _check_int("dim", dim, minimum=1)
         num_heads = _check_int("num_heads", num_heads, minimum=1)
         ff_hidden = 4 * dim if ff_hidden is None else _check_int("ff_hidden", ff_hidden, minimum=1)
@@ -99,7 +100,8 @@ class ReformerBlock(ReversibleBlock):
             attn, kind = MemoryAttention(dim, num_heads, mem_len=mem_len, num_kv_heads=num_kv_heads, window=window,
                                          dropout=dropout, rotary=rotary, backend=backend,
                                          context_parallel_group=context_parallel_group, positions=positions,
-                                         clamp_len=clamp_len, **factory), "memory"
+                                         clamp_len=clamp_len, cmem_len=cmem_len, compression_rate=compression_rate,
+                                         compression=compression, **factory), "memory"
         else:
             raise ValueError(f"attention must be one of {ATTENTIONS} or an nn.Module, got {attention!r}")
         if context_parallel_group is not None and kind != "memory":
@@ -185,6 +187,16 @@ class LongContextLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=dim ** -0.5)
         if tie_weights:
             self.head.weight = self.embed.weight
+
+    def reconstruction_loss(self, mems) -> Optional[torch.Tensor]:
+        """With compressive memory (``cmem_len``): the sum over blocks of the attention-reconstruction loss
+        (:meth:`MemoryAttention.reconstruction_loss`) of what the call that returned ``mems`` evicted, for the
+        training loop to add to its loss; None when nothing was evicted."""
+        if self.attention != "memory" or mems is None:
+            return None
+        losses = [blk.attention.reconstruction_loss(m) for blk, m in zip(self.layers.blocks, mems)]
+        losses = [x for x in losses if x is not None]
+        return torch.stack(losses).sum() if losses else None
 
     def extra_repr(self) -> str:
         return (f"vocab_size={self.vocab_size}, dim={self.dim}, depth={self.depth}, attention={self.attention}, "

@@ -146,6 +146,13 @@ class MemoryCache(NamedTuple):
     k: torch.Tensor
     v: torch.Tensor
     pos: int
+    # Compressive memory (cmem_len > 0): the compressed cache, attended before the memory, and what the last
+    # call evicted and compressed, with that call's queries, for reconstruction_loss(). All detached.
+    ck: Optional[torch.Tensor] = None
+    cv: Optional[torch.Tensor] = None
+    evicted_k: Optional[torch.Tensor] = None
+    evicted_v: Optional[torch.Tensor] = None
+    queries: Optional[torch.Tensor] = None
 
 
 class MemoryAttention(nn.Module):
@@ -181,6 +188,12 @@ class MemoryAttention(nn.Module):
             (Transformer-XL's relative positions, fused: sinusoidal embeddings of the distances projected
             per head, a content and a position bias; ``embed_dim`` must be even), or ``"none"``.
         clamp_len: with relative positions, distances above it share its embedding.
+        cmem_len: compressive memory (Rae et al. 2019): keys/values evicted from the ``mem_len`` cache are
+            compressed by ``compression_rate`` into a second cache of at most ``cmem_len`` entries, attended
+            before the memory in the same kernel call (0: none, evicted entries are dropped).
+        compression_rate: entries per compressed entry (evictions happen in whole groups of it).
+        compression: ``"mean"`` (pooling) or ``"conv"`` (a strided 1-D convolution of width
+            ``compression_rate`` per head dim, for keys and values, trained by :meth:`reconstruction_loss`).
         backend: forwarded to :func:`longkernels.memory_attention`; None for the default dispatch.
         context_parallel_group: a ``torch.distributed`` process group over which each segment is sharded
             (:func:`longkernels.distributed.shard_sequence`'s zigzag layout): ``x`` is then this rank's part
@@ -199,7 +212,8 @@ class MemoryAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, mem_len: int, num_kv_heads: Optional[int] = None,
                  window: Optional[int] = None, bias: bool = True, dropout: float = 0.0, rotary: bool = True,
                  backend: Optional[str] = None, context_parallel_group=None, positions: Optional[str] = None,
-                 clamp_len: Optional[int] = None, device=None, dtype=None):
+                 clamp_len: Optional[int] = None, cmem_len: int = 0, compression_rate: Optional[int] = None,
+                 compression: str = "mean", device=None, dtype=None):
         super().__init__()
         embed_dim = _check_int("embed_dim", embed_dim, minimum=1)
         num_heads = _check_int("num_heads", num_heads, minimum=1)
@@ -250,7 +264,47 @@ class MemoryAttention(nn.Module):
             self.r_net = nn.Linear(embed_dim, num_heads * head_dim, bias=False, **factory)
             self.content_bias = nn.Parameter(torch.zeros(num_heads, head_dim, **factory))
             self.pos_bias = nn.Parameter(torch.zeros(num_heads, head_dim, **factory))
+        self.cmem_len = _check_int("cmem_len", cmem_len, minimum=0)
+        self.compression = compression
+        self.compression_rate = None
+        if self.cmem_len:
+            if compression_rate is None:
+                raise ValueError("cmem_len > 0 needs compression_rate (entries per compressed entry)")
+            self.compression_rate = _check_int("compression_rate", compression_rate, minimum=1)
+            if compression not in ("mean", "conv"):
+                raise ValueError(f"compression must be 'mean' or 'conv', got {compression!r}")
+            if context_parallel_group is not None:
+                raise ValueError("compressive memory does not run on a context-parallel group yet")
+            if compression == "conv":
+                c = self.compression_rate
+                self.compress_k = nn.Conv1d(head_dim, head_dim, c, stride=c, **factory)
+                self.compress_v = nn.Conv1d(head_dim, head_dim, c, stride=c, **factory)
         self.reset_parameters()
+
+    def compress(self, k: torch.Tensor, v: torch.Tensor):
+        """``(B, Hkv, n, D)`` keys and values (``n`` a multiple of the rate) -> ``(B, Hkv, n / rate, D)`` each."""
+        B, Hkv, n, D = k.shape
+        c = self.compression_rate
+        if self.compression == "mean":
+            return k.view(B, Hkv, n // c, c, D).mean(3), v.view(B, Hkv, n // c, c, v.shape[3]).mean(3)
+
+        def conv(net, t):
+            y = net(t.reshape(B * Hkv, n, t.shape[3]).transpose(1, 2).to(net.weight.dtype))
+            return y.transpose(1, 2).reshape(B, Hkv, n // c, t.shape[3]).to(t.dtype)
+        return conv(self.compress_k, k), conv(self.compress_v, v)
+
+    def reconstruction_loss(self, cache: "MemoryCache") -> Optional[torch.Tensor]:
+        """The Compressive Transformer's attention-reconstruction loss for what ``cache``'s call evicted: the
+        mean squared difference between that call's queries attending over the evicted keys/values and over
+        their compression (content attention; gradients reach the compression only). None when nothing was
+        evicted; a constant for ``compression="mean"``, which has no parameters."""
+        if not self.cmem_len or cache is None or cache.evicted_k is None or cache.evicted_k.shape[2] == 0:
+            return None
+        q, k, v = cache.queries, cache.evicted_k, cache.evicted_v
+        with torch.no_grad():
+            want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        ck, cv = self.compress(k, v)
+        return F.mse_loss(F.scaled_dot_product_attention(q, ck, cv, enable_gqa=True), want)
 
     def reset_parameters(self) -> None:
         """Xavier-uniform weights and zero biases, as ``nn.MultiheadAttention`` initialises its projections."""
@@ -278,7 +332,7 @@ class MemoryAttention(nn.Module):
             raise ValueError("x must hold at least one token (x.shape[1] >= 1)")
         if mems is None:
             return None
-        if not isinstance(mems, tuple) or len(mems) != 3:
+        if not isinstance(mems, tuple) or len(mems) not in (3, len(MemoryCache._fields)):
             raise TypeError(f"mems must be None or the MemoryCache returned by the previous call, "
                             f"got {type(mems).__name__}")
         mems = MemoryCache(*mems)
@@ -332,18 +386,47 @@ class MemoryAttention(nn.Module):
         mem_k = mem_v = None
         if mems is not None and mems.k.shape[2] > 0:
             mem_k, mem_v = mems.k.detach(), mems.v.detach()
+        ck = cv = None
+        if self.cmem_len and mems is not None and mems.ck is not None and mems.ck.shape[2] > 0:
+            ck, cv = mems.ck.detach(), mems.cv.detach()
+        att_k, att_v = mem_k, mem_v  # the kernel's memory operand: compressed memory, then memory
+        if ck is not None:
+            att_k = ck if mem_k is None else torch.cat([ck, mem_k], dim=2)
+            att_v = cv if mem_v is None else torch.cat([cv, mem_v], dim=2)
         rel = {}
         if self.positions == "relative":
             from .relative import relative_pos_emb
-            M = 0 if mem_k is None else mem_k.shape[2]
+            M = 0 if att_k is None else att_k.shape[2]
             n = min(self.window, M + L) if self.window else M + L
             rel = dict(pos_emb=relative_pos_emb(self.r_net, n, H, D, clamp_len=self.clamp_len),
                        content_bias=self.content_bias, pos_bias=self.pos_bias)
-        o = memory_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mem_k, mem_v,
+        o = memory_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), att_k, att_v,
                              causal=True, window=self.window, backend=self.backend, **rel)
         y = self.out_proj(o.transpose(1, 2).reshape(B, L, H * D))
         y = F.dropout(y, p=self.dropout, training=self.training)
+        if self.cmem_len:
+            return y, self._next_compressive_cache(mem_k, mem_v, ck, cv, k, v, q, pos + L)
         return y, self._next_cache(mem_k, mem_v, k, v, pos + L)
+
+    def _next_compressive_cache(self, mem_k, mem_v, ck, cv, k, v, q, next_pos) -> MemoryCache:
+        """The memory keeps the last tokens; whole groups of compression_rate evicted tokens are compressed
+        onto the compressed cache (at most cmem_len entries), the rest stay in memory until a group fills."""
+        kt, vt = k.detach().transpose(1, 2), v.detach().transpose(1, 2)
+        allk = kt if mem_k is None else torch.cat([mem_k, kt], dim=2)
+        allv = vt if mem_v is None else torch.cat([mem_v, vt], dim=2)
+        total, c = allk.shape[2], self.compression_rate
+        evict = max(0, total - self.mem_len) // c * c
+        ek, ev = allk[:, :, :evict], allv[:, :, :evict]
+        if evict:
+            with torch.no_grad():
+                nk, nv = self.compress(ek, ev)
+            ck = nk if ck is None else torch.cat([ck, nk], dim=2)
+            cv = nv if cv is None else torch.cat([cv, nv], dim=2)
+            ck, cv = ck[:, :, max(0, ck.shape[2] - self.cmem_len):], cv[:, :, max(0, cv.shape[2] - self.cmem_len):]
+        if ck is None:
+            ck, cv = allk[:, :, :0], allv[:, :, :0]
+        return MemoryCache(allk[:, :, evict:], allv[:, :, evict:], next_pos, ck, cv, ek, ev,
+                           q.detach().transpose(1, 2))
 
     def _forward_sharded(self, x, mems, seq_len):
         from .. import distributed as cp
