@@ -90,7 +90,7 @@ def test_reconstruction_loss_trains_the_compression_only():
         opt.zero_grad()
         total.backward()
         opt.step()
-        losses.append(float(total))
+        losses.append(float(total.detach()))
     assert losses[-1] < 0.5 * losses[0]
     assert _layer("mean", 0).reconstruction_loss(None) is None
 

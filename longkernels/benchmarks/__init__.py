@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("memory_attention", "lsh_attention", "reversible", "reversible_coupling", "hf_models")
+MODULES = ("memory_attention", "lsh_attention", "relative_attention", "reversible", "reversible_coupling", "hf_models")
 
 
 def operations() -> dict:
