@@ -111,3 +111,17 @@ def test_context_parallel_trains_like_one_process(tmp_path):
         got = torch.tensor(_cp_run(tmp_path, nproc, n_cp), dtype=torch.float64)
         assert torch.allclose(got, one, rtol=1e-5, atol=0), f"{nproc} processes, context parallel {n_cp}: " \
                                                            f"{(got - one).abs().max():.2e}"
+
+
+def test_relative_positions_and_compressive_memory_flags(tmp_path):
+    out = tmp_path / "train_lm.json"
+    cmd = [sys.executable, str(EXAMPLE), "--task", "recall", "--configs", "rev-mem", "--steps", "3", "--batch", "2",
+           "--seg-len", "32", "--segments", "4", "--mem-len", "16", "--cmem-len", "8", "--compression-rate", "2",
+           "--positions", "relative", "--dim", "32", "--depth", "2", "--heads", "2", "--eval-every", "3",
+           "--eval-batches", "1", "--threads", "1", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())["results"]
+    assert (r["positions"], r["mem_len"], r["cmem_len"], r["compression_rate"]) == ("relative", 16, 8, 2)
+    assert 0 <= r["final"]["remote_recall"] <= 1
+    assert "relative positions" in proc.stdout and "compressed memory 8 x rate 2" in proc.stdout
