@@ -268,6 +268,13 @@ def _rows(truth: dict, got: dict, lowp: Optional[dict], dtype: torch.dtype):
     return rows
 
 
+def failures(truth: dict, got: dict, lowp: Optional[dict], dtype: torch.dtype) -> list:
+    """``"name: err ... > allowed ..."`` for every entry of ``got`` outside the tolerance rule (this module's
+    docstring) against ``truth`` (float64 reference) and ``lowp`` (the reference in ``dtype``; None for float64)."""
+    return [f"{name}: err {err:.2e} > {allowed:.2e}" for name, err, allowed, ok in _rows(truth, got, lowp, dtype)
+            if not ok]
+
+
 # --------------------------------------------------------------------------------------------
 # Activation memory
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from longkernels import _ext
 from longkernels.ops.memory_attention import block_attention
 from longkernels.reference.memory_attention import memory_attention as reference
-from longkernels.testing import FLOAT64_RTOL, LOWP_FACTOR, LOWP_FLOOR, case_seed, rel_err
+from longkernels.testing import case_seed, failures
 
 # (N, H, Hkv, D, Dv, causal, window, alibi, q_offset, padding)
 CASES = [
@@ -71,12 +71,7 @@ def _check(c, dtype, backend, strided=False):
     got = _run(fast, c, q, k, v, slopes, kpm, dout, dlse, dtype)
     truth = _run(ref, c, q, k, v, slopes, kpm, dout, dlse, torch.float64)
     lowp = None if dtype == torch.float64 else _run(ref, c, q, k, v, slopes, kpm, dout, dlse, dtype)
-    bad = []
-    for name in truth:
-        err = rel_err(got[name], truth[name])
-        allowed = FLOAT64_RTOL if lowp is None else LOWP_FACTOR * rel_err(lowp[name], truth[name]) + LOWP_FLOOR[dtype]
-        if not err <= allowed:
-            bad.append(f"{name}: err {err:.2e} > {allowed:.2e}")
+    bad = failures(truth, got, lowp, dtype)
     assert not bad, f"{backend} {dtype} {_ids(c)} (seed {seed}): " + "; ".join(bad)
 
 

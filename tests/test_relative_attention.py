@@ -8,7 +8,7 @@ import torch
 import longkernels
 from longkernels import _ext
 from longkernels.reference.memory_attention import memory_attention as reference
-from longkernels.testing import FLOAT64_RTOL, LOWP_FACTOR, LOWP_FLOOR, case_seed, rel_err
+from longkernels.testing import FLOAT64_RTOL, case_seed, failures, rel_err
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="the C++ extension is not built (a failure in "
                                 "tests/test_memory_attention.py::test_extension_is_built)")
@@ -63,12 +63,7 @@ def _check(c, dtype):
     got = _run(longkernels.memory_attention, t, window, dout, dtype)
     truth = _run(reference, t, window, dout, torch.float64)
     lowp = None if dtype == torch.float64 else _run(reference, t, window, dout, dtype)
-    bad = []
-    for name in truth:
-        err = rel_err(got[name], truth[name])
-        allowed = FLOAT64_RTOL if lowp is None else LOWP_FACTOR * rel_err(lowp[name], truth[name]) + LOWP_FLOOR[dtype]
-        if not err <= allowed:
-            bad.append(f"{name}: err {err:.2e} > {allowed:.2e}")
+    bad = failures(truth, got, lowp, dtype)
     assert not bad, f"{dtype} {_ids(c)} (seed {seed}): " + "; ".join(bad)
 
 

@@ -20,7 +20,6 @@ import dataclasses
 from typing import ClassVar, Optional, Sequence
 
 import torch
-from torch.nn import functional as F
 
 from ..ops.memory_attention import memory_attention
 from .base import FWDBWD_FACTOR, Implementation, Operation, Sweep, dtype_name

@@ -12,7 +12,6 @@ materialise the probabilities); ``dropout`` applies to the position embeddings a
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import NamedTuple, Optional
 
