@@ -55,6 +55,39 @@ def mem_bwd_args():
                 lse=_rand(g, B, H, N) + 3.0, delta=_rand(g, B, H, N), causal=True, window=9, scale=D ** -0.5)
 
 
+def rel_fwd_args(g=None):
+    g = g or _gen("rel fwd")
+    q, k, v = _rand(g, B, H, N, D), _rand(g, B, HKV, N, D), _rand(g, B, HKV, N, D)
+    mk, mv = _rand(g, B, HKV, M, D), _rand(g, B, HKV, M, D)
+    return dict(q=q, q_pos=_rand(g, B, H, N, D), k=k, v=v, mem_k=mk, mem_v=mv, pos_emb=_rand(g, H, 9, D), causal=True,
+                window=9, scale=D ** -0.5)
+
+
+def rel_bwd_args():
+    g = _gen("rel bwd")
+    a = rel_fwd_args(g)
+    return dict(dout=_rand(g, B, H, N, D), **{k: a[k] for k in ("q", "q_pos", "k", "v", "mem_k", "mem_v", "pos_emb")},
+                lse=_rand(g, B, H, N) + 3.0, delta=_rand(g, B, H, N), causal=True, window=9, scale=D ** -0.5)
+
+
+REL_FWD_BAD = {
+    "k shorter than q": ("k", lambda a: a["k"][:, :, :-1]),
+    "mem_v shorter than mem_k": ("mem_v", lambda a: a["mem_v"][:, :, :-1]),
+    "q_pos shorter than q": ("q_pos", lambda a: a["q_pos"][:, :, :-1]),
+    "q_pos dtype": ("q_pos", lambda a: a["q_pos"].double()),
+    "pos_emb heads": ("pos_emb", lambda a: a["pos_emb"][:-1]),
+    "pos_emb head dim": ("pos_emb", lambda a: a["pos_emb"][..., :-1]),
+    "pos_emb too short for the window": ("pos_emb", lambda a: a["pos_emb"][:, :-1]),
+    "pos_emb too short without a window": ("window", lambda a: 0),
+    "not causal": ("causal", lambda a: False),
+    "H % Hkv != 0": ("k", lambda a: torch.randn(B, 3, N, D)),
+}
+REL_BWD_BAD = {
+    **REL_FWD_BAD,
+    "lse shorter": ("lse", lambda a: a["lse"][:, :, :-1]),
+    "delta shorter": ("delta", lambda a: a["delta"][:, :-1]),
+}
+
 MEM_FWD_BAD = {
     "k shorter than q": ("k", lambda a: a["k"][:, :, :-1]),
     "v shorter than q": ("v", lambda a: a["v"][:, :, :-3]),
@@ -191,6 +224,8 @@ OPS = {  # name: (op, valid arguments, mutations, needs)
     "lsh_hash_sort": (lambda: ops.lsh_hash_sort, hash_args, HASH_BAD, needs_ext),
     "lsh_attention_fwd": (lambda: ops.lsh_attention_fwd, lsh_fwd_args, LSH_FWD_BAD, needs_ext),
     "lsh_attention_bwd": (lambda: ops.lsh_attention_bwd, lsh_bwd_args, LSH_BWD_BAD, needs_ext),
+    "memory_attention_rel_fwd": (lambda: ops.memory_attention_rel_fwd, rel_fwd_args, REL_FWD_BAD, needs_ext),
+    "memory_attention_rel_bwd": (lambda: ops.memory_attention_rel_bwd, rel_bwd_args, REL_BWD_BAD, needs_ext),
     "reversible_coupling": (lambda: ops.reversible_coupling, coupling_args, COUPLING_BAD, needs_ext),
     "reversible_coupling_": (lambda: ops.reversible_coupling_, coupling_args, COUPLING_INPLACE_BAD, needs_ext),
     "memory_attention_fwd_triton": (lambda: ops.memory_attention_fwd_triton, mem_fwd_args, MEM_FWD_BAD,
@@ -264,6 +299,16 @@ def _mem_views(backend_suffix: str):
     _no_nan(grads)
 
 
+def _rel_views():
+    a = {k: nan_view(v) if isinstance(v, torch.Tensor) else v for k, v in rel_fwd_args().items()}
+    out, lse = ops.memory_attention_rel_fwd(**a)
+    _no_nan((out, lse))
+    dout = nan_view(_rand(_gen("rel views"), *out.shape))
+    grads = ops.memory_attention_rel_bwd(dout, *(a[k] for k in ("q", "q_pos", "k", "v", "mem_k", "mem_v", "pos_emb")),
+                                         nan_view(lse), nan_view((dout * out).sum(-1)), True, 9, D ** -0.5)
+    _no_nan(grads)
+
+
 def _lsh_views(hash_op, suffix: str):
     a = hash_args()
     views = {k: nan_view(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in a.items()}
@@ -290,6 +335,7 @@ def _coupling_views(name: str):
 @needs_ext
 def test_cpu_ops_read_nothing_past_their_inputs():
     _mem_views("")
+    _rel_views()
     _lsh_views(ops.lsh_hash_sort, "")
     _lsh_views(ops.lsh_hash_sort_torch, "")
     _coupling_views("reversible_coupling")
