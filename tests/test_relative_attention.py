@@ -192,3 +192,15 @@ def test_memory_attention_relative_mode_segments_equal_whole(seed):
     out = model(torch.randint(0, 64, (2, 16)), out.mems)
     out.logits.sum().backward()
     assert model.layers.blocks[1].attention.pos_bias.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tiles", ["blas", "avx2"])
+@pytest.mark.parametrize("c", [CASES[2], CASES[3]], ids=_ids)
+def test_cpu_twins(c, tiles, monkeypatch):
+    # The forward's content products run on the micro-kernels where the CPU has them: the portable BLAS tiles
+    # and the AVX2 kernels must stay right too, on a machine that would take its AVX-512 ones.
+    if tiles == "avx2" and not _ext.build_info().get("cpu_avx2_fma"):
+        pytest.skip("this CPU has no AVX2 + FMA: the AVX2 tile products cannot run here")
+    monkeypatch.setenv("LONGKERNELS_CPU_TILES", tiles)
+    for dtype in (torch.float32, torch.bfloat16):
+        _check(c, dtype)

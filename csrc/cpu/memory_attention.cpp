@@ -1504,9 +1504,25 @@ std::tuple<Tensor, Tensor> memory_attention_rel_fwd(const Tensor& q, const Tenso
   const auto ct = compute_type(q.scalar_type());
   Tensor out = at::empty({P.B, P.H, P.N, P.Dv}, q.options().dtype(ct));
   Tensor lse = at::empty({P.B, P.H, P.N}, q.options().dtype(ct));
+  // The content products on the same tiles as plain memory attention (our micro-kernels where the CPU has them);
+  // the position products through the BLAS, in the compute type.
+  const Tensor qvc = compute_view(qv, ct), posc = compute_view(pos_emb, ct);
+  const F32Tiles f32 = f32_tiles();
+  const Tiles tiles_kind = forward_tiles(q, f32);
+  if (tiles_kind == Tiles::Bf16) {
+    const PackedProducts<uint16_t>::Shared shared(P, F32Tiles::None, q, k, v, mem_k, mem_v);
+    const RelPositions<float> rel{&qvc, &posc, Pn};
+    forward_kernel<float, PackedProducts<uint16_t>>(P, shared, nullptr, nullptr, out, lse, &rel);
+    return {out.to(q.scalar_type()), lse};
+  }
   const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
   const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct);
-  const Tensor qvc = compute_view(qv, ct), posc = compute_view(pos_emb, ct);
+  if (tiles_kind == Tiles::F32) {
+    const PackedProducts<float>::Shared shared(P, f32, qc, kc, vc, mkc, mvc);
+    const RelPositions<float> rel{&qvc, &posc, Pn};
+    forward_kernel<float, PackedProducts<float>>(P, shared, nullptr, nullptr, out, lse, &rel);
+    return {out.to(q.scalar_type()), lse};
+  }
   AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_rel_fwd_cpu", [&] {
     const typename BlasProducts<scalar_t>::Shared shared{qc, kc, vc, mkc, mvc};
     const RelPositions<scalar_t> rel{&qvc, &posc, Pn};
