@@ -48,11 +48,12 @@ double rel(const Tensor& a, const Tensor& b) {
 
 bool run_case(const Case& c) {
   using Opt = const std::optional<Tensor>&;
+  using OptInt = std::optional<int64_t>;
   using Fwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                         Opt, bool, int64_t, double, Opt, Opt, double, Opt);
+                                         Opt, bool, int64_t, double, Opt, Opt, double, Opt, OptInt);
   using Bwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-      Opt, const Tensor&, const Tensor&, bool, int64_t, double, Opt, Opt, double);
+      Opt, const Tensor&, const Tensor&, bool, int64_t, double, Opt, Opt, double, OptInt);
   static auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("longkernels::memory_attention_fwd", "").typed<Fwd>();
   static auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("longkernels::memory_attention_bwd", "").typed<Bwd>();
 
@@ -66,10 +67,11 @@ bool run_case(const Case& c) {
   Tensor dout = at::randn({c.B, c.H, c.N, c.Dv}, opt), dlse = at::randn({c.B, c.H, c.N}, opt);
 
   const std::optional<Tensor> none;  // no padding mask, documents or sinks; no softcap
-  auto [out, lse] = fwd.call(q, k, v, mk, mv, slopes, c.causal, c.window, scale, none, none, 0.0, none);
+  const OptInt q_offset;  // the queries at M + i
+  auto [out, lse] = fwd.call(q, k, v, mk, mv, slopes, c.causal, c.window, scale, none, none, 0.0, none, q_offset);
   Tensor delta = (dout * out).sum(-1) - dlse;
   auto [dq, dk, dv, dmk, dmv] =
-      bwd.call(dout, q, k, v, mk, mv, slopes, lse, delta, c.causal, c.window, scale, none, none, 0.0);
+      bwd.call(dout, q, k, v, mk, mv, slopes, lse, delta, c.causal, c.window, scale, none, none, 0.0, q_offset);
 
   std::vector<Tensor> leaves = {q, k, v, mk, mv};
   for (auto& t : leaves) t = t.detach().requires_grad_(true);
