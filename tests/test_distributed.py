@@ -225,3 +225,20 @@ def test_needs_an_initialised_group():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match="init_process_group"):
         ring_attention(q, q, q)
+
+
+def test_context_parallel_benchmark_smoke(tmp_path):
+    """The benchmark's plumbing: two gloo processes, a small causal shape, one step per measurement."""
+    import json
+    import subprocess
+
+    out = tmp_path / "cp.json"
+    proc = subprocess.run([sys.executable, "-m", "longkernels.benchmarks.context_parallel", "--world", "2",
+                           "--lengths", "256", "--dtypes", "float32", "--reps", "1", "--no-progress", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["mode"] for r in rows} == {"fwd", "fwdbwd"}
+    for r in rows:
+        assert r["world"] == 2 and r["T"] == 256 and r["ring"] > 0 and r["compute"] > 0 and r["comm"] > 0
+        assert r["bytes_sent"] > 0 and r["forward_bytes"] == 3 * r["full_ring_forward_bytes"] // 4

@@ -78,10 +78,10 @@ def _rank(rank, world, port, args, out_path):
     g = dist.group.WORLD
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows = []
+    shapes = [s for s in SHAPES if not args.lengths or s[1] in args.lengths]
+    shapes += [(f"causal {T}", T, 4, 2, 32, None) for T in args.lengths if T not in {s[1] for s in SHAPES}]
     try:
-        for name, T, H, Hkv, D, window in SHAPES:
-            if args.lengths and T not in args.lengths:
-                continue
+        for name, T, H, Hkv, D, window in shapes:
             for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
                 gen = torch.Generator().manual_seed(0)
@@ -154,7 +154,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--world", type=int, default=2, help="processes in the group (default 2: one per core here)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
-    p.add_argument("--lengths", default="", help="only these sequence lengths (comma-separated; default all)")
+    p.add_argument("--lengths", default="", help="only these sequence lengths (comma-separated; default all); a length "
+                                                 "not among the default shapes runs causal H4/2 D32 (a smoke run)")
     p.add_argument("--reps", type=int, default=3, help="timed steps per measurement (default 3)")
     p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per process)")
     p.add_argument("--out", default=None, help="JSON path (default longkernels-bench/context_parallel_<machine>.json)")
