@@ -10,7 +10,7 @@ TORCH_LIBRARY(longkernels, m) {
   // Returns (out, lse); lse is float32 (float64 for float64 inputs), shape (B, H, N); a row with no
   // visible key gets out 0 and lse -inf (the sink's logit with sinks). q_offset (default M) places query i at
   // position q_offset + i, keys staying at 0 .. M + N - 1: one call computes any block pair of a ring
-  // (docs/semantics.md §5); the CUDA kernels take only the default.
+  // (docs/semantics.md §8); the CUDA kernels take only the default.
   m.def(
       "memory_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor mem_k, Tensor mem_v, "
       "Tensor? alibi_slopes, bool causal, int window, float scale, Tensor? key_padding_mask=None, "

@@ -1,4 +1,4 @@
-"""Context parallelism over ``torch.distributed``: ring attention and Ulysses (docs/semantics.md §5).
+"""Context parallelism over ``torch.distributed``: ring attention and Ulysses (docs/semantics.md §8).
 
 Each rank of a process group of size ``W`` holds part of the sequence. The sequence of length ``T`` is cut
 into ``2W`` chunks (``torch.tensor_split``'s sizes: the first ``T % 2W`` one row longer) and rank ``r``
@@ -409,7 +409,7 @@ def _msg_numel(msg, B, Hkv, D, Dv):
 
 
 def _merge_into(acc_o, acc_lse, o, lse):
-    """acc = merge(acc, (o, lse)) in place, in float32 / float64 (semantics §4)."""
+    """acc = merge(acc, (o, lse)) in place, in float32 / float64 (semantics §7)."""
     o = o.to(acc_o.dtype)
     m = torch.maximum(acc_lse, lse)
     m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)

@@ -1,5 +1,5 @@
 """Block pairs at any relative position (``q_offset``: query i at ``q_offset + i``), the ring's building block
-(docs/semantics.md §5), on every CPU path and the Triton kernels under the interpreter, against the
+(docs/semantics.md §8), on every CPU path and the Triton kernels under the interpreter, against the
 reference: output, LSE and the gradients of q, k, v (through the output and the LSE)."""
 from __future__ import annotations
 

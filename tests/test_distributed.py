@@ -1,4 +1,4 @@
-"""Context parallelism (docs/semantics.md §5): ring and Ulysses attention on 1-4 gloo processes of this
+"""Context parallelism (docs/semantics.md §8): ring and Ulysses attention on 1-4 gloo processes of this
 machine, against single-process ``memory_attention`` over the whole sequence.
 
 Each world size runs every case in one spawn (``tests/_cp_worker.py``, one thread per process, a deadline

@@ -1,4 +1,4 @@
-"""merge_attention (docs/semantics.md §4): attention over disjoint key sets merged by the LSE equals attention
+"""merge_attention (docs/semantics.md §7): attention over disjoint key sets merged by the LSE equals attention
 over their union, with gradients to every part's output and LSE."""
 from __future__ import annotations
 

@@ -447,7 +447,7 @@ def block_attention(q, k, v, *, q_offset, causal=True, window=None, scale=None, 
 
     ``q`` ``(B, H, N, D)``, ``k``/``v`` ``(B, Hkv, N, D | Dv)`` (a ring's blocks have one length);
     visibility and ALiBi distances as :func:`memory_attention` with query ``i`` at ``q_offset + i``
-    (semantics §1 and §5). Returns ``(out, lse)`` with gradients to q, k, v and through the LSE; a row
+    (semantics §1 and §8). Returns ``(out, lse)`` with gradients to q, k, v and through the LSE; a row
     that sees no key of the block gets ``out`` 0 and ``lse`` -inf, so :func:`longkernels.merge_attention`
     ignores it. ``key_padding_mask`` ``(B, N)`` hides keys of the block (a ring's padded or unsent rows).
     ``q_offset = 0`` is the diagonal block, ``q_offset >= N`` a block of earlier keys,

@@ -1,4 +1,4 @@
-"""Merging attention over disjoint key sets by the log-sum-exp (docs/semantics.md §4).
+"""Merging attention over disjoint key sets by the log-sum-exp (docs/semantics.md §7).
 
 Attention of the same queries over key sets ``K_1, ..., K_n`` (outputs ``o_k``, LSEs ``lse_k``) combines into
 attention over their union:
@@ -83,7 +83,7 @@ def _check(outs, lses):
 
 
 def merge_attention(outs, lses, *, out_dtype: Optional[torch.dtype] = None):
-    """Combine attention over disjoint key sets into attention over their union (semantics §4).
+    """Combine attention over disjoint key sets into attention over their union (semantics §7).
 
     Args:
         outs: parts' outputs, each ``(..., N, Dv)`` (e.g. ``(B, H, N, Dv)``).
