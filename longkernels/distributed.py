@@ -263,24 +263,27 @@ class _Plan:
     window: int
     rounds: list  # d = 1..W-1 with at least one message somewhere
 
+    messages: dict  # (src, d): [(chunk, lo, hi)] that src sends to src + d
+
     def message(self, src: int, d: int):
         """[(chunk, lo, hi)] that src sends to src + d (empty: no message)."""
-        dst = (src + d) % self.lay.W
-        out = []
-        for b in self.lay.chunks(src):
-            rng = _need(self.lay, dst, b, self.causal, self.window)
-            if rng is not None:
-                out.append((b, *rng))
-        return out
+        return self.messages[src, d]
+
+
+def _message(lay, src, d, causal, window):
+    dst = (src + d) % lay.W
+    out = []
+    for b in lay.chunks(src):
+        rng = _need(lay, dst, b, causal, window)
+        if rng is not None:
+            out.append((b, *rng))
+    return out
 
 
 def _plan(lay, causal, window) -> _Plan:
-    rounds = [d for d in range(1, lay.W) if any(_plan_message(lay, s, d, causal, window) for s in range(lay.W))]
-    return _Plan(lay, causal, window, rounds)
-
-
-def _plan_message(lay, src, d, causal, window):
-    return _Plan(lay, causal, window, []).message(src, d)
+    messages = {(s, d): _message(lay, s, d, causal, window) for d in range(1, lay.W) for s in range(lay.W)}
+    rounds = [d for d in range(1, lay.W) if any(messages[s, d] for s in range(lay.W))]
+    return _Plan(lay, causal, window, rounds, messages)
 
 
 def bytes_sent(length: int, world_size: int, *, heads_kv: int, head_dim: int, head_dim_v: Optional[int] = None,
@@ -452,6 +455,20 @@ class _RingConfig:
         return kpm
 
 
+def _post_kv(cfg: _RingConfig, d: int, k_parts, v_parts, q):
+    """Round d's key/value messages: this rank's rows for r + d out, r - d's rows for this rank in.
+    Returns (requests, receive buffer, what it holds)."""
+    lay, r = cfg.plan.lay, cfg.r
+    B, Hkv, D, Dv = k_parts[0].shape[0], k_parts[0].shape[1], k_parts[0].shape[3], v_parts[0].shape[3]
+    src, dst = (r - d) % cfg.W, (r + d) % cfg.W
+    out_msg, in_msg = cfg.plan.message(r, d), cfg.plan.message(src, d)
+    sends = [(_pack(out_msg, k_parts, v_parts, lay, r), dst)] if out_msg else []
+    buf = q.new_zeros(_msg_numel(in_msg, B, Hkv, D, Dv)) if in_msg else None
+    if cfg.measure == "compute":  # the benchmark's compute-only step: the buffer stands in, nothing travels
+        return [], buf, in_msg
+    return _post(sends, [(buf, src)] if in_msg else [], cfg.group), buf, in_msg
+
+
 def _ring_forward(cfg: _RingConfig, q, k, v, mem_k, mem_v, alibi, fwd):
     lay, r = cfg.plan.lay, cfg.r
     B, H, _, D = q.shape
@@ -473,14 +490,7 @@ def _ring_forward(cfg: _RingConfig, q, k, v, mem_k, mem_v, alibi, fwd):
                 _merge_into(acc_o[ai], acc_l[ai], o, lse)
 
     def post(d):
-        src, dst = (r - d) % cfg.W, (r + d) % cfg.W
-        out_msg, in_msg = cfg.plan.message(r, d), cfg.plan.message(src, d)
-        sends = [(_pack(out_msg, k_parts, v_parts, lay, r), dst)] if out_msg else []
-        buf = q.new_zeros(_msg_numel(in_msg, B, Hkv, D, Dv)) if in_msg else None
-        recvs = [(buf, src)] if in_msg else []
-        if cfg.measure == "compute":
-            return [], buf, in_msg
-        return _post(sends, recvs, cfg.group), buf, in_msg
+        return _post_kv(cfg, d, k_parts, v_parts, q)
 
     rounds = cfg.plan.rounds
     pending = post(rounds[0]) if rounds else None
@@ -543,13 +553,7 @@ def _ring_backward(cfg: _RingConfig, dout, q, k, v, mem_k, mem_v, out, lse, dlse
         return grads
 
     def post_kv(d):
-        src, dst = (r - d) % cfg.W, (r + d) % cfg.W
-        out_msg, in_msg = cfg.plan.message(r, d), cfg.plan.message(src, d)
-        sends = [(_pack(out_msg, k_parts, v_parts, lay, r), dst)] if out_msg else []
-        buf = q.new_zeros(_msg_numel(in_msg, B, Hkv, D, Dv)) if in_msg else None
-        if cfg.measure == "compute":
-            return [], buf, in_msg
-        return _post(sends, [(buf, src)] if in_msg else [], cfg.group), buf, in_msg
+        return _post_kv(cfg, d, k_parts, v_parts, q)
 
     def post_grads(d, in_msg, grads):
         """Returns the key gradients of round d's blocks to their owner (r - d); receives ours from r + d."""
