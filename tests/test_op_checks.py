@@ -232,6 +232,10 @@ OPS = {  # name: (op, valid arguments, mutations, needs)
                                     needs_triton),
     "memory_attention_bwd_triton": (lambda: ops.memory_attention_bwd_triton, mem_bwd_args, MEM_BWD_BAD,
                                     needs_triton),
+    "memory_attention_rel_fwd_triton": (lambda: ops.memory_attention_rel_fwd_triton, rel_fwd_args, REL_FWD_BAD,
+                                        needs_triton),
+    "memory_attention_rel_bwd_triton": (lambda: ops.memory_attention_rel_bwd_triton, rel_bwd_args, REL_BWD_BAD,
+                                        needs_triton),
     "lsh_hash_sort_torch": (lambda: ops.lsh_hash_sort_torch, hash_args, HASH_BAD, None),
     "lsh_attention_fwd_triton": (lambda: ops.lsh_attention_fwd_triton, lsh_fwd_args, LSH_FWD_BAD, needs_triton),
     "lsh_attention_bwd_triton": (lambda: ops.lsh_attention_bwd_triton, lsh_bwd_args, LSH_BWD_BAD, needs_triton),
@@ -299,12 +303,12 @@ def _mem_views(backend_suffix: str):
     _no_nan(grads)
 
 
-def _rel_views():
+def _rel_views(suffix: str):
     a = {k: nan_view(v) if isinstance(v, torch.Tensor) else v for k, v in rel_fwd_args().items()}
-    out, lse = ops.memory_attention_rel_fwd(**a)
+    out, lse = getattr(ops, "memory_attention_rel_fwd" + suffix)(**a)
     _no_nan((out, lse))
     dout = nan_view(_rand(_gen("rel views"), *out.shape))
-    grads = ops.memory_attention_rel_bwd(dout, *(a[k] for k in ("q", "q_pos", "k", "v", "mem_k", "mem_v", "pos_emb")),
+    grads = getattr(ops, "memory_attention_rel_bwd" + suffix)(dout, *(a[k] for k in ("q", "q_pos", "k", "v", "mem_k", "mem_v", "pos_emb")),
                                          nan_view(lse), nan_view((dout * out).sum(-1)), True, 9, D ** -0.5)
     _no_nan(grads)
 
@@ -335,7 +339,7 @@ def _coupling_views(name: str):
 @needs_ext
 def test_cpu_ops_read_nothing_past_their_inputs():
     _mem_views("")
-    _rel_views()
+    _rel_views("")
     _lsh_views(ops.lsh_hash_sort, "")
     _lsh_views(ops.lsh_hash_sort_torch, "")
     _coupling_views("reversible_coupling")
@@ -345,6 +349,7 @@ def test_cpu_ops_read_nothing_past_their_inputs():
 @needs_triton
 def test_triton_ops_read_nothing_past_their_inputs():
     _mem_views("_triton")
+    _rel_views("_triton")
     _lsh_views(ops.lsh_hash_sort_torch, "_triton")
     _coupling_views("reversible_coupling_triton")
     _coupling_views("reversible_coupling_triton_")
@@ -358,7 +363,8 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine); the CPU tests "
                                                      "above run the same checks on the C++ and interpreter paths")
 CUDA_OPS = ["lsh_hash_sort_torch", "lsh_attention_fwd_triton", "lsh_attention_bwd_triton", "memory_attention_fwd_triton",
-            "memory_attention_bwd_triton", "reversible_coupling_triton", "reversible_coupling_triton_"]
+            "memory_attention_bwd_triton", "memory_attention_rel_fwd_triton", "memory_attention_rel_bwd_triton",
+            "reversible_coupling_triton", "reversible_coupling_triton_"]
 if _ext.cuda_compiled():
     CUDA_OPS += ["memory_attention_fwd", "memory_attention_bwd", "lsh_hash_sort"]
 

@@ -1,17 +1,24 @@
-"""Transformer-XL relative positions fused in memory attention (docs/semantics.md §9): the C++ CPU kernels
-against the reference, output, LSE and the gradients of q, k, v, the memory, pos_emb and both biases."""
+"""Transformer-XL relative positions fused in memory attention (docs/semantics.md §9): the C++ CPU kernels and
+the Triton kernels (under TRITON_INTERPRET=1 here) against the reference, output, LSE and the gradients of q, k, v,
+the memory, pos_emb and both biases."""
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
 import longkernels
 from longkernels import _ext
+from longkernels.ops import dispatch
+from longkernels.ops.memory_attention import relative_order, relative_reasons
 from longkernels.reference.memory_attention import memory_attention as reference
 from longkernels.testing import FLOAT64_RTOL, case_seed, failures, rel_err
 
-pytestmark = pytest.mark.skipif(not _ext.available(), reason="the C++ extension is not built (a failure in "
-                                "tests/test_memory_attention.py::test_extension_is_built)")
+needs_ext = pytest.mark.skipif(not _ext.available(), reason="the C++ extension is not built (a failure in "
+                               "tests/test_memory_attention.py::test_extension_is_built)")
+needs_triton = pytest.mark.skipif(bool(dispatch.triton_reasons("cpu")),
+                                  reason="; ".join(dispatch.triton_reasons("cpu")) or "triton runs")
 
 # (B, H, Hkv, N, M, D, window, extra P rows, strided)
 CASES = [
@@ -55,29 +62,76 @@ def _run(fn, t, window, dout, cdt):
     return {"out": out.detach(), "lse": lse.detach(), **{"d" + n: g for n, g in zip(leaves, grads)}}
 
 
-def _check(c, dtype):
+def _check(c, dtype, backend="cpu"):
     seed = case_seed(c, str(dtype))
     t, window, g = _inputs(c, dtype, seed)
     B, H, N = c[0], c[1], c[3]
     dout = torch.randn(B, H, N, c[5], generator=g, dtype=torch.float64)
-    got = _run(longkernels.memory_attention, t, window, dout, dtype)
+    got = _run(functools.partial(longkernels.memory_attention, backend=backend), t, window, dout, dtype)
     truth = _run(reference, t, window, dout, torch.float64)
     lowp = None if dtype == torch.float64 else _run(reference, t, window, dout, dtype)
     bad = failures(truth, got, lowp, dtype)
-    assert not bad, f"{dtype} {_ids(c)} (seed {seed}): " + "; ".join(bad)
+    assert not bad, f"{backend} {dtype} {_ids(c)} (seed {seed}): " + "; ".join(bad)
 
 
+@needs_ext
 @pytest.mark.parametrize("c", CASES, ids=_ids)
 def test_float64(c):
     _check(c, torch.float64)
 
 
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("c", [CASES[2], CASES[3], CASES[5]], ids=_ids)
 def test_low_precision(c, dtype):
     _check(c, dtype)
 
 
+# The interpreter runs every tile in Python: the cases above, shortened where they are long (the tile logic
+# is the same at any length; the 16-row tiles under the interpreter make these several tiles long).
+TRITON_CASES = CASES[:3] + [
+    (1, 2, 1, 70, 90, 16, 45, 5, True),         # window shorter than the memory, strided inputs
+    (1, 3, 3, 53, 0, 12, 9, 0, False),          # D not a power of 2, no memory, short window
+    (1, 2, 2, 33, 40, 40, 500, 0, False),       # a window that hides nothing, D not a power of 2
+    (2, 8, 2, 20, 17, 16, None, 1, False),      # GQA group of 4
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("c", TRITON_CASES, ids=_ids)
+def test_triton_float64(c):
+    _check(c, torch.float64, "triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("c", [TRITON_CASES[2], TRITON_CASES[3]], ids=_ids)
+def test_triton_low_precision(c, dtype):
+    _check(c, dtype, "triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("blocks", [(16, 32), (32, 16)], ids=str)
+def test_triton_unequal_tiles(blocks, monkeypatch):
+    # The band's column of a pair, a + BLOCK_N - 1 - b, and its width 2 max(BLOCK_M, BLOCK_N) hold for query and
+    # key tiles of different sizes (the GPU's autotuned configurations have them).
+    from longkernels.triton_kernels import relative_attention as tr
+    monkeypatch.setattr(tr, "INTERPRETER_BLOCKS", {name: blocks for name in ("fwd", "dq", "dkdv")})
+    _check(TRITON_CASES[3], torch.float64, "triton")
+
+
+def test_backend_order():
+    # CUDA tensors go to Triton (the compiled CUDA kernels take no relative positions, and say so); CPU tensors
+    # to the C++ kernels.
+    q = torch.zeros(1, 2, 4, 16)
+    assert relative_order("cuda") == ("triton", "reference")
+    assert relative_order("cpu") == ("cpu", "reference")
+    assert any("not in cuda" in r for r in relative_reasons("cuda", q, q))
+    assert relative_reasons("triton", q, q) == dispatch.triton_reasons("cpu", head_dim=16, max_head_dim=256,
+                                                                          dtype=q.dtype)
+
+
+@needs_ext
 def test_no_position_matrix_is_saved():
     # The autograd graph keeps the inputs, the output and the LSE: nothing of size N x (M + N).
     from longkernels.testing import saved_tensor_bytes
@@ -108,6 +162,7 @@ def test_bad_input(kwargs, err, match):
         longkernels.memory_attention(q, q, q, **kwargs)
 
 
+@needs_ext
 def test_op_checks():
     q = torch.randn(1, 2, 12, 8)
     e = q[:, :, :0]
@@ -194,6 +249,7 @@ def test_memory_attention_relative_mode_segments_equal_whole(seed):
     assert model.layers.blocks[1].attention.pos_bias.grad.abs().sum() > 0
 
 
+@needs_ext
 @pytest.mark.parametrize("tiles", ["blas", "avx2"])
 @pytest.mark.parametrize("c", [CASES[2], CASES[3]], ids=_ids)
 def test_cpu_twins(c, tiles, monkeypatch):

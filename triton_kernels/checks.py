@@ -90,6 +90,23 @@ def memory_attention_grads(op, q, k, v, dout, lse, delta) -> None:
         shape(op, name, t, (B, H, N))
 
 
+def relative(op, q, q_pos, mem_k, pos_emb, causal, window) -> None:
+    """Transformer-XL relative positions (the C++ ops' check_relative): causal, q_pos like q, pos_emb (H, P, D) of
+    q's dtype holding every visible distance; the window as memory_attention returns it (0: none)."""
+    B, H, N, D = q.shape
+    require(causal, op, "relative positions need causal attention (distances are >= 0)")
+    require(isinstance(q_pos, torch.Tensor) and q_pos.shape == q.shape and q_pos.dtype == q.dtype
+            and q_pos.device == q.device, op, f"q_pos must have q's shape, dtype and device, got {tuple(q_pos.shape)}")
+    require(isinstance(pos_emb, torch.Tensor) and pos_emb.dim() == 3 and pos_emb.shape[0] == H
+            and pos_emb.shape[2] == D and pos_emb.dtype == q.dtype and pos_emb.device == q.device, op,
+            f"pos_emb must be (H={H}, P, D={D}) of q's dtype and device")
+    M = mem_k.shape[2]
+    far = (min(window, M + N) if window else M + N) - 1
+    require(pos_emb.shape[1] >= far + 1, op, f"pos_emb must hold every visible distance 0 .. {far} (P >= {far + 1}), "
+            f"got P={pos_emb.shape[1]}")
+    require(pos_emb.shape[1] <= INT32_MAX, op, "pos_emb's P must fit int32 distances")
+
+
 def lsh_hash_sort(op, qk, rotations, key_padding_mask, n_buckets, padded_len, bucket_factors=None) -> None:
     require(isinstance(qk, torch.Tensor) and qk.dim() == 4, op, "qk must be a 4-D tensor (B, H, L, D)")
     floating(op, "qk", qk, 4, qk.device)

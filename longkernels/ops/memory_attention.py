@@ -191,39 +191,45 @@ def validate_relative(q, mem_k, causal, window, alibi, masks, pos_emb, content_b
                          f"P={pos_emb.shape[1]}")
 
 
+def _rel_kernels(backend):
+    if backend == "triton":
+        return (torch.ops.longkernels.memory_attention_rel_fwd_triton,
+                torch.ops.longkernels.memory_attention_rel_bwd_triton)
+    return torch.ops.longkernels.memory_attention_rel_fwd, torch.ops.longkernels.memory_attention_rel_bwd
+
+
 class RelativeMemoryAttentionFunction(torch.autograd.Function):
     """The relative-position kernels; q + content_bias and q + pos_bias are formed outside (autograd gives the
     biases their gradients as the sums of the two query gradients)."""
 
     @staticmethod
-    def forward(ctx, qu, qv, k, v, mem_k, mem_v, pos_emb, causal, window, scale, has_mem):
-        out, lse = torch.ops.longkernels.memory_attention_rel_fwd(qu, qv, k, v, mem_k, mem_v, pos_emb, causal,
-                                                                  window, scale)
+    def forward(ctx, qu, qv, k, v, mem_k, mem_v, pos_emb, causal, window, scale, has_mem, backend="cpu"):
+        out, lse = _rel_kernels(backend)[0](qu, qv, k, v, mem_k, mem_v, pos_emb, causal, window, scale)
         ctx.save_for_backward(qu, qv, k, v, mem_k, mem_v, pos_emb, out, lse)
-        ctx.args = (causal, window, scale, has_mem)
+        ctx.args = (causal, window, scale, has_mem, backend)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         qu, qv, k, v, mem_k, mem_v, pos_emb, out, lse = ctx.saved_tensors
-        causal, window, scale, has_mem = ctx.args
+        causal, window, scale, has_mem, backend = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
         if dlse is not None:
             delta = delta - dlse
-        dqu, dqv, dk, dv, dmk, dmv, dpos = torch.ops.longkernels.memory_attention_rel_bwd(
+        dqu, dqv, dk, dv, dmk, dmv, dpos = _rel_kernels(backend)[1](
             dout, qu, qv, k, v, mem_k, mem_v, pos_emb, lse, delta, causal, window, scale)
         if not has_mem:
             dmk = dmv = None
-        return dqu, dqv, dk, dv, dmk, dmv, dpos, None, None, None, None
+        return dqu, dqv, dk, dv, dmk, dmv, dpos, None, None, None, None, None
 
 
 def _relative(q, k, v, mem_k, mem_v, has_mem, causal, window, scale, return_lse, pos_emb, content_bias, pos_bias,
               backend):
     H, D = q.shape[1], q.shape[3]
-    name = dispatch.choose("memory_attention", BACKENDS, lambda n: relative_reasons(n, q), ("cpu", "reference"),
-                           backend)
+    name = dispatch.choose("memory_attention", BACKENDS, lambda n: relative_reasons(n, q, v),
+                           relative_order(q.device.type), backend)
     if name == "reference":
         return _reference(q, k, v, mem_k if has_mem else None, mem_v if has_mem else None, causal=causal,
                           window=window or None, scale=scale, return_lse=return_lse, pos_emb=pos_emb,
@@ -231,17 +237,25 @@ def _relative(q, k, v, mem_k, mem_v, has_mem, causal, window, scale, return_lse,
     qu = q if content_bias is None else q + content_bias.view(1, H, 1, D)
     qv = q if pos_bias is None else q + pos_bias.view(1, H, 1, D)
     out, lse = RelativeMemoryAttentionFunction.apply(qu, qv, k, v, mem_k, mem_v, pos_emb, causal, window, scale,
-                                                     has_mem)
+                                                     has_mem, name)
     return (out, lse) if return_lse else out
 
 
-def relative_reasons(backend: str, q: torch.Tensor) -> list[str]:
-    """Why ``backend`` cannot run relative-position attention (the C++ CPU kernels and the reference can)."""
+def relative_order(device_type: str) -> tuple[str, ...]:
+    return ("triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+
+
+def relative_reasons(backend: str, q: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Why ``backend`` cannot run relative-position attention (the C++ CPU kernels, Triton and the reference can;
+    the compiled CUDA kernels cannot)."""
     if backend == "reference":
         return []
     if backend == "cpu":
         return dispatch.extension_reasons(q.device.type)
-    return [f"relative positions (pos_emb) run in the C++ CPU kernels and the reference, not in {backend}"]
+    if backend == "triton":
+        return dispatch.triton_reasons(q.device.type, head_dim=max(q.shape[-1], v.shape[-1]),
+                                       max_head_dim=TRITON_MAX_HEAD_DIM, dtype=q.dtype)
+    return [f"relative positions (pos_emb) run in the C++ CPU kernels, Triton and the reference, not in {backend}"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,18 +340,50 @@ def _triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 _triton_fwd.register_fake(_fwd_fake)
 _triton_bwd.register_fake(_bwd_fake)
 
+
+@torch.library.custom_op("longkernels::memory_attention_rel_fwd_triton", mutates_args=())
+def _triton_rel_fwd(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor,
+                    mem_v: torch.Tensor, pos_emb: torch.Tensor, causal: bool, window: int, scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton_kernels import checks, relative_attention as tr
+    op = "memory_attention_rel_fwd_triton"
+    window, _ = checks.memory_attention(op, q, k, v, mem_k, mem_v, None, window)
+    checks.relative(op, q, q_pos, mem_k, pos_emb, causal, window)
+    return tr.relative_fwd(q, q_pos, k, v, mem_k, mem_v, pos_emb, window, scale)
+
+
+@torch.library.custom_op("longkernels::memory_attention_rel_bwd_triton", mutates_args=())
+def _triton_rel_bwd(dout: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mem_k: torch.Tensor, mem_v: torch.Tensor, pos_emb: torch.Tensor, lse: torch.Tensor,
+                    delta: torch.Tensor, causal: bool, window: int, scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor]:
+    from ..triton_kernels import checks, relative_attention as tr
+    op = "memory_attention_rel_bwd_triton"
+    window, _ = checks.memory_attention(op, q, k, v, mem_k, mem_v, None, window)
+    checks.memory_attention_grads(op, q, k, v, dout, lse, delta)
+    checks.relative(op, q, q_pos, mem_k, pos_emb, causal, window)
+    return tr.relative_bwd(dout, q, q_pos, k, v, mem_k, mem_v, pos_emb, lse, delta, window, scale)
+
+
+def _rel_fwd_fake(q, q_pos, k, v, mem_k, mem_v, pos_emb, causal, window, scale):
+    return _fwd_fake(q, k, v, mem_k, mem_v, None, causal, window, scale)
+
+
+def _rel_bwd_fake(dout, q, q_pos, k, v, mem_k, mem_v, pos_emb, lse, delta, causal, window, scale):
+    return (torch.empty_like(q), torch.empty_like(q_pos), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(mem_k), torch.empty_like(mem_v), torch.empty_like(pos_emb))
+
+
+_triton_rel_fwd.register_fake(_rel_fwd_fake)
+_triton_rel_bwd.register_fake(_rel_bwd_fake)
+
 if _ext.available():
     torch.library.register_fake("longkernels::memory_attention_fwd")(_fwd_fake)
     torch.library.register_fake("longkernels::memory_attention_bwd")(_bwd_fake)
 
-    @torch.library.register_fake("longkernels::memory_attention_rel_fwd")
-    def _rel_fwd_fake(q, q_pos, k, v, mem_k, mem_v, pos_emb, causal, window, scale):
-        return _fwd_fake(q, k, v, mem_k, mem_v, None, causal, window, scale)
-
-    @torch.library.register_fake("longkernels::memory_attention_rel_bwd")
-    def _rel_bwd_fake(dout, q, q_pos, k, v, mem_k, mem_v, pos_emb, lse, delta, causal, window, scale):
-        return (torch.empty_like(q), torch.empty_like(q_pos), torch.empty_like(k), torch.empty_like(v),
-                torch.empty_like(mem_k), torch.empty_like(mem_v), torch.empty_like(pos_emb))
+    torch.library.register_fake("longkernels::memory_attention_rel_fwd")(_rel_fwd_fake)
+    torch.library.register_fake("longkernels::memory_attention_rel_bwd")(_rel_bwd_fake)
 
 
 def _kernels(backend):
