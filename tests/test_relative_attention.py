@@ -54,20 +54,20 @@ def _inputs(c, dtype, seed):
     return t, window, g
 
 
-def _run(fn, t, window, dout, cdt):
-    leaves = {n: x.detach().to(cdt).requires_grad_() for n, x in t.items()}
+def _run(fn, t, window, dout, cdt, device="cpu"):
+    leaves = {n: x.detach().to(device=device, dtype=cdt).requires_grad_() for n, x in t.items()}
     out, lse = fn(**leaves, window=window, return_lse=True)
-    loss = (out.double() * dout).sum() + lse.double().sum()
+    loss = (out.double().cpu() * dout).sum() + lse.double().cpu().sum()
     grads = torch.autograd.grad(loss, list(leaves.values()))
-    return {"out": out.detach(), "lse": lse.detach(), **{"d" + n: g for n, g in zip(leaves, grads)}}
+    return {"out": out.detach().cpu(), "lse": lse.detach().cpu(), **{"d" + n: g.cpu() for n, g in zip(leaves, grads)}}
 
 
-def _check(c, dtype, backend="cpu"):
+def _check(c, dtype, backend="cpu", device="cpu"):
     seed = case_seed(c, str(dtype))
     t, window, g = _inputs(c, dtype, seed)
     B, H, N = c[0], c[1], c[3]
     dout = torch.randn(B, H, N, c[5], generator=g, dtype=torch.float64)
-    got = _run(functools.partial(longkernels.memory_attention, backend=backend), t, window, dout, dtype)
+    got = _run(functools.partial(longkernels.memory_attention, backend=backend), t, window, dout, dtype, device)
     truth = _run(reference, t, window, dout, torch.float64)
     lowp = None if dtype == torch.float64 else _run(reference, t, window, dout, dtype)
     bad = failures(truth, got, lowp, dtype)
@@ -118,6 +118,16 @@ def test_triton_unequal_tiles(blocks, monkeypatch):
     from longkernels.triton_kernels import relative_attention as tr
     monkeypatch.setattr(tr, "INTERPRETER_BLOCKS", {name: blocks for name in ("fwd", "dq", "dkdv")})
     _check(TRITON_CASES[3], torch.float64, "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine); "
+                    "test_triton_float64/test_triton_low_precision are its twins under the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gpu(dtype):
+    # Compiled Triton on CUDA tensors, at every case of the CPU matrix (the GPU's autotuned tiles).
+    for c in CASES:
+        _check(c, dtype, "triton", device="cuda")
 
 
 def test_backend_order():

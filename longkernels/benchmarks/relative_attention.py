@@ -21,7 +21,7 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
-from ..ops.memory_attention import memory_attention
+from ..ops.memory_attention import memory_attention, relative_order, relative_reasons
 from .base import FWDBWD_FACTOR, Implementation, Operation, Sweep, dtype_name
 from .memory_attention import visible_pairs
 
@@ -107,8 +107,10 @@ class Relative(Implementation):
             free = _memory_limit(device)
             if free is not None and need > 0.8 * free:
                 return [f"needs about {need / 2**30:.0f} GiB of score matrices; {free / 2**30:.0f} GiB available"]
-        if self.name != "txl-unfused" and device.type != "cpu":
-            return ["the relative-position kernels are the C++ CPU ones (no GPU kernel yet)"]
+        if self.name == "longkernels-relative":
+            probe = torch.empty(1, 1, 1, 64, device=device, dtype=case.dtype)
+            name = relative_order(device.type)[0]
+            return relative_reasons(name, probe, probe)
         return []
 
     def build(self, case, device):
