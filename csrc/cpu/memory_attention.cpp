@@ -598,7 +598,11 @@ constexpr int64_t kSubRows = 48;  // a multiple of the micro-kernels' 6 rows
 // diagonal into the score tile. No N x (M + N) position matrix, no shift in memory. BLAS tiles only.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
+struct RelLocal;
+
+template <typename T>
 struct RelPositions {
+  using Local = RelLocal<T>;  // the forward's per-thread part
   const Tensor* qv;   // (B, H, N, D), compute type
   const Tensor* pos;  // (H, P, D), compute type
   int64_t P;
@@ -660,6 +664,103 @@ struct RelPositions {
   }
 };
 
+// The forward's per-thread view of RelPositions (its scratch band).
+template <typename T>
+struct RelLocal {
+  const RelPositions<T>* rel;
+  Tensor scratch;
+  RelLocal(const RelPositions<T>* r, const at::TensorOptions& opts)
+      : rel(r), scratch(r ? at::empty({kSubRows, kSubRows + kBlockK}, opts) : Tensor()) {}
+  void begin_queries(int64_t, int64_t, int64_t, int64_t) {}
+  void add(T* s, int64_t ld, int64_t b, int64_t h, int64_t q0, int64_t i0, int64_t r0, int64_t r1, int64_t a0,
+           int64_t bk) {
+    rel->add(s, ld, b, h, q0, i0, r0, r1, a0, bk, scratch);
+  }
+};
+
+// The position term on the micro-kernels (the forward of PackedProducts' tiles): R is packed once per call as
+// PackedProducts packs keys, per head and reversed along the distances (row x of the panel holds distance
+// P - 1 - x), so that along a query row the band's entries for consecutive keys are consecutive: the band
+// product of a sub-block of kSubRows rows is one gemm over the panel rows of its distances, and each row adds a
+// contiguous stretch of it to its scores (a vector add, not a reversed gather). qv rows are copied per query
+// tile, as the queries are.
+template <typename E>
+struct PackedRel {
+  using Src = typename PackedProducts<E>::Src;
+  static constexpr int64_t kp = PackedProducts<E>::kp;
+  static constexpr int64_t kBandLd = kSubRows + kBlockK + 16;  // the widest band, rounded up to 16 columns
+  const Tensor& qv;  // (B, H, N, D) as given (float32, or bfloat16 for E = uint16_t)
+  F32Tiles isa;
+  int64_t P, Pp, Dp;
+  Tensor rp;  // (H, Dp / kp, Pp, kp): R reversed and transposed, zero past P
+  PackedRel(const Tensor& qv_, const Tensor& pos, int64_t P_, F32Tiles isa_)
+      : qv(qv_), isa(isa_), P(P_), Pp(round_up(P_, 16) + 16), Dp(round_up(pos.size(2), kp)) {
+    const int64_t H = pos.size(0), D = pos.size(2);
+    // Rows reversed along P and padded to Dp in one staging copy (P x D per head: small beside the keys).
+    Tensor staged = at::zeros({H, P, Dp}, pos.options());
+    staged.narrow(2, 0, D).copy_(pos.flip({1}));
+    rp = at::empty({H, Dp / kp, Pp, kp}, pos.options().dtype(std::is_same_v<E, float> ? at::kFloat : at::kShort));
+    const F32Tiles t_isa = std::is_same_v<E, float> ? isa : F32Tiles::Avx512;  // bf16: AVX-512 BF16 CPUs
+    const E* sd = reinterpret_cast<const E*>(staged.data_ptr<Src>());
+    E* rd = reinterpret_cast<E*>(rp.data_ptr());
+    at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<const E*> rows(std::max<int64_t>(P, 1));
+      for (int64_t h = begin; h < end; ++h) {
+        for (int64_t x = 0; x < P; ++x) rows[x] = sd + (h * P + x) * Dp;
+        tile::transpose32(t_isa, reinterpret_cast<const uint32_t* const*>(rows.data()), P, Dp / kp,
+                          reinterpret_cast<uint32_t*>(rd + h * Dp * Pp), Pp, Pp);
+      }
+    });
+  }
+
+  struct Local {
+    const PackedRel* rel;
+    std::vector<E> qvb;
+    std::vector<float> band;
+    int64_t h = 0;
+    Local(const PackedRel* r, const at::TensorOptions&)
+        : rel(r), qvb(r ? kBlockQ * r->Dp : 0), band(r ? kSubRows * kBandLd : 0) {}
+    void begin_queries(int64_t b, int64_t h_, int64_t i0, int64_t rows) {
+      h = h_;
+      const Tensor& t = rel->qv;
+      const E* src = reinterpret_cast<const E*>(t.data_ptr<Src>()) + b * t.stride(0) + h * t.stride(1) +
+                     i0 * t.stride(2);
+      const int64_t sn = t.stride(2), sd = t.stride(3), D = t.size(3);
+      for (int64_t r = 0; r < rows; ++r) {
+        E* dst = qvb.data() + r * rel->Dp;
+        for (int64_t d = 0; d < D; ++d) dst[d] = src[r * sn + d * sd];
+        std::fill(dst + D, dst + rel->Dp, E(0));
+      }
+    }
+    // s (rows of ld floats) += the position logits of rows [r0, r1) of the query tile at i0 against keys a0 ...
+    void add(float* s, int64_t ld, int64_t, int64_t, int64_t q0, int64_t i0, int64_t r0, int64_t r1, int64_t a0,
+             int64_t bk) {
+      const int64_t Pn = rel->P;
+      const E* rph = reinterpret_cast<const E*>(rel->rp.data_ptr()) + h * rel->Dp * rel->Pp;
+      for (int64_t rs = r0; rs < r1; rs += kSubRows) {
+        const int64_t re = std::min(r1, rs + kSubRows);
+        const int64_t lo = std::max<int64_t>(0, q0 + i0 + rs - (a0 + bk - 1));
+        const int64_t hi = std::min<int64_t>(Pn - 1, q0 + i0 + re - 1 - a0);
+        if (hi < lo) continue;
+        // Band column y is distance hi - y (panel row Pn - 1 - hi + y); columns past hi - lo read the panel's
+        // zero padding or farther distances, never used.
+        const int64_t wp = round_up(hi - lo + 1, 16);
+        PackedProducts<E>::gemm(rel->isa, re - rs, wp, rel->Dp / kp, qvb.data() + rs * rel->Dp, rel->Dp,
+                                rph + kp * (Pn - 1 - hi), kp * rel->Pp, band.data(), kBandLd, false);
+        for (int64_t r = rs; r < re; ++r) {
+          // Column c meets distance t0 - c, band column hi - t0 + c; visible columns have it in [lo, hi] (the
+          // op checked that P covers every visible distance), the others are masked after this.
+          const int64_t t0 = q0 + i0 + r - a0;
+          const int64_t c_lo = std::max<int64_t>(0, t0 - hi), c_hi = std::min<int64_t>(bk - 1, t0 - lo);
+          float* row = s + r * ld;
+          const float* brow = band.data() + (r - rs) * kBandLd + (hi - t0);
+          for (int64_t c = c_lo; c <= c_hi; ++c) row[c] += brow[c];
+        }
+      }
+    }
+  };
+};
+
 // The backward's walk over the query rows [lo, hi) that see the key tile [a0, a0 + bk), in tiles of bq_max
 // rows: a tile the masks leave whole in one step, any other in sub-blocks of kSubRows rows over only the
 // columns those rows see (their first column rounded down to a multiple of `align`).
@@ -691,9 +792,10 @@ int64_t query_tile(const Problem& P) {
   return std::max(bq, std::min(kSubRows, kBlockQ));
 }
 
-template <typename T, typename Products>
+template <typename T, typename Products, typename Rel = RelPositions<T>>
 void forward_kernel(const Problem& P, const typename Products::Shared& shared, const T* slopes, const T* sinks,
-                    Tensor& out, Tensor& lse, const RelPositions<T>* rel = nullptr) {
+                    Tensor& out, Tensor& lse, const Rel* rel = nullptr) {
+  using RelLocalT = typename Rel::Local;
   const int64_t BQ = query_tile(P), n_qt = (P.N + BQ - 1) / BQ;
   const Masks& mk = P.mk;
   T* out_d = out.data_ptr<T>();
@@ -701,14 +803,14 @@ void forward_kernel(const Problem& P, const typename Products::Shared& shared, c
   at::parallel_for(0, P.B * P.H * n_qt, 1, [&](int64_t begin, int64_t end) {
     Products prod(shared, P);
     std::vector<T> m(kBlockQ), l(kBlockQ);
-    Tensor rel_scratch = rel ? at::empty({kSubRows, kSubRows + kBlockK}, out.options()) : Tensor();
+    RelLocalT rel_local(rel, out.options());
     // Rows [r0, r1) of the tile at i0 over keys [rel0, rel0 + bk) of segment s (absolute start a0).
     const auto step = [&](int64_t b, int64_t h, int64_t hk, int64_t i0, int s, int64_t rel0, int64_t bk, int64_t a0,
                           bool full, int64_t r0, int64_t r1) {
       prod.scores(s == 0, b, hk, rel0, bk, r0, r1);
       T* s_ptr = prod.s_ptr();
       T* o_ptr = prod.o_ptr();
-      if (rel) rel->add(s_ptr, Products::s_ld, b, h, P.Q0, i0, r0, r1, a0, bk, rel_scratch);
+      if (rel) rel_local.add(s_ptr, Products::s_ld, b, h, P.Q0, i0, r0, r1, a0, bk);
       RowTerms<T> terms{static_cast<T>(P.scale), slopes ? slopes[h] : T(0), T(0), static_cast<T>(P.softcap),
                         full ? nullptr : mk.pad_at(b, a0, bk)};
       for (int64_t r = r0; r < r1; ++r) {
@@ -724,6 +826,7 @@ void forward_kernel(const Problem& P, const typename Products::Shared& shared, c
       const int64_t qt = item % n_qt, bh = item / n_qt, b = bh / P.H, h = bh % P.H, hk = h / P.group();
       const int64_t i0 = qt * BQ, bq = std::min(BQ, P.N - i0);
       prod.begin_queries(b, h, i0, bq);
+      if (rel) rel_local.begin_queries(b, h, i0, bq);
       std::fill(m.begin(), m.end(), static_cast<T>(kNegInf));
       std::fill(l.begin(), l.end(), T(0));
       const tiles::Range vis = mk.visible_keys(b, i0, bq);
@@ -1511,12 +1614,18 @@ std::tuple<Tensor, Tensor> memory_attention_rel_fwd(const Tensor& q, const Tenso
   const Tiles tiles_kind = forward_tiles(q, f32);
   if (tiles_kind == Tiles::Bf16) {
     const PackedProducts<uint16_t>::Shared shared(P, F32Tiles::None, q, k, v, mem_k, mem_v);
-    const RelPositions<float> rel{&qvc, &posc, Pn};
-    forward_kernel<float, PackedProducts<uint16_t>>(P, shared, nullptr, nullptr, out, lse, &rel);
+    const PackedRel<uint16_t> rel(qv, pos_emb, Pn, F32Tiles::None);
+    forward_kernel<float, PackedProducts<uint16_t>, PackedRel<uint16_t>>(P, shared, nullptr, nullptr, out, lse, &rel);
     return {out.to(q.scalar_type()), lse};
   }
-  // float32 stays on the BLAS tiles: with the position band beside them the packed float32 tiles measured no
-  // faster (624 against 586 ms at N = M = 4096, H8 D64, 2-core Zen 4), bf16's packed tiles much faster.
+  if (tiles_kind == Tiles::F32) {  // float32 (bf16/fp16 widened where the CPU has no AVX-512 BF16)
+    const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
+    const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct);
+    const PackedProducts<float>::Shared shared(P, f32, qc, kc, vc, mkc, mvc);
+    const PackedRel<float> rel(qvc, posc, Pn, f32);
+    forward_kernel<float, PackedProducts<float>, PackedRel<float>>(P, shared, nullptr, nullptr, out, lse, &rel);
+    return {out.to(q.scalar_type()), lse};
+  }
   const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
   const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct);
   AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_rel_fwd_cpu", [&] {
