@@ -691,10 +691,13 @@ struct PackedRel {
   static constexpr int64_t kBandLd = kSubRows + kBlockK + 16;  // the widest band, rounded up to 16 columns
   const Tensor& qv;  // (B, H, N, D) as given (float32, or bfloat16 for E = uint16_t)
   F32Tiles isa;
-  int64_t P, Pp, Dp;
-  Tensor rp;  // (H, Dp / kp, Pp, kp): R reversed and transposed, zero past P
-  PackedRel(const Tensor& qv_, const Tensor& pos, int64_t P_, F32Tiles isa_)
-      : qv(qv_), isa(isa_), P(P_), Pp(round_up(P_, 16) + 16), Dp(round_up(pos.size(2), kp)) {
+  int64_t P, Pp, Dp, D16;
+  Tensor rp;     // (H, Dp / kp, Pp, kp): R reversed and transposed, zero past P (the band product's B panel)
+  Tensor rrows;  // backward only: R reversed as the B rows of dQV += dBand R_band, zero-padded to D16 columns and
+                 // Pp rows: (H, Pp, D16) float32, or (H, Pp / 2, D16, 2) bf16 pairs along the rows
+  PackedRel(const Tensor& qv_, const Tensor& pos, int64_t P_, F32Tiles isa_, bool backward = false)
+      : qv(qv_), isa(isa_), P(P_), Pp(round_up(P_, 16) + 16), Dp(round_up(pos.size(2), kp)),
+        D16(round_up(pos.size(2), 16)) {
     const int64_t H = pos.size(0), D = pos.size(2);
     // Rows reversed along P and padded to Dp in one staging copy (P x D per head: small beside the keys).
     Tensor staged = at::zeros({H, P, Dp}, pos.options());
@@ -711,6 +714,98 @@ struct PackedRel {
                           reinterpret_cast<uint32_t*>(rd + h * Dp * Pp), Pp, Pp);
       }
     });
+    if (!backward) return;
+    if constexpr (std::is_same_v<E, float>) {
+      rrows = at::zeros({H, Pp, D16}, pos.options());
+      rrows.narrow(1, 0, P).narrow(2, 0, D).copy_(pos.flip({1}));
+    } else {
+      rrows = at::zeros({H, Pp / 2, D16, 2}, pos.options().dtype(at::kShort));
+      uint16_t* dst = reinterpret_cast<uint16_t*>(rrows.data_ptr());
+      at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+        std::vector<const uint16_t*> rows(std::max<int64_t>(P, 1));
+        for (int64_t h = begin; h < end; ++h) {
+          for (int64_t x = 0; x < P; ++x) rows[x] = sd + (h * P + x) * Dp;
+          tile::interleave_rows_bf16(rows.data(), P, D, dst + h * (Pp / 2) * D16 * 2, 2 * D16, D16);
+        }
+      });
+    }
+  }
+
+  // The distances [lo, hi] that rows [rs, re) (row r at absolute position qpos0 + r) meet in keys [a0, a0 + bk),
+  // clamped to [0, P); false when none.
+  bool band(int64_t qpos0, int64_t rs, int64_t re, int64_t a0, int64_t bk, int64_t* lo, int64_t* hi) const {
+    *lo = std::max<int64_t>(0, qpos0 + rs - (a0 + bk - 1));
+    *hi = std::min<int64_t>(P - 1, qpos0 + re - 1 - a0);
+    return *hi >= *lo;
+  }
+
+  // s (rows [0, rows) of lds floats; row r the query at absolute position qpos0 + r, its qv row at
+  // qv_rows + r * ldq) += the position logits against keys [a0, a0 + bk), in sub-blocks of `sub` rows; band:
+  // scratch of sub rows x ldb floats, ldb >= round_up(sub + bk - 1, 16).
+  void band_add(const E* qv_rows, int64_t ldq, float* s, int64_t lds, int64_t h, int64_t qpos0, int64_t rows,
+                int64_t a0, int64_t bk, int64_t sub, float* band_buf, int64_t ldb) const {
+    const E* rph = reinterpret_cast<const E*>(rp.data_ptr()) + h * Dp * Pp;
+    for (int64_t rs = 0; rs < rows; rs += sub) {
+      const int64_t re = std::min(rows, rs + sub);
+      int64_t lo, hi;
+      if (!band(qpos0, rs, re, a0, bk, &lo, &hi)) continue;
+      // Band column y is distance hi - y (panel row P - 1 - hi + y); columns past hi - lo read the panel's zero
+      // padding or farther distances, never used.
+      PackedProducts<E>::gemm(isa, re - rs, round_up(hi - lo + 1, 16), Dp / kp, qv_rows + rs * ldq, ldq,
+                              rph + kp * (P - 1 - hi), kp * Pp, band_buf, ldb, false);
+      for (int64_t r = rs; r < re; ++r) {
+        // Column c meets distance t0 - c, band column hi - t0 + c; visible columns have it in [lo, hi] (the op
+        // checked that P covers every visible distance), the others are masked after this.
+        const int64_t t0 = qpos0 + r - a0;
+        const int64_t c_lo = std::max<int64_t>(0, t0 - hi), c_hi = std::min<int64_t>(bk - 1, t0 - lo);
+        float* row = s + r * lds;
+        const float* brow = band_buf + (r - rs) * ldb + (hi - t0);
+        for (int64_t c = c_lo; c <= c_hi; ++c) row[c] += brow[c];
+      }
+    }
+  }
+
+  // Backward of band_add: with ds the score gradients of those rows (lds floats per row), dqv (rows of D16
+  // floats) += dBand R_band and dr (R's gradient by reversed distance, Pp x D16 floats) += dBand^T QV, dBand the
+  // band layout of ds. qvb: the rows' qv as a B operand (float32: rows padded to 16 columns, ld qvb_ld; bf16: pairs
+  // of rows interleaved from row 0, which is even, ld 2 * D16). Scratch: dband (sub x ldb floats), and for bf16 dbb
+  // (sub x ldb) and dbil ((sub / 2 + 1) x 2 ldb); ldb >= round_up(sub + bk, 16); sub even.
+  void band_grad(const float* ds, int64_t lds, int64_t h, int64_t qpos0, int64_t rows, int64_t a0, int64_t bk,
+                 int64_t sub, const E* qvb, int64_t qvb_ld, float* dqv, float* dr, float* dband, uint16_t* dbb,
+                 uint16_t* dbil, int64_t ldb) const {
+    for (int64_t rs = 0; rs < rows; rs += sub) {
+      const int64_t re = std::min(rows, rs + sub), nr = re - rs;
+      int64_t lo, hi;
+      if (!band(qpos0, rs, re, a0, bk, &lo, &hi)) continue;
+      // bf16 reads R's rows in pairs: the band starts on an even panel row, one leading column earlier if need be.
+      const int64_t x0 = P - 1 - hi, x0e = kp == 2 ? (x0 & ~int64_t(1)) : x0, lead = x0 - x0e;
+      const int64_t wb = round_up(hi - lo + 1 + lead, 16);
+      for (int64_t r = 0; r < nr; ++r) {
+        float* row = dband + r * ldb;
+        std::fill(row, row + wb, 0.0f);
+        const int64_t t0 = qpos0 + rs + r - a0;
+        const int64_t c_lo = std::max<int64_t>(0, t0 - hi), c_hi = std::min<int64_t>(bk - 1, t0 - lo);
+        const float* src = ds + (rs + r) * lds;
+        float* dst = row + lead + hi - t0;
+        for (int64_t c = c_lo; c <= c_hi; ++c) dst[c] = src[c];
+      }
+      if constexpr (std::is_same_v<E, float>) {
+        const float* rr = rrows.data_ptr<float>() + (h * Pp + x0e) * D16;
+        tile::gemm_f32(isa, nr, D16, wb, dband, ldb, rr, D16, dqv + rs * D16, D16, true);
+        tile::gemm_f32_at(isa, wb, D16, nr, dband, ldb, qvb + rs * qvb_ld, qvb_ld, dr + x0e * D16, D16, true);
+      } else {
+        const uint16_t* rr = reinterpret_cast<const uint16_t*>(rrows.data_ptr()) + (h * (Pp / 2) + x0e / 2) * 2 * D16;
+        const uint16_t* prow[64];
+        for (int64_t r = 0; r < nr; ++r) {
+          tile::to_bf16(dband + r * ldb, dbb + r * ldb, wb);
+          prow[r] = dbb + r * ldb;
+        }
+        tile::gemm_bf16(nr, D16, wb / 2, dbb, ldb, rr, 2 * D16, dqv + rs * D16, D16, true);
+        tile::interleave_rows_bf16(prow, nr, wb, dbil, 2 * wb, wb);
+        tile::gemm_bf16_at(wb, D16, (nr + 1) / 2, reinterpret_cast<const uint32_t*>(dbil), wb,
+                           qvb + (rs / 2) * 2 * D16, 2 * D16, dr + x0e * D16, D16, true);
+      }
+    }
   }
 
   struct Local {
@@ -735,28 +830,8 @@ struct PackedRel {
     // s (rows of ld floats) += the position logits of rows [r0, r1) of the query tile at i0 against keys a0 ...
     void add(float* s, int64_t ld, int64_t, int64_t, int64_t q0, int64_t i0, int64_t r0, int64_t r1, int64_t a0,
              int64_t bk) {
-      const int64_t Pn = rel->P;
-      const E* rph = reinterpret_cast<const E*>(rel->rp.data_ptr()) + h * rel->Dp * rel->Pp;
-      for (int64_t rs = r0; rs < r1; rs += kSubRows) {
-        const int64_t re = std::min(r1, rs + kSubRows);
-        const int64_t lo = std::max<int64_t>(0, q0 + i0 + rs - (a0 + bk - 1));
-        const int64_t hi = std::min<int64_t>(Pn - 1, q0 + i0 + re - 1 - a0);
-        if (hi < lo) continue;
-        // Band column y is distance hi - y (panel row Pn - 1 - hi + y); columns past hi - lo read the panel's
-        // zero padding or farther distances, never used.
-        const int64_t wp = round_up(hi - lo + 1, 16);
-        PackedProducts<E>::gemm(rel->isa, re - rs, wp, rel->Dp / kp, qvb.data() + rs * rel->Dp, rel->Dp,
-                                rph + kp * (Pn - 1 - hi), kp * rel->Pp, band.data(), kBandLd, false);
-        for (int64_t r = rs; r < re; ++r) {
-          // Column c meets distance t0 - c, band column hi - t0 + c; visible columns have it in [lo, hi] (the
-          // op checked that P covers every visible distance), the others are masked after this.
-          const int64_t t0 = q0 + i0 + r - a0;
-          const int64_t c_lo = std::max<int64_t>(0, t0 - hi), c_hi = std::min<int64_t>(bk - 1, t0 - lo);
-          float* row = s + r * ld;
-          const float* brow = band.data() + (r - rs) * kBandLd + (hi - t0);
-          for (int64_t c = c_lo; c <= c_hi; ++c) row[c] += brow[c];
-        }
-      }
+      rel->band_add(qvb.data() + r0 * rel->Dp, rel->Dp, s + r0 * ld, ld, h, q0 + i0 + r0, r1 - r0, a0, bk, kSubRows,
+                    band.data(), kBandLd);
     }
   };
 };
@@ -1294,11 +1369,15 @@ struct HeadRows {
   const E* row(int64_t j) const { return rows + j * ld; }
 };
 
+constexpr int64_t kBwdBandRows = 24;  // the position band's sub-blocks: the band is kBwdBandRows - 1 wider than a tile
+constexpr int64_t kBwdBandLd = kBwdK + kBwdBandRows + 16;
+
 template <typename E>
 void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Tensor& q, const Tensor& k,
                     const Tensor& v, const Tensor& mk, const Tensor& mv, const float* slopes, const float* lse,
                     const float* delta, int64_t n_slices, Tensor& dq_part, Tensor& dk_h, Tensor& dv_h, Tensor& dmk_h,
-                    Tensor& dmv_h) {
+                    Tensor& dmv_h, const PackedRel<E>* rel = nullptr, Tensor* dqv_part = nullptr,
+                    Tensor* dpos_part = nullptr) {
   constexpr bool kBf16 = std::is_same_v<E, uint16_t>;
   constexpr int64_t kp = kBf16 ? 2 : 1;
   using Src = std::conditional_t<kBf16, at::BFloat16, float>;
@@ -1327,6 +1406,13 @@ void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Te
     }
     std::vector<E> stage(Kp * std::max(Dp, Dvp));
     std::vector<const E*> rows(std::max<int64_t>(P.N, Kp));
+    // Relative positions: the head's qv rows (A operand of the band product; B operand of dR), dQV, dR by reversed
+    // distance, and the band's scratch.
+    HeadRows<E> QVa, QVb;
+    std::vector<uint16_t> QVil;
+    std::vector<float> dQV, dR, band(rel ? kBwdBandRows * kBwdBandLd : 0);
+    std::vector<uint16_t> dbb(rel && kBf16 ? kBwdBandRows * kBwdBandLd : 0);
+    std::vector<uint16_t> dbil(rel && kBf16 ? (kBwdBandRows / 2 + 1) * 2 * kBwdBandLd : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t slice = item % n_slices, bh = item / n_slices, b = bh / P.H, h = bh % P.H, hk = h / P.group();
       RowTerms<float> terms{static_cast<float>(P.scale), slopes ? slopes[h] : 0.0f, 0.0f,
@@ -1348,6 +1434,18 @@ void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Te
         dOb.take(dout, b, h, P.Dv, true);
       }
       dQ.assign(P.N * Dp, 0.0f);
+      if (rel) {
+        QVa.take(rel->qv, b, h, P.D, false);
+        if constexpr (kBf16) {
+          QVil.assign(((P.N + 1) / 2) * 2 * Dp, uint16_t(0));
+          for (int64_t i = 0; i < P.N; ++i) rows[i] = QVa.row(i);
+          tile::interleave_rows_bf16(rows.data(), P.N, P.D, QVil.data(), 2 * Dp, Dp);
+        } else {
+          QVb.take(rel->qv, b, h, P.D, true);
+        }
+        dQV.assign(P.N * Dp, 0.0f);
+        dR.assign(rel->Pp * Dp, 0.0f);
+      }
       for (int64_t kt = slice; kt < n_kt; kt += n_slices) {
         const bool in_mem = kt < n_kt_mem;
         const int64_t offset = in_mem ? 0 : P.M, len = in_mem ? P.M : P.N;
@@ -1401,12 +1499,20 @@ void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Te
           gemm(bq, wp, Dq / kp, Qa.row(i0), Qa.ld, ktp, kp * Kp, S.data(), Kp, false);
           gemm(bq, wp, Dvq / kp, dOa.row(i0), dOa.ld, vtp, kp * Kp, dP.data(), Kp, false);
           const int64_t ac = a0 + c0k;
+          if (rel)
+            rel->band_add(QVa.row(i0), QVa.ld, S.data(), Kp, h, P.Q0 + i0, bq, ac, w, kBwdBandRows, band.data(),
+                          kBwdBandLd);
           terms.pad = full ? nullptr : ms.pad_at(b, ac, w);
           for (int64_t r = 0; r < bq; ++r) {
             int64_t c0 = 0, c1 = w;
             if (!full) ms.row_columns(b, i0 + r, ac, w, &c0, &c1);
             terms.dist0 = static_cast<float>(P.Q0 + i0 + r - ac);
             bwd_row(S.data() + r * Kp, dP.data() + r * Kp, wp, c0, c1, terms, lse_b[i0 + r], delta_b[i0 + r]);
+          }
+          if (rel) {
+            const E* qvb = kBf16 ? reinterpret_cast<const E*>(QVil.data()) + (i0 / 2) * 2 * Dp : QVb.row(i0);
+            rel->band_grad(dP.data(), Kp, h, P.Q0 + i0, bq, ac, w, kBwdBandRows, qvb, kBf16 ? 2 * Dp : QVb.ld,
+                           dQV.data() + i0 * Dp, dR.data(), band.data(), dbb.data(), dbil.data(), kBwdBandLd);
           }
           if constexpr (kBf16) {
             const int64_t pq = (bq + 1) / 2;
@@ -1445,6 +1551,14 @@ void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Te
       float* dq_d = dq_part[slice][b][h].data_ptr<float>();
       for (int64_t i = 0; i < P.N; ++i)
         for (int64_t x = 0; x < P.D; ++x) dq_d[i * P.D + x] += dQ[i * Dp + x];
+      if (rel) {
+        float* dqv_d = (*dqv_part)[slice][b][h].data_ptr<float>();
+        for (int64_t i = 0; i < P.N; ++i)
+          for (int64_t x = 0; x < P.D; ++x) dqv_d[i * P.D + x] += dQV[i * Dp + x];
+        float* dpos_d = (*dpos_part)[slice][b][h].data_ptr<float>();  // distance d is reversed row P - 1 - d
+        for (int64_t d = 0; d < rel->P; ++d)
+          for (int64_t x = 0; x < P.D; ++x) dpos_d[d * P.D + x] += dR[(rel->P - 1 - d) * Dp + x];
+      }
     }
   });
 }
@@ -1649,8 +1763,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> memory_attent
                              buffers);
   const auto ct = compute_type(q.scalar_type());
   const Tensor lsec = compute_view(lse, ct).contiguous(), deltac = compute_view(delta, ct).contiguous();
-  const int64_t threads = at::get_num_threads(), bh = P.B * P.H;
-  const int64_t n_kt = (P.M + kBlockK - 1) / kBlockK + (P.N + kBlockK - 1) / kBlockK;
+  // The micro-kernels where the CPU has them, as memory_attention_bwd chooses; the BLAS tiles otherwise.
+  const F32Tiles f32 = f32_tiles();
+  const bool bf16 = q.scalar_type() == at::kBFloat16 && has_avx512_bf16() && f32 != F32Tiles::None;
+  const bool tiles_f32 = !bf16 && ct == at::kFloat && f32 != F32Tiles::None;
+  const int64_t threads = at::get_num_threads(), bh = P.B * P.H, tile_k = (bf16 || tiles_f32) ? kBwdK : kBlockK;
+  const int64_t n_kt = (P.M + tile_k - 1) / tile_k + (P.N + tile_k - 1) / tile_k;
   int64_t n_slices = 1;
   if (bh % threads != 0 && bh < 4 * threads) n_slices = std::min(n_kt, (2 * threads + bh - 1) / bh);
   const auto copts = q.options().dtype(ct);
@@ -1659,14 +1777,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> memory_attent
   Tensor dpos_part = at::zeros({n_slices, P.B, P.H, Pn, P.D}, copts);
   Tensor dk_h = at::zeros({P.B, P.H, P.N, P.D}, copts), dv_h = at::zeros({P.B, P.H, P.N, P.Dv}, copts);
   Tensor dmk_h = at::zeros({P.B, P.H, P.M, P.D}, copts), dmv_h = at::zeros({P.B, P.H, P.M, P.Dv}, copts);
-  const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
-  const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct), doc = compute_view(dout, ct);
-  const Tensor qvc = compute_view(qv, ct), posc = compute_view(pos_emb, ct);
-  AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_rel_bwd_cpu", [&] {
-    const RelPositions<scalar_t> rel{&qvc, &posc, Pn};
-    backward_kernel<scalar_t>(P, doc, qc, kc, vc, mkc, mvc, nullptr, lsec, deltac, n_slices, dq_part, dk_h, dv_h,
-                              dmk_h, dmv_h, &rel, &dqv_part, &dpos_part);
-  });
+  const float* lse_f = ct == at::kFloat ? lsec.data_ptr<float>() : nullptr;
+  const float* delta_f = ct == at::kFloat ? deltac.data_ptr<float>() : nullptr;
+  if (bf16) {
+    const PackedRel<uint16_t> rel(qv, pos_emb, Pn, f32, /*backward=*/true);
+    backward_tiles<uint16_t>(P, f32, dout.to(at::kBFloat16), q, k, v, mem_k, mem_v, nullptr, lse_f, delta_f,
+                             n_slices, dq_part, dk_h, dv_h, dmk_h, dmv_h, &rel, &dqv_part, &dpos_part);
+  } else {
+    const Tensor qc = compute_view(q, ct), kc = compute_view(k, ct), vc = compute_view(v, ct);
+    const Tensor mkc = compute_view(mem_k, ct), mvc = compute_view(mem_v, ct), doc = compute_view(dout, ct);
+    const Tensor qvc = compute_view(qv, ct), posc = compute_view(pos_emb, ct);
+    if (tiles_f32) {
+      const PackedRel<float> rel(qvc, posc, Pn, f32, /*backward=*/true);
+      backward_tiles<float>(P, f32, doc, qc, kc, vc, mkc, mvc, nullptr, lse_f, delta_f, n_slices, dq_part, dk_h,
+                            dv_h, dmk_h, dmv_h, &rel, &dqv_part, &dpos_part);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(ct, "memory_attention_rel_bwd_cpu", [&] {
+        const RelPositions<scalar_t> rel{&qvc, &posc, Pn};
+        backward_kernel<scalar_t>(P, doc, qc, kc, vc, mkc, mvc, nullptr, lsec, deltac, n_slices, dq_part, dk_h,
+                                  dv_h, dmk_h, dmv_h, &rel, &dqv_part, &dpos_part);
+      });
+    }
+  }
   const auto fold = [&](const Tensor& g, double s) {
     Tensor r = P.group() == 1 ? g : g.view({P.B, P.Hkv, P.group(), g.size(2), g.size(3)}).sum(2);
     if (s != 1.0) r = r.mul_(s);
