@@ -58,6 +58,31 @@ def _visible(qpos, kpos, jl, L, window, HAS_WINDOW: tl.constexpr):
     return vis
 
 
+@triton.jit
+def _query_tile(QU, QV, stride_qb, stride_qh, stride_qn, stride_qd, stride_pb, stride_ph, stride_pn, stride_pd, H, N,
+                M, GROUP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The program's query tile (grid: cdiv(N, BLOCK_M) * B * H, the query tile fastest, last (heaviest) tiles
+    first): (b, h, kv head, first row, row offsets, rows, which rows are real, their positions, row indices in
+    64 bits, the qu and qv tiles)."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(N, BLOCK_M)
+    tile = n_m - 1 - pid % n_m
+    bh = pid // n_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    i0 = tile * BLOCK_M
+    arange_m = tl.arange(0, BLOCK_M)
+    offs_m = i0 + arange_m
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    rows = tl.cast(i0, tl.int64) + arange_m[:, None]
+    qu = _load_rows(QU + b * stride_qb + h * stride_qh + rows * stride_qn + offs_d[None, :] * stride_qd,
+                    row_ok, offs_d, HEAD_D, BLOCK_D, True)
+    qv = _load_rows(QV + b * stride_pb + h * stride_ph + rows * stride_pn + offs_d[None, :] * stride_pd,
+                    row_ok, offs_d, HEAD_D, BLOCK_D, True)
+    return b, h, h // GROUP, i0, arange_m, offs_m, row_ok, M + offs_m, rows, qu, qv
+
+
 # --------------------------------------------------------------------------------------------
 # Forward.
 # --------------------------------------------------------------------------------------------
@@ -131,26 +156,11 @@ def _fwd_kernel(
     """Forward: out and lse of one query tile of one (b, h). Grid: (cdiv(N, BLOCK_M) * B * H,), the query tile
     fastest, last (heaviest) tiles first. Tiles: qu, qv (BLOCK_M, BLOCK_D) in registers; K, V and the band of R
     (BLOCK_W, BLOCK_D) streamed; rows past N and head-dim padding masked on loads and stores."""
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(N, BLOCK_M)
-    tile = n_m - 1 - pid % n_m
-    bh = pid // n_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hkv = h // GROUP
-
-    i0 = tile * BLOCK_M
-    arange_m = tl.arange(0, BLOCK_M)
-    offs_m = i0 + arange_m
+    b, h, hkv, i0, arange_m, offs_m, row_ok, qpos, rows, qu, qv = _query_tile(
+        QU, QV, stride_qb, stride_qh, stride_qn, stride_qd, stride_pb, stride_ph, stride_pn, stride_pd, H, N, M,
+        GROUP, HEAD_D, BLOCK_D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < N
-    qpos = M + offs_m
-    rows = tl.cast(i0, tl.int64) + arange_m[:, None]
-    qu = _load_rows(QU + b * stride_qb + h * stride_qh + rows * stride_qn + offs_d[None, :] * stride_qd,
-                    row_ok, offs_d, HEAD_D, BLOCK_D, True)
-    qv = _load_rows(QV + b * stride_pb + h * stride_ph + rows * stride_pn + offs_d[None, :] * stride_pd,
-                    row_ok, offs_d, HEAD_D, BLOCK_D, True)
     Rh = R + h * stride_rh
     # The band column of pair (a, b): a + BLOCK_N - 1 - b, the same in every tile.
     diag = arange_m[:, None] + (BLOCK_N - 1) - tl.arange(0, BLOCK_N)[None, :]
@@ -409,26 +419,11 @@ def _dq_kernel(
 ):
     """Backward, queries' side: dqu, dqv of one query tile of one (b, h), and its share of dR (unscaled, atomic
     adds into DR, (H, P, D) contiguous in the accumulation dtype). Grid: as the forward."""
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(N, BLOCK_M)
-    tile = n_m - 1 - pid % n_m
-    bh = pid // n_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hkv = h // GROUP
-
-    i0 = tile * BLOCK_M
-    arange_m = tl.arange(0, BLOCK_M)
-    offs_m = i0 + arange_m
+    b, h, hkv, i0, arange_m, offs_m, row_ok, qpos, rows, qu, qv = _query_tile(
+        QU, QV, stride_qb, stride_qh, stride_qn, stride_qd, stride_pb, stride_ph, stride_pn, stride_pd, H, N, M,
+        GROUP, HEAD_D, BLOCK_D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < N
-    qpos = M + offs_m
-    rows = tl.cast(i0, tl.int64) + arange_m[:, None]
-    qu = _load_rows(QU + b * stride_qb + h * stride_qh + rows * stride_qn + offs_d[None, :] * stride_qd,
-                    row_ok, offs_d, HEAD_D, BLOCK_D, True)
-    qv = _load_rows(QV + b * stride_pb + h * stride_ph + rows * stride_pn + offs_d[None, :] * stride_pd,
-                    row_ok, offs_d, HEAD_D, BLOCK_D, True)
     do = _load_rows(DO + b * stride_dob + h * stride_doh + rows * stride_don + offs_dv[None, :] * stride_dod,
                     row_ok, offs_dv, HEAD_DV, BLOCK_DV, True)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_ln, mask=row_ok, other=_POS_INF)
