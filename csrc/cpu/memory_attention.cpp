@@ -1145,6 +1145,14 @@ class Decoder {
       }
       E* dst = stage_.data() + j * width;
       const int64_t sd = a0 + j < P_.M ? mem.sd : cur.sd;
+      if constexpr (std::is_same_v<Src, at::BFloat16> && kKind == DecodeKind::F32) {
+        if (sd == 1) {  // bfloat16 rows on a CPU without AVX-512 BF16: widened eight at a time
+          tile::widen_bf16(reinterpret_cast<const uint16_t*>(src), d_len, dst);
+          std::fill(dst + d_len, dst + width, E(0));
+          rows[j] = dst;
+          continue;
+        }
+      }
       for (int64_t d = 0; d < d_len; ++d) dst[d] = element(src[d * sd]);
       for (int64_t d = d_len; d < width; ++d) dst[d] = E(0);
       rows[j] = dst;
@@ -1152,7 +1160,7 @@ class Decoder {
   }
 
   // S = Q K^T for the block (columns past bk are left stale: fwd_row zeroes all but the visible ones).
-  // Up to kDotRows query rows: dot products on the key rows as they are (AVX-512); more: the keys transposed
+  // Up to kDotRows query rows: dot products on the key rows as they are (AVX-512 or AVX2); more: the keys transposed
   // into a panel (Dq / kp words x 64 keys) for the micro-kernels, whose register tiles then pay off.
   static constexpr int64_t kDotRows = 4;
   void scores(int64_t b, int64_t hkv, int64_t a0, int64_t bk) {
@@ -1169,13 +1177,13 @@ class Decoder {
       }
       return;
     } else {
-      if (R_ <= kDotRows && (kBf16 || isa_ == F32Tiles::Avx512)) {
+      if (R_ <= kDotRows) {
         for (int64_t j0 = 0; j0 < bk; j0 += 16) {
           const int64_t n = std::min<int64_t>(16, bk - j0);
           if constexpr (kBf16) {
             tile::dots_bf16(R_, P_.D, Q_.data(), Dq_, rows + j0, n, S_.data() + j0, kDecodeBlock);
           } else {
-            tile::dots_f32(R_, P_.D, Q_.data(), Dq_, rows + j0, n, S_.data() + j0, kDecodeBlock);
+            tile::dots_f32(isa_, R_, P_.D, Q_.data(), Dq_, rows + j0, n, S_.data() + j0, kDecodeBlock);
           }
         }
         return;
@@ -1225,6 +1233,13 @@ class Decoder {
           const Src* src = row_of(mem, cur, P_.M, b, hkv, a0 + j);
           const int64_t sd = a0 + j < P_.M ? mem.sd : cur.sd;
           float* dst = Vf_.data() + j * Dvp_;
+          if constexpr (std::is_same_v<Src, at::BFloat16>) {
+            if (sd == 1) {
+              tile::widen_bf16(reinterpret_cast<const uint16_t*>(src), P_.Dv, dst);
+              std::fill(dst + P_.Dv, dst + Dvp_, 0.0f);
+              continue;
+            }
+          }
           for (int64_t d = 0; d < P_.Dv; ++d) dst[d] = widen_to<float>(src[d * sd]);
           std::fill(dst + P_.Dv, dst + Dvp_, 0.0f);
         }

@@ -451,10 +451,8 @@ LK_F32_TARGET inline __m512 hsum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
 }
 
-}  // namespace
-
-LK_F32_TARGET void dots_f32(int64_t R, int64_t D, const float* Q, int64_t ldq, const float* const* rows, int64_t n,
-                            float* S, int64_t lds) {
+LK_F32_TARGET void dots_f32_avx512(int64_t R, int64_t D, const float* Q, int64_t ldq, const float* const* rows,
+                                   int64_t n, float* S, int64_t lds) {
   __mmask16 live[16];
   const float* ptr[16];
   for (int j = 0; j < 16; ++j) {
@@ -477,6 +475,63 @@ LK_F32_TARGET void dots_f32(int64_t R, int64_t D, const float* Q, int64_t ldq, c
       acc[j] = a;
     }
     _mm512_mask_storeu_ps(S + r * lds, static_cast<__mmask16>((1u << n) - 1), hsum16(acc));
+  }
+}
+
+// Lane j of the result: the sum of v[j]'s 8 lanes (pairs, quads, then the two 128-bit halves).
+LK_AVX2_TARGET inline __m256 hsum8(const __m256* v) {
+  const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 a = _mm256_hadd_ps(h01, h23), b = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// The AVX2 twin: 8 keys' sums reduced together, the head dim's tail by masked loads (vmaskmovps does not
+// touch the masked-off lanes' memory), keys past n read from row 0 and never stored.
+LK_AVX2_TARGET void dots_f32_avx2(int64_t R, int64_t D, const float* Q, int64_t ldq, const float* const* rows,
+                                  int64_t n, float* S, int64_t lds) {
+  const float* ptr[16];
+  for (int j = 0; j < 16; ++j) ptr[j] = rows[j < n ? j : 0];
+  const int64_t full = D / 8 * 8;
+  alignas(32) int32_t lanes[8];
+  for (int e = 0; e < 8; ++e) lanes[e] = e < D - full ? -1 : 0;
+  const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+  const int groups = n > 8 ? 2 : 1;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* q = Q + r * ldq;
+    alignas(32) float out[16];
+    for (int g = 0; g < groups; ++g) {
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) {  // key by key, each row front to back (as the AVX-512 kernel)
+        const float* k = ptr[8 * g + j];
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t d = 0; d < full; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
+        if (full < D) a = _mm256_fmadd_ps(_mm256_maskload_ps(q + full, tail), _mm256_maskload_ps(k + full, tail), a);
+        acc[j] = a;
+      }
+      _mm256_store_ps(out + 8 * g, hsum8(acc));
+    }
+    std::copy(out, out + n, S + r * lds);
+  }
+}
+
+}  // namespace
+
+void dots_f32(F32Tiles isa, int64_t R, int64_t D, const float* Q, int64_t ldq, const float* const* rows, int64_t n,
+              float* S, int64_t lds) {
+  if (isa == F32Tiles::Avx512) return dots_f32_avx512(R, D, Q, ldq, rows, n, S, lds);
+  dots_f32_avx2(R, D, Q, ldq, rows, n, S, lds);
+}
+
+LK_AVX2_TARGET void widen_bf16(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; i < n; ++i) {
+    const uint32_t bits = uint32_t(src[i]) << 16;
+    std::memcpy(dst + i, &bits, 4);
   }
 }
 
@@ -533,13 +588,16 @@ void gemm_bf16_at(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uin
                   bool) {
   TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
-void dots_f32(int64_t, int64_t, const float*, int64_t, const float* const*, int64_t, float*, int64_t) {
+void dots_f32(F32Tiles, int64_t, int64_t, const float*, int64_t, const float* const*, int64_t, float*, int64_t) {
   TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
 void dots_bf16(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t* const*, int64_t, float*, int64_t) {
   TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
 void interleave_rows_bf16(const uint16_t* const*, int64_t, int64_t, uint16_t*, int64_t, int64_t) {
+  TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
+}
+void widen_bf16(const uint16_t*, int64_t, float*) {
   TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
 

@@ -53,11 +53,15 @@ void interleave_rows_bf16(const uint16_t* const* rows, int64_t n_rows, int64_t c
                           int64_t cols_pad);
 
 // S[r * lds + j] = <Q[r], rows[j]> over D elements, r < R, j < n <= 16: dot products along the head dim, the 16
-// keys' sums reduced together (AVX-512; masked loads at the ends, so nothing past a row is read). For few query
-// rows (decoding), where transposing the keys into a panel costs more than the products themselves.
-void dots_f32(int64_t R, int64_t D, const float* Q, int64_t ldq, const float* const* rows, int64_t n, float* S,
+// keys' sums reduced together (masked loads at the ends, so nothing past a row is read). For few query rows
+// (decoding), where transposing the keys into a panel costs more than the products themselves. dots_f32 runs
+// on `isa` (AVX-512 or AVX2); dots_bf16 needs AVX-512 BF16.
+void dots_f32(F32Tiles isa, int64_t R, int64_t D, const float* Q, int64_t ldq, const float* const* rows, int64_t n, float* S,
               int64_t lds);
 void dots_bf16(int64_t R, int64_t D, const uint16_t* Q, int64_t ldq, const uint16_t* const* rows, int64_t n, float* S,
                int64_t lds);
+
+// dst[i] = float(bf16 bits src[i]), i < n (AVX2; call where has_f32_tiles): bfloat16 rows widened as they are read.
+void widen_bf16(const uint16_t* src, int64_t n, float* dst);
 
 }  // namespace longkernels::cpu::tile
