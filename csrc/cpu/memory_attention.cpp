@@ -1124,6 +1124,20 @@ class Decoder {
     }
   }
 
+  // One row of Src (element stride sd) as `width` floats, zero past `len`; unit-stride bfloat16 rows (CPUs
+  // without AVX-512 BF16) widened eight at a time.
+  static void widen_row(const Src* src, int64_t sd, int64_t len, float* dst, int64_t width) {
+    if constexpr (std::is_same_v<Src, at::BFloat16>) {
+      if (sd == 1) {
+        tile::widen_bf16(reinterpret_cast<const uint16_t*>(src), len, dst);
+        std::fill(dst + len, dst + width, 0.0f);
+        return;
+      }
+    }
+    for (int64_t d = 0; d < len; ++d) dst[d] = widen_to<float>(src[d * sd]);
+    std::fill(dst + len, dst + width, 0.0f);
+  }
+
   template <typename X>
   static const X* row_of(const RowView<X>& mem, const RowView<X>& cur, int64_t M, int64_t b, int64_t hkv, int64_t j) {
     return j < M ? mem.row(b, hkv, j) : cur.row(b, hkv, j - M);
@@ -1145,13 +1159,10 @@ class Decoder {
       }
       E* dst = stage_.data() + j * width;
       const int64_t sd = a0 + j < P_.M ? mem.sd : cur.sd;
-      if constexpr (std::is_same_v<Src, at::BFloat16> && kKind == DecodeKind::F32) {
-        if (sd == 1) {  // bfloat16 rows on a CPU without AVX-512 BF16: widened eight at a time
-          tile::widen_bf16(reinterpret_cast<const uint16_t*>(src), d_len, dst);
-          std::fill(dst + d_len, dst + width, E(0));
-          rows[j] = dst;
-          continue;
-        }
+      if constexpr (kKind == DecodeKind::F32) {
+        widen_row(src, sd, d_len, dst, width);
+        rows[j] = dst;
+        continue;
       }
       for (int64_t d = 0; d < d_len; ++d) dst[d] = element(src[d * sd]);
       for (int64_t d = d_len; d < width; ++d) dst[d] = E(0);
@@ -1232,16 +1243,7 @@ class Decoder {
         for (int64_t j = 0; j < bk; ++j) {
           const Src* src = row_of(mem, cur, P_.M, b, hkv, a0 + j);
           const int64_t sd = a0 + j < P_.M ? mem.sd : cur.sd;
-          float* dst = Vf_.data() + j * Dvp_;
-          if constexpr (std::is_same_v<Src, at::BFloat16>) {
-            if (sd == 1) {
-              tile::widen_bf16(reinterpret_cast<const uint16_t*>(src), P_.Dv, dst);
-              std::fill(dst + P_.Dv, dst + Dvp_, 0.0f);
-              continue;
-            }
-          }
-          for (int64_t d = 0; d < P_.Dv; ++d) dst[d] = widen_to<float>(src[d * sd]);
-          std::fill(dst + P_.Dv, dst + Dvp_, 0.0f);
+          widen_row(src, sd, P_.Dv, Vf_.data() + j * Dvp_, Dvp_);
         }
       }
       tile::gemm_f32(isa_, R_, Dvp_, bk, S_.data(), kDecodeBlock, vrows, ld, o, Dvp_, true);
