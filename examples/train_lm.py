@@ -26,13 +26,15 @@ Prints a table and writes JSON (and a PNG of the loss curves when matplotlib is 
         --cmem-len 32 --compression-rate 4
     python examples/train_lm.py --task recall --configs rev-mem --segments 8 --seg-len 32 --mem-len 64
 
-Context parallelism (each segment sharded over N processes, ring attention; gloo on the CPU), optionally
+Context parallelism (each segment sharded over N processes, ring attention, Ulysses with relative positions;
+gloo on the CPU), optionally
 with data parallelism on the other axis of a 2-D device mesh when WORLD_SIZE is a multiple of N; the
 per-step losses match one process's (``--context-parallel 1``) to float32 round-off:
 
     torchrun --nproc-per-node 2 examples/train_lm.py --context-parallel 2 --steps 20
     torchrun --nproc-per-node 4 examples/train_lm.py --context-parallel 2 --steps 20   # 2 data x 2 context
     python examples/train_lm.py --context-parallel 1 --steps 20                         # the same, one process
+    torchrun --nproc-per-node 2 examples/train_lm.py --context-parallel 2 --positions relative   # Ulysses
 
 Results go to ./longkernels-bench/train_lm_<machine>.json (and .png) unless --out says otherwise.
 """
@@ -271,7 +273,7 @@ def context_parallel(args) -> dict:
         raise SystemExit(f"--batch {args.batch} must be a multiple of the data-parallel size {n_dp}")
     torch.manual_seed(args.seed)
     model = LongContextLM(256, args.dim, args.depth, args.heads, attention="memory", mem_len=args.mem_len,
-                          ff_chunks=args.ff_chunks, context_parallel_group=group)
+                          ff_chunks=args.ff_chunks, context_parallel_group=group, positions=args.positions)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 50))
     data = TextData(args.text_mb << 20, args.seg_len * args.segments)

@@ -801,30 +801,69 @@ def _heads_to_seq(x, g, W, r, lay):
     return torch.cat(parts, dim=1)
 
 
+def _validate_relative_group(fn, q, mem_k, causal, window, alibi, T, pos_emb, content_bias, pos_bias):
+    """memory_attention's relative-position checks against the whole sequence (T rows), before any message."""
+    B, H, _, D = q.shape
+    shape_q = q.new_empty(1).expand(B, H, T, D)  # the gathered queries' shape, nothing allocated
+    mem = mem_k if mem_k is not None else q.new_empty(1).expand(B, 1, 0, D)
+    try:
+        _ma.validate_relative(shape_q, mem, causal, window, alibi, (), pos_emb, content_bias, pos_bias)
+    except ValueError as e:
+        raise ValueError(f"{fn}: {e}") from None
+
+
 def ulysses_attention(q, k, v, *, group=None, causal=True, window=None, scale=None, alibi_slopes=None,
-                      return_lse=False):
+                      return_lse=False, mem_k=None, mem_v=None, pos_emb=None, content_bias=None, pos_bias=None):
     """:func:`ring_attention`'s contract by two all-to-alls over heads (DeepSpeed-Ulysses): each rank gathers
     the whole sequence for ``H / W`` of the heads, runs :func:`longkernels.memory_attention` on it, and sends
     the rows back. ``H`` must be divisible by ``W``; key/value heads are split too when ``Hkv`` is, else
-    repeated to ``H`` first (each rank then receives its query heads' key/value heads)."""
+    repeated to ``H`` first (each rank then receives its query heads' key/value heads).
+
+    ``mem_k, mem_v`` (the same on every rank, as :func:`ring_attention`'s) and Transformer-XL relative
+    positions ``pos_emb`` ``(H, P, D)``, ``content_bias``, ``pos_bias`` ``(H, D)`` (the same on every rank,
+    :func:`longkernels.memory_attention`'s meaning over the whole sequence) are sliced to each rank's heads: the
+    fused relative kernels then see the whole sequence, so this is the context-parallel path for relative
+    positions. Their gradients on each rank are that rank's heads' part (zero elsewhere): sum them over the
+    group, as for the parameters of a model trained on it."""
     g, W, r = _group_rank(group)
     window_i, scale_f, alibi = _validate_local("ulysses_attention", q, k, v, causal, window, scale, alibi_slopes)
-    lay = _check_group("ulysses_attention", q, k, v, causal, window_i, scale_f, alibi, g, W)
+    M = _validate_memory(q, k, v, mem_k, mem_v)
+    relative = pos_emb is not None or content_bias is not None or pos_bias is not None
+    rel_meta, rel_names = [], []
+    for name, t, n in (("pos_emb", pos_emb, 3), ("content_bias", content_bias, 2), ("pos_bias", pos_bias, 2)):
+        dims = list(t.shape) if isinstance(t, torch.Tensor) else [-1 if t is None else -2]  # -1: None
+        rel_meta += (dims + [-3] * n)[:n]
+        rel_names += [f"{name}'s dim {i} (-1: not given)" for i in range(n)]
+    lay = _check_group("ulysses_attention", q, k, v, causal, window_i, scale_f, alibi, g, W,
+                       extra=(M, *rel_meta), extra_names=("memory length", *rel_names))
     H, Hkv = q.shape[1], k.shape[1]
     if H % W != 0:
         raise ValueError(f"ulysses_attention: the query heads (H={H}) must be divisible by the group size "
                          f"({W}); use ring_attention for this shape")
+    if lay.T == 0:
+        raise ValueError("ulysses_attention: the sequence is empty on every rank")
+    if relative:
+        _validate_relative_group("ulysses_attention", q, mem_k if M else None, causal, window_i, alibi, lay.T,
+                                 pos_emb, content_bias, pos_bias)
+    if M == 0:
+        mem_k = mem_v = None
     if Hkv % W != 0:
         k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+        if mem_k is not None:
+            mem_k, mem_v = (t.repeat_interleave(H // Hkv, dim=1) for t in (mem_k, mem_v))
     qf = _Exchange.apply(q, True, g, W, r, lay)
     kf = _Exchange.apply(k, True, g, W, r, lay)
     vf = _Exchange.apply(v, True, g, W, r, lay)
-    hs = H // W
-    slopes = None if alibi_slopes is None else alibi_slopes[r * hs:(r + 1) * hs]
-    if lay.T == 0:
-        raise ValueError("ulysses_attention: the sequence is empty on every rank")
+    hs, hkv = H // W, k.shape[1] // W
+    heads = slice(r * hs, (r + 1) * hs)
+    slopes = None if alibi_slopes is None else alibi_slopes[heads]
+    mem = {}
+    if mem_k is not None:
+        mem = dict(mem_k=mem_k[:, r * hkv:(r + 1) * hkv], mem_v=mem_v[:, r * hkv:(r + 1) * hkv])
+    rel = {name: t[heads] for name, t in (("pos_emb", pos_emb), ("content_bias", content_bias),
+                                           ("pos_bias", pos_bias)) if t is not None}
     out, lse = _ma.memory_attention(qf, kf, vf, causal=causal, window=window_i or None, scale=scale_f,
-                                    alibi_slopes=slopes, return_lse=True)
+                                    alibi_slopes=slopes, return_lse=True, **mem, **rel)
     out = _Exchange.apply(out, False, g, W, r, lay)
     if not return_lse:
         return out

@@ -29,13 +29,24 @@ def full_inputs(case: dict):
     return q, k, v, dout, dlse, slopes, mem
 
 
+def relative_inputs(case: dict) -> dict:
+    """Transformer-XL relative positions for the whole sequence (P longer than needed), or {}."""
+    if not case.get("rel"):
+        return {}
+    g = torch.Generator().manual_seed(case["seed"] + 3)
+    H, D, dtype = case["H"], case["D"], getattr(torch, case["dtype"])
+    P = case.get("M", 0) + case["T"] + 3
+    rnd = lambda *shape: (0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)  # noqa: E731
+    return dict(pos_emb=rnd(H, P, D), content_bias=rnd(H, D), pos_bias=rnd(H, D))
+
+
 def build_lm(case: dict, group=None):
     from longkernels.nn import LongContextLM
 
     torch.manual_seed(case["seed"])
     return LongContextLM(50, 16, 2, 4, attention="memory", mem_len=case["M"], window=case.get("window"),
                          num_kv_heads=2, reversible=case.get("reversible", True), dtype=torch.float64,
-                         context_parallel_group=group)
+                         context_parallel_group=group, positions="relative" if case.get("rel") else None)
 
 
 def lm_tokens(case: dict):
@@ -67,6 +78,12 @@ def run_case(case: dict, group=None) -> dict:
 
     if case["fn"] == "lm":
         group = group if group is not None else dist.group.WORLD  # the model's None means "not sharded"
+        if case.get("bad"):  # relative positions with heads the group's size does not divide
+            try:
+                build_lm(case, group)
+            except ValueError as e:
+                return {"error": str(e)}
+            return {"error": None}
         res = run_lm(case, build_lm(case, group), group, cp.shard_sequence)
         res["positions"] = cp.sequence_positions(case["T"], group)
         return res
@@ -74,13 +91,14 @@ def run_case(case: dict, group=None) -> dict:
     q, k, v, dout, dlse, slopes, (mk, mv) = full_inputs(case)
     fn = cp.ring_attention if case["fn"] == "ring" else cp.ulysses_attention
     if case.get("bad"):
-        return bad_input(case, fn, q, k, v, group)
+        return bad_input(case, fn, q, k, v, group, mk, mv)
     ql, kl, vl = (cp.shard_sequence(t, 2, group).detach().requires_grad_() for t in (q, k, v))
     mem = {}
     if mk is not None:
         mem = dict(mem_k=mk.requires_grad_(), mem_v=mv.requires_grad_())
+    rel = {name: t.requires_grad_() for name, t in relative_inputs(case).items()}
     out, lse = fn(ql, kl, vl, group=group, causal=case["causal"], window=case.get("window"),
-                  alibi_slopes=slopes, return_lse=True, **mem)
+                  alibi_slopes=slopes, return_lse=True, **mem, **rel)
     dl = cp.shard_sequence(dlse, 2, group).to(lse.dtype)
     loss = (out * cp.shard_sequence(dout, 2, group)).sum() + (lse.masked_fill(torch.isinf(lse), 0) * dl).sum()
     loss.backward()
@@ -89,10 +107,11 @@ def run_case(case: dict, group=None) -> dict:
            "dq": ql.grad, "dk": kl.grad, "dv": vl.grad, "gathered": full}
     if mk is not None:  # each rank's part of the memory's gradient; the test sums them
         res.update(dmk=mk.grad, dmv=mv.grad, tail_k=cp.gather_tail(kl.detach(), case["tail"], group))
+    res.update({"d" + name: t.grad for name, t in rel.items()})  # each rank's heads' part; the test sums them
     return res
 
 
-def bad_input(case, fn, q, k, v, group) -> dict:
+def bad_input(case, fn, q, k, v, group, mk=None, mv=None) -> dict:
     """Each rank passes the case's own wrong input; every rank must raise a ValueError."""
     from longkernels import distributed as cp
 
@@ -105,6 +124,14 @@ def bad_input(case, fn, q, k, v, group) -> dict:
     kwargs = dict(causal=case["causal"], window=case.get("window"))
     if case["bad"] == "window" and rank == 0:
         kwargs["window"] = (case.get("window") or 4) + 1
+    if mk is not None:
+        kwargs.update(mem_k=mk, mem_v=mv)
+    rel = relative_inputs(case)
+    if case["bad"] == "pos_emb" and rank == 0:  # still long enough, but not the other ranks' tensor
+        rel["pos_emb"] = rel["pos_emb"][:, :-1]
+    if case["bad"] == "short_pos":  # long enough for every rank's own rows, not for the whole sequence
+        rel["pos_emb"] = rel["pos_emb"][:, : case["M"] + case["T"] - 1]
+    kwargs.update(rel)
     try:
         fn(ql, kl, vl, group=group, **kwargs)
     except ValueError as e:

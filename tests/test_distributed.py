@@ -31,11 +31,11 @@ DEADLINE_S = 240
 
 
 def _case(fn, T, *, B=1, H=4, Hkv=2, D=16, Dv=None, causal=True, window=None, alibi=False, dtype="float64",
-          bad=None, worlds=WORLD_SIZES, M=0):
+          bad=None, worlds=WORLD_SIZES, M=0, rel=False):
     cid = f"{fn}-T{T}-M{M}-B{B}-H{H}/{Hkv}-D{D}/{Dv or D}-{'causal' if causal else 'full'}-w{window}" \
-          f"{'-alibi' if alibi else ''}-{dtype}{'-bad_' + bad if bad else ''}"
+          f"{'-alibi' if alibi else ''}{'-relative' if rel else ''}-{dtype}{'-bad_' + bad if bad else ''}"
     return dict(id=cid, fn=fn, T=T, B=B, H=H, Hkv=Hkv, D=D, Dv=Dv or D, causal=causal, window=window, alibi=alibi,
-                dtype=dtype, bad=bad, seed=case_seed(cid), worlds=worlds, M=M, tail=min(M, T) or 1)
+                dtype=dtype, bad=bad, seed=case_seed(cid), worlds=worlds, M=M, tail=min(M, T) or 1, rel=rel)
 
 
 EXACT = [
@@ -52,9 +52,15 @@ EXACT = [
     _case("ring", 37, M=30, window=25, alibi=True, H=2, Hkv=1),   # the window reaches into the memory
     _case("ulysses", 37, H=12, Hkv=2, window=7, alibi=True),      # Hkv split or repeated by W
     _case("ulysses", 50, H=12, Hkv=4, causal=False),
+    _case("ulysses", 29, H=12, Hkv=6, M=17, window=21),           # memory sliced by heads (Hkv 6: split or repeated)
+    _case("ulysses", 41, H=12, Hkv=4, D=10, M=23, rel=True),      # Transformer-XL relative positions, memory
+    _case("ulysses", 30, H=12, Hkv=12, M=9, window=14, rel=True),  # relative, the window inside the memory
 ]
 # LongContextLM with its blocks on a context-parallel group: segments with memory (windowed and not).
-LM = [dict(_case("lm", 24, M=16), segments=3), dict(_case("lm", 21, M=10, window=13), segments=3, reversible=False)]
+LM = [dict(_case("lm", 24, M=16), segments=3), dict(_case("lm", 21, M=10, window=13), segments=3, reversible=False),
+      # relative positions run Ulysses: 4 heads over 1, 2 or 4 ranks (3 is refused, see BAD)
+      dict(_case("lm", 22, M=12, rel=True, worlds=(1, 2, 4)), segments=3),
+      dict(_case("lm", 19, M=10, window=15, rel=True, worlds=(1, 2, 4)), segments=3, reversible=False)]
 LOWP = [_case("ring", 256, H=4, Hkv=2, D=32, dtype=dt) for dt in ("float32", "bfloat16")]
 BAD = [
     _case("ring", 40, bad="length", worlds=(2, 3, 4)),
@@ -62,6 +68,9 @@ BAD = [
     _case("ring", 40, window=6, bad="window", worlds=(2, 3, 4)),
     _case("ulysses", 40, H=4, bad="heads", worlds=(3,)),
     _case("ulysses", 40, bad="length", worlds=(2, 4)),
+    _case("ulysses", 40, H=4, M=8, rel=True, bad="pos_emb", worlds=(2, 4)),     # one rank's P differs
+    _case("ulysses", 40, H=4, M=8, rel=True, bad="short_pos", worlds=(2, 4)),   # P short of the sequence's reach
+    _case("lm", 20, M=8, rel=True, bad="heads", worlds=(3,)),                   # 4 heads over 3 ranks
 ]
 ALL = EXACT + LM + LOWP + BAD
 
@@ -105,13 +114,15 @@ def _single_process(case):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     if mk is not None:
         mk, mv = mk.requires_grad_(), mv.requires_grad_()
+    rel = {name: t.requires_grad_() for name, t in _cp_worker.relative_inputs(case).items()}
     out, lse = longkernels.memory_attention(q, k, v, mk, mv, causal=case["causal"], window=case["window"],
-                                            alibi_slopes=slopes, return_lse=True)
+                                            alibi_slopes=slopes, return_lse=True, **rel)
     loss = (out * dout).sum() + (lse.masked_fill(torch.isinf(lse), 0) * dlse.to(lse.dtype)).sum()
     loss.backward()
     res = {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
     if mk is not None:
         res.update(dmk=mk.grad, dmv=mv.grad, tail_k=k.detach()[:, :, case["T"] - case["tail"]:])
+    res.update({"d" + name: t.grad for name, t in rel.items()})
     return res
 
 
@@ -141,14 +152,19 @@ def test_float64_equals_single_process(W, case):
             assert err <= FLOAT64_RTOL, f"W={W} {name}: relative error {err:.2e}"
         for r in ranks:
             assert torch.equal(r[case["id"]]["tail_k"], want["tail_k"])
+    for name in ("dpos_emb", "dcontent_bias", "dpos_bias") if case["rel"] else ():  # the heads' parts sum to it
+        err = rel_err(sum(r[case["id"]][name] for r in ranks), want[name])
+        assert err <= FLOAT64_RTOL, f"W={W} {name}: relative error {err:.2e}"
     gathered = ranks[0][case["id"]]["gathered"]  # gather_sequence: the full output on every rank
     for r in ranks:
         assert torch.equal(r[case["id"]]["gathered"], gathered)
     assert rel_err(gathered, want["out"]) <= FLOAT64_RTOL
 
 
-@pytest.mark.parametrize("W", WORLD_SIZES)
-@pytest.mark.parametrize("case", LM, ids=[c["id"] for c in LM])
+LM_RUNS = [(W, case) for case in LM for W in case["worlds"]]
+
+
+@pytest.mark.parametrize("W, case", LM_RUNS, ids=[f"{c['id']}-W{W}" for W, c in LM_RUNS])
 def test_long_context_lm_on_a_group(W, case):
     """Logits of every segment (rotary phases at the shard's positions, memory kept whole on every rank) and
     parameter gradients (summed over the ranks) equal the unsharded model's."""

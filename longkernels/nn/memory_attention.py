@@ -200,6 +200,9 @@ class MemoryAttention(nn.Module):
             of the segment, attention runs as :func:`~longkernels.distributed.ring_attention`, rotary phases
             follow the rows' absolute positions, and the memory (the last ``mem_len`` tokens' keys and
             values) is kept whole on every rank. The outputs are this rank's rows of the unsharded layer's.
+            With ``positions="relative"`` attention runs as :func:`~longkernels.distributed.ulysses_attention`
+            instead (``num_heads`` divisible by the group's size); parameter gradients are each rank's part
+            (sum them over the group, as data parallelism does).
 
     Example::
 
@@ -237,7 +240,12 @@ class MemoryAttention(nn.Module):
         if positions == "relative" and embed_dim % 2:
             raise ValueError(f"positions='relative' needs an even embed_dim (sinusoidal embeddings), got {embed_dim}")
         if positions == "relative" and context_parallel_group is not None:
-            raise ValueError("positions='relative' does not run on a context-parallel group yet (rotary does)")
+            import torch.distributed as dist
+            W = dist.get_world_size(context_parallel_group)
+            if num_heads % W:
+                raise ValueError(f"positions='relative' on a context-parallel group runs Ulysses attention (an "
+                                 f"all-to-all over heads): num_heads ({num_heads}) must be divisible by the "
+                                 f"group's size ({W})")
         head_dim = embed_dim // num_heads
         if rotary and head_dim % 2:
             raise ValueError(f"rotary=True needs an even head dim, but embed_dim // num_heads = "
@@ -448,12 +456,20 @@ class MemoryAttention(nn.Module):
         if mems is not None and mems.k.shape[2] > 0:
             mem_k, mem_v = mems.k.detach(), mems.v.detach()
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-        o = cp.ring_attention(q.transpose(1, 2), kt, vt, group=group, causal=True, window=self.window,
-                              mem_k=mem_k, mem_v=mem_v)
+        M = 0 if mem_k is None else mem_k.shape[2]
+        if self.positions == "relative":  # every rank's heads over the whole sequence: the fused relative kernels
+            from .relative import relative_pos_emb
+            n = min(self.window, M + seq_len) if self.window else M + seq_len
+            pos_emb = relative_pos_emb(self.r_net, n, H, D, clamp_len=self.clamp_len)
+            o = cp.ulysses_attention(q.transpose(1, 2), kt, vt, group=group, causal=True, window=self.window,
+                                     mem_k=mem_k, mem_v=mem_v, pos_emb=pos_emb, content_bias=self.content_bias,
+                                     pos_bias=self.pos_bias)
+        else:
+            o = cp.ring_attention(q.transpose(1, 2), kt, vt, group=group, causal=True, window=self.window,
+                                  mem_k=mem_k, mem_v=mem_v)
         y = self.out_proj(o.transpose(1, 2).reshape(B, L, H * D))
         y = F.dropout(y, p=self.dropout, training=self.training)
         # The next memory, whole on every rank: the segment's last tokens travel from the ranks holding them.
-        M = 0 if mem_k is None else mem_k.shape[2]
         keep = min(self.mem_len, M + seq_len)
         from_cur, from_mem = min(seq_len, keep), keep - min(seq_len, keep)
         ks = [cp.gather_tail(kt.detach(), from_cur, group)]
