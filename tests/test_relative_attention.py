@@ -28,7 +28,12 @@ CASES = [
     (1, 2, 1, 300, 600, 16, 250, 5, True),      # window shorter than the memory, strided inputs
     (1, 3, 3, 530, 0, 12, 40, 0, False),        # D not a power of 2, no memory, short window
     (1, 2, 2, 257, 513, 64, 2000, 0, False),    # a window that hides nothing
+    # The decode path (few rows per kv head over a long cache, split across threads):
+    (1, 6, 2, 3, 1300, 20, None, 2, True),      # GQA group of 3, three queries, D = 20, strided (pos_emb too)
+    (1, 4, 4, 16, 900, 32, 300, 0, False),      # 16 queries, a window inside the memory
+    (2, 4, 1, 1, 200, 16, 64, 7, False),        # MQA, one query, a window, P longer than needed
 ]
+DECODE = CASES[6:]
 
 
 def _ids(c):
@@ -47,7 +52,8 @@ def _inputs(c, dtype, seed):
 
     L = M + N
     P = (min(window, L) if window else L) + extra
-    t = dict(q=act(B, H, N, D), k=act(B, Hkv, N, D), v=act(B, Hkv, N, D), pos_emb=rnd(H, P, D) * 0.5,
+    pos_emb = rnd(P, H, D).transpose(0, 1) if strided else rnd(H, P, D)  # strided as the modules' projection gives it
+    t = dict(q=act(B, H, N, D), k=act(B, Hkv, N, D), v=act(B, Hkv, N, D), pos_emb=pos_emb * 0.5,
              content_bias=rnd(H, D) * 0.3, pos_bias=rnd(H, D) * 0.3)
     if M:
         t.update(mem_k=act(B, Hkv, M, D), mem_v=act(B, Hkv, M, D))
@@ -82,7 +88,7 @@ def test_float64(c):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("c", [CASES[2], CASES[3], CASES[5]], ids=_ids)
+@pytest.mark.parametrize("c", [CASES[2], CASES[3], CASES[5], *DECODE], ids=_ids)
 def test_low_precision(c, dtype):
     _check(c, dtype)
 
@@ -261,7 +267,7 @@ def test_memory_attention_relative_mode_segments_equal_whole(seed):
 
 @needs_ext
 @pytest.mark.parametrize("tiles", ["blas", "avx2"])
-@pytest.mark.parametrize("c", [CASES[2], CASES[3]], ids=_ids)
+@pytest.mark.parametrize("c", [CASES[2], CASES[3], DECODE[0]], ids=_ids)
 def test_cpu_twins(c, tiles, monkeypatch):
     # The forward's content products run on the micro-kernels where the CPU has them: the portable BLAS tiles
     # and the AVX2 kernels must stay right too, on a machine that would take its AVX-512 ones.

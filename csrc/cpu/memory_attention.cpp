@@ -1037,6 +1037,7 @@ constexpr int64_t kDecodeMaxRows = 128;    // G * N: the group's rows and their 
 constexpr int64_t kDecodeMaxQueries = 64;  // N
 constexpr int64_t kDecodeBlock = 64;       // keys per block
 constexpr int64_t kDecodeMinChunk = 512;   // keys per work item, at least (amortises the item's setup)
+constexpr int64_t kRelDecodeRows = 16;     // relative positions: per-row position products (each row its band)
 
 
 template <typename T, typename S>
@@ -1055,10 +1056,14 @@ class Decoder {
   using E = std::conditional_t<kBf16, uint16_t, T>;  // the products' operand type
   static constexpr int64_t kp = kBf16 ? 2 : 1;      // pairs along the reduction (bf16)
 
+  // qv, pos: Transformer-XL relative positions (qv (B, H, N, D) as q, pos (H, P, D) of q's dtype), or null.
   Decoder(const Problem& P, F32Tiles isa, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mk,
-          const Tensor& mv, const T* slopes)
-      : P_(P), isa_(isa), q_(q), k_(k), v_(v), mk_(mk), mv_(mv), slopes_(slopes), R_(P.group() * P.N),
-        Dq_(round_up(P.D, kp)), Dvp_(round_up(P.Dv, 16)) {}
+          const Tensor& mv, const T* slopes, const Tensor* qv = nullptr, const Tensor* pos = nullptr)
+      : P_(P), isa_(isa), q_(q), k_(k), v_(v), mk_(mk), mv_(mv), slopes_(slopes), qv_(qv), pos_(pos),
+        R_(P.group() * P.N), Dq_(round_up(P.D, kp)), Dvp_(round_up(P.Dv, 16)) {
+    static_assert(!kBf16 || std::is_same_v<Src, at::BFloat16>, "bf16 products take bfloat16 inputs");
+    TORCH_INTERNAL_ASSERT(!pos_ || !kBf16, "relative positions decode on widened float32 rows");
+  }
 
   // Keys [lo, hi) of (b, hkv), all R rows: the unnormalised output (R x Dvp), row max and row sum per row.
   void run(int64_t b, int64_t hkv, int64_t lo, int64_t hi, T* o, T* m, T* l) {
@@ -1074,6 +1079,7 @@ class Decoder {
       const tiles::Range vis = ms.visible_keys(b, 0, P_.N);
       if (vis.hi <= a0 || vis.lo >= a0 + bk) continue;  // no query of the group sees this block
       scores(b, hkv, a0, bk);
+      if (pos_) add_positions(hkv, a0, bk);
       const bool full = ms.fully_visible(b, 0, P_.N, a0, bk);
       RowTerms<T> terms{static_cast<T>(P_.scale), T(0), T(0), static_cast<T>(P_.softcap),
                         full ? nullptr : ms.pad_at(b, a0, bk)};
@@ -1094,6 +1100,7 @@ class Decoder {
   void alloc() {
     if (!Q_.empty()) return;
     Q_.assign(R_ * Dq_, E(0));
+    if (pos_) QV_.assign(R_ * Dq_, E(0));
     S_.assign(R_ * kDecodeBlock, T(0));
     stage_.assign(kDecodeBlock * std::max(Dq_, Dvp_), E(0));
     if constexpr (kKind == DecodeKind::Bf16) {
@@ -1106,13 +1113,66 @@ class Decoder {
     }
   }
 
-  // The group's query rows, row r = (g, i): head hkv * G + g, query i; widened, or as bf16 bits.
+  // The group's query rows, row r = (g, i): head hkv * G + g, query i; widened, or as bf16 bits. With relative
+  // positions, qv's rows too.
   void load_queries(int64_t b, int64_t hkv) {
-    const RowView<Src> qv(q_);
+    const auto load = [&](const Tensor& t, E* out) {
+      const RowView<Src> view(t);
+      for (int64_t r = 0; r < R_; ++r) {
+        const Src* src = view.row(b, hkv * P_.group() + r / P_.N, r % P_.N);
+        E* dst = out + r * Dq_;
+        for (int64_t d = 0; d < P_.D; ++d) dst[d] = element(src[d * view.sd]);
+      }
+    };
+    load(q_, Q_.data());
+    if (pos_) load(*qv_, QV_.data());
+  }
+
+  // S rows += <qv_r, pos[h, t]> for each column's distance t = M + i - (a0 + c): per row, dot products on
+  // pos's rows where they lie (consecutive columns read consecutive rows backwards), widened when not float32
+  // of unit stride. Columns whose distance lies outside [0, P) are hidden (P covers every visible distance,
+  // which the op checks) and left alone.
+  void add_positions(int64_t hkv, int64_t a0, int64_t bk) {
+    const Tensor& pos = *pos_;
+    const int64_t Pn = pos.size(1), s0 = pos.stride(0), s1 = pos.stride(1), sd = pos.stride(2);
+    const Src* base = reinterpret_cast<const Src*>(pos.data_ptr());
+    const bool direct = std::is_same_v<Src, E> && sd == 1;
+    const E* rows[kDecodeBlock];
     for (int64_t r = 0; r < R_; ++r) {
-      const Src* src = qv.row(b, hkv * P_.group() + r / P_.N, r % P_.N);
-      E* dst = Q_.data() + r * Dq_;
-      for (int64_t d = 0; d < P_.D; ++d) dst[d] = element(src[d * qv.sd]);
+      const int64_t h = hkv * P_.group() + r / P_.N, t0 = P_.M + r % P_.N - a0;
+      const int64_t c_lo = std::max<int64_t>(0, t0 - (Pn - 1)), c_hi = std::min<int64_t>(bk - 1, t0);
+      if (c_hi < c_lo) continue;
+      const int64_t n = c_hi - c_lo + 1;
+      for (int64_t j = 0; j < n; ++j) {
+        const Src* src = base + h * s0 + (t0 - c_lo - j) * s1;
+        if (direct) {
+          rows[j] = reinterpret_cast<const E*>(src);
+          continue;
+        }
+        E* dst = stage_.data() + j * Dq_;
+        if constexpr (kKind == DecodeKind::F32) {
+          widen_row(src, sd, P_.D, dst, Dq_);
+        } else {
+          for (int64_t d = 0; d < P_.D; ++d) dst[d] = element(src[d * sd]);
+        }
+        rows[j] = dst;
+      }
+      T* srow = S_.data() + r * kDecodeBlock + c_lo;
+      const E* qr = QV_.data() + r * Dq_;
+      if constexpr (kKind == DecodeKind::F32) {
+        float part[16];
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+          const int64_t m = std::min<int64_t>(16, n - j0);
+          tile::dots_f32(isa_, 1, P_.D, qr, Dq_, rows + j0, m, part, 16);
+          for (int64_t j = 0; j < m; ++j) srow[j0 + j] += part[j];
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          T acc = 0;
+          for (int64_t d = 0; d < P_.D; ++d) acc += qr[d] * rows[j][d];
+          srow[j] += acc;
+        }
+      }
     }
   }
 
@@ -1254,8 +1314,9 @@ class Decoder {
   F32Tiles isa_;
   const Tensor &q_, &k_, &v_, &mk_, &mv_;
   const T* slopes_;
+  const Tensor *qv_, *pos_;
   int64_t R_, Dq_, Dvp_;
-  std::vector<E> Q_, stage_;
+  std::vector<E> Q_, QV_, stage_;
   std::vector<T> S_, Vf_;
   std::vector<uint32_t> K_;
   std::vector<uint16_t> Pb_, Vp_;
@@ -1283,7 +1344,8 @@ int64_t decode_chunk(const Problem& P, int64_t keys) {
 
 template <typename Src, typename T, DecodeKind kKind>
 void decode_forward(const Problem& P, F32Tiles isa, const Tensor& q, const Tensor& k, const Tensor& v,
-                    const Tensor& mk, const Tensor& mv, const T* slopes, const T* sinks, Tensor& out, Tensor& lse) {
+                    const Tensor& mk, const Tensor& mv, const T* slopes, const T* sinks, Tensor& out, Tensor& lse,
+                    const Tensor* qv = nullptr, const Tensor* pos = nullptr) {
   // Keys any of the group's queries sees: [lo, M + N) (causal or not, the window bounds the start).
   const int64_t lo = (P.window && P.causal) ? std::max<int64_t>(0, P.M - P.window + 1) : 0;
   const int64_t hi = P.M + P.N, keys = hi - lo;
@@ -1291,7 +1353,7 @@ void decode_forward(const Problem& P, F32Tiles isa, const Tensor& q, const Tenso
   const int64_t R = P.group() * P.N, Dvp = round_up(P.Dv, 16), G = P.group(), stride = R * (Dvp + 2);
   std::vector<T> part(P.B * P.Hkv * n_chunks * stride);  // per item, R rows of (o[Dvp]), then m[R], l[R]
   at::parallel_for(0, P.B * P.Hkv * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    Decoder<Src, T, kKind> dec(P, isa, q, k, v, mk, mv, slopes);
+    Decoder<Src, T, kKind> dec(P, isa, q, k, v, mk, mv, slopes, qv, pos);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t c = item % n_chunks, bh = item / n_chunks, b = bh / P.Hkv, hkv = bh % P.Hkv;
       T* base = part.data() + item * stride;
@@ -1738,10 +1800,31 @@ std::tuple<Tensor, Tensor> memory_attention_rel_fwd(const Tensor& q, const Tenso
   const auto ct = compute_type(q.scalar_type());
   Tensor out = at::empty({P.B, P.H, P.N, P.Dv}, q.options().dtype(ct));
   Tensor lse = at::empty({P.B, P.H, P.N}, q.options().dtype(ct));
+  const F32Tiles f32 = f32_tiles();
+  // Decoding (few rows per kv head): the decode path with the position term read from pos_emb's rows in place;
+  // bfloat16 widened as its rows are read (per-row position products leave no pairs for the BF16 kernels).
+  const DecodeKind decode = P.group() * P.N <= kRelDecodeRows ? decode_kind(P, q.scalar_type(), f32) : DecodeKind::None;
+  if (decode == DecodeKind::Loops) {
+    decode_forward<double, double, DecodeKind::Loops>(P, f32, q, k, v, mem_k, mem_v, nullptr, nullptr, out, lse, &qv,
+                                                      &pos_emb);
+    return {out, lse};
+  }
+  if (decode != DecodeKind::None) {
+    if (q.scalar_type() == at::kFloat) {
+      decode_forward<float, float, DecodeKind::F32>(P, f32, q, k, v, mem_k, mem_v, nullptr, nullptr, out, lse, &qv,
+                                                    &pos_emb);
+    } else if (q.scalar_type() == at::kBFloat16) {
+      decode_forward<at::BFloat16, float, DecodeKind::F32>(P, f32, q, k, v, mem_k, mem_v, nullptr, nullptr, out, lse,
+                                                           &qv, &pos_emb);
+    } else {
+      decode_forward<at::Half, float, DecodeKind::F32>(P, f32, q, k, v, mem_k, mem_v, nullptr, nullptr, out, lse, &qv,
+                                                       &pos_emb);
+    }
+    return {out.to(q.scalar_type()), lse};
+  }
   // bfloat16's content products on its micro-kernels (AVX-512 BF16); the position products through the BLAS, in
   // the compute type.
   const Tensor qvc = compute_view(qv, ct), posc = compute_view(pos_emb, ct);
-  const F32Tiles f32 = f32_tiles();
   const Tiles tiles_kind = forward_tiles(q, f32);
   if (tiles_kind == Tiles::Bf16) {
     const PackedProducts<uint16_t>::Shared shared(P, F32Tiles::None, q, k, v, mem_k, mem_v);

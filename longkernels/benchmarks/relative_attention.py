@@ -1,7 +1,8 @@
 """Transformer-XL relative positions: the fused kernels against the unfused formulation, and rotary beside.
 
-Cases: ``N`` queries over ``M = N`` memory keys and their own ``N`` (causal), ``B = 1, H = 8, D = 64``, relative
-embeddings for every distance (``P = M + N``). Implementations:
+Cases (variant ``txl``): ``N`` queries over ``M = N`` memory keys and their own ``N`` (causal), ``B = 1, H = 8,
+D = 64``, relative embeddings for every distance (``P = M + N``); variant ``decode``: one query over a cache of
+``M`` the sweep's size (forward only). Implementations:
 
 * ``longkernels-relative``: ``memory_attention(..., pos_emb=R, content_bias=u, pos_bias=v)``, the position
   term per tile from the band of distances the tile covers;
@@ -36,19 +37,22 @@ class RelativeCase:
     variant: str = "txl"
 
     op: ClassVar[str] = "relative_attention"
-    sweep_name: ClassVar[str] = "N = M"
+    sweep_name: ClassVar[str] = "N = M (decode: N = 1 over M)"
+
+    size: int = 0  # the sweep's value: N = M, or the decode's M
 
     @property
     def M(self) -> int:
-        return self.N
+        return self.size if self.variant == "decode" else self.N
 
     @property
     def sweep(self) -> int:
-        return self.N
+        return self.size or self.N
 
     @property
     def id(self) -> str:
-        return f"{self.op}-{self.mode}-{dtype_name(self.dtype)}-n{self.N}"
+        part = f"decode-m{self.M}" if self.variant == "decode" else f"n{self.N}"
+        return f"{self.op}-{self.mode}-{dtype_name(self.dtype)}-{part}"
 
     @property
     def shape(self) -> str:
@@ -72,7 +76,16 @@ class RelativeCase:
 
 def relative_cases(sizes: Sequence[int], dtypes: Sequence[torch.dtype], modes: Sequence[str],
                    variants: Sequence[str]) -> list:
-    return [RelativeCase(mode, dtype, n) for mode in modes for dtype in dtypes for n in sorted(sizes)]
+    cases = []
+    for variant in variants:
+        for mode in modes:
+            if variant == "decode" and mode != "fwd":
+                continue  # decoding is inference
+            for dtype in dtypes:
+                for n in sorted(sizes):
+                    cases.append(RelativeCase(mode, dtype, 1, "decode", n) if variant == "decode"
+                                 else RelativeCase(mode, dtype, n, variant, n))
+    return cases
 
 
 def txl_unfused(q, k, v, mem_k, mem_v, pos_emb, content_bias, pos_bias):
@@ -141,16 +154,16 @@ def _memory_limit(device) -> Optional[int]:
 
 
 def summarize(records: list, device) -> dict:
-    ok = {(r["impl"], r["mode"], r["dtype"], r["sweep"]): r for r in records if r.get("status") == "ok"}
+    ok = {(r["impl"], r["variant"], r["mode"], r["dtype"], r["sweep"]): r for r in records if r.get("status") == "ok"}
     out = {"fused_speedup_over_unfused": {}, "fused_time_over_rotary": {}, "fused_peak_over_rotary": {}}
-    for (impl, mode, dt, n), r in ok.items():
+    for (impl, variant, mode, dt, n), r in ok.items():
         if impl != "longkernels-relative":
             continue
-        key = f"{mode} {dt} N=M={n}"
-        if ("txl-unfused", mode, dt, n) in ok:
-            out["fused_speedup_over_unfused"][key] = ok["txl-unfused", mode, dt, n]["median_ms"] / r["median_ms"]
-        if ("longkernels-rotary", mode, dt, n) in ok:
-            rot = ok["longkernels-rotary", mode, dt, n]
+        key = f"{mode} {dt} decode N=1 M={n}" if variant == "decode" else f"{mode} {dt} N=M={n}"
+        if ("txl-unfused", variant, mode, dt, n) in ok:
+            out["fused_speedup_over_unfused"][key] = ok["txl-unfused", variant, mode, dt, n]["median_ms"] / r["median_ms"]
+        if ("longkernels-rotary", variant, mode, dt, n) in ok:
+            rot = ok["longkernels-rotary", variant, mode, dt, n]
             out["fused_time_over_rotary"][key] = r["median_ms"] / rot["median_ms"]
             if r.get("peak_bytes") and rot.get("peak_bytes"):
                 out["fused_peak_over_rotary"][key] = r["peak_bytes"] / rot["peak_bytes"]
@@ -169,7 +182,7 @@ OPERATION = Operation(
     name="relative_attention",
     make_cases=relative_cases,
     implementations=(Relative("longkernels-relative"), Relative("txl-unfused"), Relative("longkernels-rotary")),
-    variants=("txl",),
+    variants=("txl", "decode"),
     sweeps={"quick": Sweep((512,), dtypes=("float32",)), "default": Sweep((1024,)),
             "full": Sweep((512, 1024, 2048, 4096, 8192))},
     flops_note="relative attention: 6*D per visible query-key pair and head (content, position, P V), "
