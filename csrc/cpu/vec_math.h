@@ -50,7 +50,12 @@ __attribute__((always_inline)) inline float tanh_approx(float x) {
 inline double tanh_approx(double x) { return std::tanh(x); }
 
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// x86-64-v3 (AVX2 with FMA, GCC 12 on) before plain AVX2: GCC's "avx2" target does not enable FMA, so its clone
+// of the softmax rows (the exp polynomial, the rescaling) ran every multiply-add as two instructions. The
+// resolver tests AVX-512F first, then x86-64-v3's features (not the CPU's vendor or model).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define LK_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define LK_CLONES
