@@ -126,10 +126,13 @@ class HFModel(Implementation):
 
     def __init__(self, name: str, attn: str, peer: bool, note: str):
         self.name, self.attn, self.peer, self.note = name, attn, peer, note
+        self.comparable = attn != "projections"  # computes part of the layer, not its output
 
     def reasons(self, case, device):
         reasons = _transformers_reasons()
-        if case.kind == "reformer" and self.attn not in ("longkernels", "hf"):
+        if self.attn == "projections" and case.kind != "reformer":
+            reasons.append("the shared projections are timed for Reformer's layer only")
+        if case.kind == "reformer" and self.attn not in ("longkernels", "hf", "projections"):
             reasons.append("Reformer's layer is compared patched against unpatched (longkernels, hf)")
         if case.kind == "llama" and self.attn == "hf":
             reasons.append("the llama-like model is compared across attention implementations")
@@ -178,6 +181,15 @@ class HFModel(Implementation):
         torch.manual_seed(0)
         layer = LSHSelfAttention(config, layer_idx=0).to(device=device, dtype=case.dtype)
         layer.train(case.mode == "fwdbwd")
+        if self.attn == "projections":
+            # What both layers run alike, the query/key and value projections (their backward too): HF's layer
+            # time over this one bounds the ratio any attention kernel can give the layer.
+            layer.requires_grad_(case.mode == "fwdbwd")
+
+            def projections(hidden_states):
+                return layer.query_key(hidden_states), layer.value(hidden_states)
+            projections.zero_grad = layer.zero_grad
+            return projections
         holder = torch.nn.ModuleList([layer])
         if self.attn == "longkernels":
             lkhf.enable(holder)
@@ -208,6 +220,8 @@ def summarize(records: list, device) -> Optional[dict]:
                "tokens_per_s": {impl: tokens / (r["median_ms"] / 1e3) for impl, r in impls.items()},
                "label": f"{kind} {phase} {ours['mode']} {ours['dtype']} L{_length(case_id)}"}
         peer = "sdpa" if "sdpa" in impls else "hf" if "hf" in impls else None
+        if peer == "hf" and "projections" in impls:
+            row["ceiling_vs_hf"] = impls["hf"]["median_ms"] / impls["projections"]["median_ms"]
         if peer:
             # the drawing's key: the peer's time over ours (HF's default sdpa; HF's own layer for Reformer)
             row["ratio_vs_sdpa"] = impls[peer]["median_ms"] / ours["median_ms"]
@@ -233,6 +247,11 @@ def summarize(records: list, device) -> Optional[dict]:
     fb = [rows[c]["ratio_vs_sdpa"] for c in rows if "reformer" in c and "fwdbwd" in c and _length(c) == 16384]
     if fb:
         out.setdefault("targets_met", {})["reformer L=16384 fwd+bwd >= 4x HF's layer"] = min(fb) >= 4.0
+    ceilings = {c: rows[c]["ceiling_vs_hf"] for c in rows if "ceiling_vs_hf" in rows[c]}
+    if ceilings:
+        out["reformer_ceiling_vs_hf"] = ceilings
+        out["ceiling_label"] = ("HF's layer time / its query-key and value projections' (which both layers run "
+                                "alike): the most any attention kernel can give the layer")
     out["headline"] = "; ".join(heads)
     return out
 
@@ -251,7 +270,9 @@ OPERATION = Operation(
     implementations=(HFModel("longkernels", "longkernels", False, 'attn_implementation="longkernels"'),
                      HFModel("sdpa", "sdpa", True, "HF's default (torch SDPA)"),
                      HFModel("eager", "eager", True, "HF's eager attention"),
-                     HFModel("hf", "hf", True, "HF's own LSHSelfAttention")),
+                     HFModel("hf", "hf", True, "HF's own LSHSelfAttention"),
+                     HFModel("projections", "projections", False,
+                             "Reformer's two projections alone (not attention): the layer's floor")),
     variants=("hf",),
     sweeps={"quick": Sweep((256,), dtypes=("float32",), extra={"decode": (1024,), "train": (256,),
                                                                 "reformer": (4096,)}),
