@@ -150,6 +150,42 @@ LK_AVX2_TARGET void micro_avx2(const float* A, int64_t lda, const float* Bp, int
 #undef LK_ROWS
 }
 
+// One or two rows of C over NV * 8 columns (MR * NV = 8 accumulators): with one row, the 6-row kernel's
+// 16-column tile leaves two dependent FMA chains, so each step waits on the FMA latency (decoding's P V has one
+// to four rows). Every C element still sums t in order, as micro_avx2 does: the same results, bit for bit.
+template <int MR, int NV, bool AT>
+LK_AVX2_TARGET void micro_avx2_wide(const float* A, int64_t lda, const float* Bp, int64_t ldb, float* C, int64_t ldc,
+                                    int64_t K, bool accumulate) {
+  static_assert(MR * NV == 8, "eight accumulators");
+  __m256 c[MR][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) c[m][v] = accumulate ? _mm256_loadu_ps(C + m * ldc + 8 * v) : _mm256_setzero_ps();
+  for (int64_t t = 0; t < K; ++t) {
+    const float* b = Bp + t * ldb;
+    if constexpr (MR == 1) {
+      const __m256 a = _mm256_broadcast_ss(A + t * (AT ? lda : 1));
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) c[0][v] = _mm256_fmadd_ps(a, _mm256_loadu_ps(b + 8 * v), c[0][v]);
+    } else {
+      __m256 bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + 8 * v);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m256 a = _mm256_broadcast_ss(AT ? A + t * lda + m : A + m * lda + t);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) c[m][v] = _mm256_fmadd_ps(a, bv[v], c[m][v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + m * ldc + 8 * v, c[m][v]);
+}
+
 using MicroAvx2 = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool);
 template <bool AT>
 MicroAvx2 pick_avx2(int mr) {
@@ -176,6 +212,15 @@ void gemm_avx2(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, con
   // A stride of at most 64 floats (256 B; LSH attention's 64-wide tiles) spreads the panel's lines
   // over at least 16 of the 64 sets, 4 per set for K = 64, so there the copy is pure cost (LSH
   // attention at L = 16384, paired A/B: attend forward 4-9% and backward 1-4% faster without it).
+  if (M <= 2) {  // one or two rows: wide tiles (eight independent accumulators), 16-column tiles for the rest
+    const int64_t width = M == 1 ? 64 : 32;
+    const MicroAvx2 wide = M == 1 ? micro_avx2_wide<1, 8, AT> : micro_avx2_wide<2, 4, AT>;
+    int64_t n0 = 0;
+    for (; n0 + width <= N; n0 += width) wide(A, lda, Bp + n0, ldb, C + n0, ldc, K, accumulate);
+    const MicroAvx2 narrow = pick_avx2<AT>(static_cast<int>(M));
+    for (; n0 < N; n0 += 16) narrow(A, lda, Bp + n0, ldb, C + n0, ldc, K, accumulate);
+    return;
+  }
   thread_local std::vector<float> panel;
   const bool pack = M > kMR2 && ldb > 64;
   if (pack && static_cast<int64_t>(panel.size()) < 16 * K) panel.resize(16 * K);
@@ -501,13 +546,21 @@ LK_AVX2_TARGET void dots_f32_avx2(int64_t R, int64_t D, const float* Q, int64_t 
     const float* q = Q + r * ldq;
     alignas(32) float out[16];
     for (int g = 0; g < groups; ++g) {
+      // Eight keys at once, one accumulator each (eight independent FMA chains, each q slice loaded once);
+      // every key's row is still summed front to back, as the AVX-512 kernel sums it.
+      const float* const* k = ptr + 8 * g;
       __m256 acc[8];
-      for (int j = 0; j < 8; ++j) {  // key by key, each row front to back (as the AVX-512 kernel)
-        const float* k = ptr[8 * g + j];
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t d = 0; d < full; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
-        if (full < D) a = _mm256_fmadd_ps(_mm256_maskload_ps(q + full, tail), _mm256_maskload_ps(k + full, tail), a);
-        acc[j] = a;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < full; d += 8) {
+        const __m256 qd = _mm256_loadu_ps(q + d);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k[j] + d), acc[j]);
+      }
+      if (full < D) {
+        const __m256 qd = _mm256_maskload_ps(q + full, tail);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qd, _mm256_maskload_ps(k[j] + full, tail), acc[j]);
       }
       _mm256_store_ps(out + 8 * g, hsum8(acc));
     }
