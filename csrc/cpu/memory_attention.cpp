@@ -57,10 +57,12 @@ __attribute__((always_inline)) inline T row_max(const T* __restrict s, int64_t c
 // The terms of one row's logits over a key tile: logit = softcap(scale * q.k) - slope * (qpos - kpos), and
 // -inf where the key padding mask hides the key. dist0 = qpos - kpos(column 0); cap 0: no softcap; pad: the
 // padding mask at column 0 (1 = padded), or null when no key of the tile is padded.
+// exp_avx2: the row's exponentials through tile::exp_sum_avx2 (float, where the call runs the AVX2 tiles).
 template <typename T>
 struct RowTerms {
   T scale, slope, dist0, cap;
   const uint8_t* pad;
+  bool exp_avx2 = false;
 };
 
 // One query row of the forward tile: logits -> probabilities in place, online-softmax update.
@@ -115,11 +117,16 @@ __attribute__((always_inline)) inline T fwd_row_impl(T* __restrict s, int64_t bk
   }
   T sum = 0;
   for (int64_t c = 0; c < c0; ++c) s[c] = T(0);
+  if constexpr (std::is_same_v<T, float>) {
+    if (t.exp_avx2) sum = tile::exp_sum_avx2(s + c0, c1 - c0, m_new);
+  }
+  if (!t.exp_avx2) {
 #pragma omp simd reduction(+ : sum)
-  for (int64_t c = c0; c < c1; ++c) {
-    const T p = exp_approx(s[c] - m_new);
-    s[c] = p;
-    sum += p;
+    for (int64_t c = c0; c < c1; ++c) {
+      const T p = exp_approx(s[c] - m_new);
+      s[c] = p;
+      sum += p;
+    }
   }
   for (int64_t c = c1; c < bk; ++c) s[c] = T(0);
   const T alpha = m == static_cast<T>(kNegInf) ? T(0) : m_new != m_new ? m_new : exp_approx(m - m_new);
@@ -152,6 +159,8 @@ __attribute__((always_inline)) inline void bwd_row_impl(T* __restrict s, T* __re
       sr[c] = p;
       dpr[c] = p * (dpr[c] - delta) * (T(1) - th * th);
     }
+  } else if (t.exp_avx2) {
+    if constexpr (std::is_same_v<T, float>) tile::softmax_grad_avx2(sr, dpr, n, scale, slope, d0, lse, delta);
   } else {
 #pragma omp simd
     for (int32_t c = 0; c < n; ++c) {
@@ -388,6 +397,7 @@ struct BlasProducts {
       : in(shared), S(at::empty({kBlockQ, kBlockK}, shared.q.options())),
         O(at::empty({kBlockQ, P.Dv}, shared.q.options())), o_ld(P.Dv) {}
   static int64_t tile_start(int64_t rel) { return rel; }
+  static bool exp_avx2(const Shared&) { return false; }  // the portable path throughout
   T* s_ptr() { return S.data_ptr<T>(); }
   T* o_ptr() { return O.data_ptr<T>(); }
   void begin_queries(int64_t b, int64_t h, int64_t i0, int64_t rows) {
@@ -571,6 +581,7 @@ struct PackedProducts {
     gemm(in.isa, r1 - r0, in.Dvp, bkp / kp, A + r0 * kBlockK, kBlockK, vpk, kp * in.Dvp, O.data() + r0 * in.Dvp,
          in.Dvp, true);
   }
+  static bool exp_avx2(const Shared& sh) { return std::is_same_v<E, float> && sh.isa == F32Tiles::Avx2; }
   static void gemm(F32Tiles isa, int64_t M, int64_t N, int64_t K, const E* A, int64_t lda, const E* Bp, int64_t ldb,
                    float* C, int64_t ldc, bool acc) {
     if constexpr (std::is_same_v<E, float>) {
@@ -887,7 +898,7 @@ void forward_kernel(const Problem& P, const typename Products::Shared& shared, c
       T* o_ptr = prod.o_ptr();
       if (rel) rel_local.add(s_ptr, Products::s_ld, b, h, P.Q0, i0, r0, r1, a0, bk);
       RowTerms<T> terms{static_cast<T>(P.scale), slopes ? slopes[h] : T(0), T(0), static_cast<T>(P.softcap),
-                        full ? nullptr : mk.pad_at(b, a0, bk)};
+                        full ? nullptr : mk.pad_at(b, a0, bk), Products::exp_avx2(shared)};
       for (int64_t r = r0; r < r1; ++r) {
         int64_t c0 = 0, c1 = bk;
         if (!full) mk.row_columns(b, i0 + r, a0, bk, &c0, &c1);
@@ -1082,7 +1093,8 @@ class Decoder {
       if (pos_) add_positions(hkv, a0, bk);
       const bool full = ms.fully_visible(b, 0, P_.N, a0, bk);
       RowTerms<T> terms{static_cast<T>(P_.scale), T(0), T(0), static_cast<T>(P_.softcap),
-                        full ? nullptr : ms.pad_at(b, a0, bk)};
+                        full ? nullptr : ms.pad_at(b, a0, bk),
+                        std::is_same_v<T, float> && isa_ == F32Tiles::Avx2};
       for (int64_t r = 0; r < R_; ++r) {
         const int64_t g = r / P_.N, i = r % P_.N;
         int64_t c0 = 0, c1 = bk;
@@ -1495,7 +1507,7 @@ void backward_tiles(const Problem& P, F32Tiles isa, const Tensor& dout, const Te
     for (int64_t item = begin; item < end; ++item) {
       const int64_t slice = item % n_slices, bh = item / n_slices, b = bh / P.H, h = bh % P.H, hk = h / P.group();
       RowTerms<float> terms{static_cast<float>(P.scale), slopes ? slopes[h] : 0.0f, 0.0f,
-                            static_cast<float>(P.softcap), nullptr};
+                            static_cast<float>(P.softcap), nullptr, isa == F32Tiles::Avx2};
       const float* lse_b = lse + bh * P.N;
       const float* delta_b = delta + bh * P.N;
       Qa.take(q, b, h, P.D, false);

@@ -64,4 +64,11 @@ void dots_bf16(int64_t R, int64_t D, const uint16_t* Q, int64_t ldq, const uint1
 // dst[i] = float(bf16 bits src[i]), i < n (AVX2; call where has_f32_tiles): bfloat16 rows widened as they are read.
 void widen_bf16(const uint16_t* src, int64_t n, float* dst);
 
+// s[i] = exp(s[i] - m) for i < n, returning their sum (AVX2 + FMA; call where has_f32_tiles): the softmax
+// row's exponentials, as vec_math.h's exp_approx computes them. For m the row's maximum (arguments <= 0).
+float exp_sum_avx2(float* s, int64_t n, float m);
+// The backward's softmax gradient over one row (AVX2 + FMA): for c < n, with logit = scale s[c] + slope (c + d0),
+// s[c] = p = min(exp(logit - lse), 1) and dp[c] = p (dp[c] - delta); the exponential as exp_sum_avx2's.
+void softmax_grad_avx2(float* s, float* dp, int64_t n, float scale, float slope, int32_t d0, float lse, float delta);
+
 }  // namespace longkernels::cpu::tile

@@ -1,0 +1,131 @@
+// The AVX2 softmax row kernels (tile_gemm.h: exp_sum_avx2, softmax_grad_avx2) against double-precision exp and
+// against vec_math.h's exp_approx, which the other ISAs' row loops use: every tail length, the special values
+// (-inf, NaN, +inf, underflow, overflow clamps) and nothing written past the row. Exit status 0 on success,
+// 77 (ctest's skip) where the CPU lacks AVX2 with FMA, saying so.
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/tile_gemm.h"
+#include "cpu/vec_math.h"
+
+namespace {
+
+using longkernels::cpu::exp_approx;
+namespace tile = longkernels::cpu::tile;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kGuard = 12345.0f;  // written past each row; must survive
+
+int failures = 0;
+
+void expect(bool ok, const char* what, int n, int i, double got, double want) {
+  if (ok) return;
+  ++failures;
+  if (failures <= 20) std::printf("FAIL %s: n=%d i=%d got %.9g want %.9g\n", what, n, i, got, want);
+}
+
+// Same value, as the kernels promise: NaN for NaN, and within `ulps` float spacings of the double result.
+bool close(float got, double want, double ulps) {
+  if (std::isnan(want)) return std::isnan(got);
+  if (want == 0.0) return got == 0.0f;
+  return std::fabs(got - want) <= ulps * std::numeric_limits<float>::epsilon() * std::fabs(want);
+}
+
+// exp as the kernels define it: clamped to [-87, 88], 0 below -87 (and for -inf), NaN for NaN.
+double exp_spec(double x) {
+  if (std::isnan(x)) return x;
+  if (x < -87.0) return 0.0;
+  return std::exp(std::min(x, 88.0));
+}
+
+std::vector<float> row(std::mt19937& gen, int n, float lo, float hi) {
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> s(n + 8, kGuard);
+  for (int i = 0; i < n; ++i) s[i] = u(gen);
+  return s;
+}
+
+void test_exp_sum(std::mt19937& gen) {
+  for (int n = 0; n <= 80; ++n) {
+    for (int kind = 0; kind < 3; ++kind) {
+      std::vector<float> s = row(gen, n, -30.0f, 0.0f);
+      if (kind == 1 && n > 0) {  // specials at every phase of the vector loop
+        for (int i = 0; i < n; i += 3) s[i] = -kInf;
+        for (int i = 1; i < n; i += 7) s[i] = -86.9f - static_cast<float>(i % 5);  // both sides of the underflow
+      }
+      const float m = kind == 2 ? 0.5f : 0.0f;
+      const std::vector<float> x = s;
+      const float sum = tile::exp_sum_avx2(s.data(), n, m);
+      double want_sum = 0;
+      for (int i = 0; i < n; ++i) {
+        const float xm = x[i] - m;  // the kernel's argument, rounded as it rounds it
+        const double want = exp_spec(xm);
+        want_sum += want;
+        expect(close(s[i], want, 3), "exp_sum_avx2 vs exp", n, i, s[i], want);
+        expect(close(s[i], exp_approx(xm), 2), "exp_sum_avx2 vs exp_approx", n, i, s[i], exp_approx(xm));
+      }
+      expect(std::fabs(sum - want_sum) <= 1e-5 * std::max(1.0, want_sum), "exp_sum_avx2 sum", n, -1, sum, want_sum);
+      for (int i = n; i < n + 8; ++i) expect(s[i] == kGuard, "exp_sum_avx2 wrote past the row", n, i, s[i], kGuard);
+    }
+  }
+  // A NaN reaches its lane and the sum; +inf and huge arguments clamp to exp(88), as exp_approx.
+  std::vector<float> s = {0.0f, kNaN, -1.0f, 100.0f, kInf, -kInf, -200.0f, 88.0f, -0.5f, kGuard};
+  const float sum = tile::exp_sum_avx2(s.data(), 9, 0.0f);
+  expect(std::isnan(s[1]) && std::isnan(sum), "exp_sum_avx2 NaN", 9, 1, s[1], kNaN);
+  expect(close(s[3], std::exp(88.0), 3) && close(s[4], std::exp(88.0), 3), "exp_sum_avx2 clamp", 9, 3, s[3],
+         std::exp(88.0));
+  expect(s[5] == 0.0f && s[6] == 0.0f, "exp_sum_avx2 underflow", 9, 5, s[5], 0.0);
+  expect(s[9] == kGuard, "exp_sum_avx2 wrote past the row", 9, 9, s[9], kGuard);
+}
+
+void test_softmax_grad(std::mt19937& gen) {
+  for (int n = 0; n <= 80; ++n) {
+    for (int kind = 0; kind < 2; ++kind) {
+      std::vector<float> s = row(gen, n, -4.0f, 4.0f), dp = row(gen, n, -1.0f, 1.0f);
+      if (kind == 1 && n > 2) s[n / 2] = kNaN, dp[n - 1] = kNaN;
+      const float scale = 0.37f, slope = kind ? 0.0625f : 0.0f, lse = 3.5f, delta = 0.25f;
+      const int32_t d0 = -5;
+      const std::vector<float> s0 = s, dp0 = dp;
+      tile::softmax_grad_avx2(s.data(), dp.data(), n, scale, slope, d0, lse, delta);
+      for (int i = 0; i < n; ++i) {
+        // The logit as the kernel rounds it (float products and sums), the rest in double.
+        const float logit = s0[i] * scale + slope * static_cast<float>(i + d0) - lse;
+        const double e = exp_spec(logit);
+        const double p = e > 1.0 ? 1.0 : e;
+        const double g = p * (static_cast<double>(dp0[i]) - delta);
+        // The logit's own rounding (a few ulp of |logit|) moves exp by as many relative ulp.
+        expect(close(s[i], p, 4 + 4 * std::fabs(logit)), "softmax_grad_avx2 p", n, i, s[i], p);
+        const double g_tol = (8 + 4 * std::fabs(logit)) * 1.2e-7 * std::fabs(g) + 1e-7;
+        expect(std::isnan(g) ? std::isnan(dp[i]) : std::fabs(dp[i] - g) <= g_tol, "softmax_grad_avx2 ds", n, i,
+               dp[i], g);
+      }
+      for (int i = n; i < n + 8; ++i) {
+        expect(s[i] == kGuard, "softmax_grad_avx2 wrote past s", n, i, s[i], kGuard);
+        expect(dp[i] == kGuard, "softmax_grad_avx2 wrote past dp", n, i, dp[i], kGuard);
+      }
+    }
+  }
+  // Huge logits: p never above 1.
+  std::vector<float> s = {1e7f, 90.0f, kInf}, dp = {1.0f, 1.0f, 1.0f};
+  tile::softmax_grad_avx2(s.data(), dp.data(), 3, 1.0f, 0.0f, 0, 0.0f, 0.0f);
+  for (int i = 0; i < 3; ++i) expect(s[i] == 1.0f, "softmax_grad_avx2 p <= 1", 3, i, s[i], 1.0);
+}
+
+}  // namespace
+
+int main() {
+  if (!longkernels::cpu::has_avx2_fma()) {
+    std::printf("skipped: this CPU has no AVX2 with FMA, so the AVX2 row kernels cannot run here\n");
+    return 77;
+  }
+  std::mt19937 gen(20261207);
+  test_exp_sum(gen);
+  test_softmax_grad(gen);
+  std::printf("%s: %d failures\n", failures ? "FAIL" : "ok", failures);
+  return failures ? 1 : 0;
+}
