@@ -384,10 +384,12 @@ __attribute__((always_inline)) inline int32_t is_hidden(int32_t pk, int32_t kpad
 }
 
 // Forward row: raw q.k -> probabilities in place over the W window columns; returns max and sum.
+// exp_avx2: the exponentials through tile::exp_sum_avx2 (float rows of a call on the AVX2 tiles).
 template <typename T>
 __attribute__((always_inline)) inline void fwd_row_impl(T* __restrict s, const int32_t* __restrict pk,
                                                         const int32_t* __restrict kpad, int64_t W, int32_t pq,
-                                                        int32_t causal, T scale, T& m_out, T& l_out) {
+                                                        int32_t causal, T scale, T& m_out, T& l_out,
+                                                        bool exp_avx2) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T mx = neg_inf;
 #pragma omp simd reduction(max : mx)
@@ -398,6 +400,13 @@ __attribute__((always_inline)) inline void fwd_row_impl(T* __restrict s, const i
     s[n] = y;
     mx = mx > y ? mx : y;
   }
+  m_out = mx;
+  if constexpr (std::is_same_v<T, float>) {
+    if (exp_avx2) {
+      l_out = tile::exp_sum_avx2(s, W, mx);
+      return;
+    }
+  }
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t n = 0; n < W; ++n) {
@@ -405,16 +414,15 @@ __attribute__((always_inline)) inline void fwd_row_impl(T* __restrict s, const i
     s[n] = p;
     sum += p;
   }
-  m_out = mx;
   l_out = sum;
 }
 LK_CLONES void fwd_row(float* s, const int32_t* pk, const int32_t* kpad, int64_t W, int32_t pq, int32_t causal,
-                       float scale, float& m, float& l) {
-  fwd_row_impl<float>(s, pk, kpad, W, pq, causal, scale, m, l);
+                       float scale, float& m, float& l, bool exp_avx2) {
+  fwd_row_impl<float>(s, pk, kpad, W, pq, causal, scale, m, l, exp_avx2);
 }
 void fwd_row(double* s, const int32_t* pk, const int32_t* kpad, int64_t W, int32_t pq, int32_t causal, double scale,
-             double& m, double& l) {
-  fwd_row_impl<double>(s, pk, kpad, W, pq, causal, scale, m, l);
+             double& m, double& l, bool) {
+  fwd_row_impl<double>(s, pk, kpad, W, pq, causal, scale, m, l, false);
 }
 
 // Backward row: s (raw q.k) -> p = exp((logit - M) - log_sum); dp -> ds = p (dp - delta), zero on
@@ -500,7 +508,8 @@ void forward_kernel(const Problem& P, const Inputs<T>& in, F32Tiles fast, const 
               continue;
             }
             T m, l;
-            fwd_row(srow, w.pk.data(), w.kpad.data(), Wp, pq, P.causal, static_cast<T>(P.scale), m, l);
+            fwd_row(srow, w.pk.data(), w.kpad.data(), Wp, pq, P.causal, static_cast<T>(P.scale), m, l,
+                    fast == F32Tiles::Avx2);
             m_r[r * P.L + pq] = m;
             l_r[r * P.L + pq] = l;
           }
