@@ -1254,6 +1254,17 @@ class Decoder {
   // into a panel (Dq / kp words x 64 keys) for the micro-kernels, whose register tiles then pay off.
   static constexpr int64_t kDotRows = 4;
   void scores(int64_t b, int64_t hkv, int64_t a0, int64_t bk) {
+    if constexpr (kKind == DecodeKind::F32 && std::is_same_v<Src, at::BFloat16>) {
+      // bfloat16 keys on AVX2: the dot products widen each key row as they read it (no widened copy first).
+      const RowView<Src> cur(k_), mem(mk_);
+      if (isa_ == F32Tiles::Avx2 && R_ <= kDotRows && cur.sd == 1 && mem.sd == 1) {
+        const uint16_t* raw[kDecodeBlock];
+        for (int64_t j = 0; j < bk; ++j)
+          raw[j] = reinterpret_cast<const uint16_t*>(row_of(mem, cur, P_.M, b, hkv, a0 + j));
+        tile::dots_bf16_rows_avx2(R_, P_.D, Q_.data(), Dq_, raw, bk, S_.data(), kDecodeBlock);
+        return;
+      }
+    }
     const E* rows[kDecodeBlock];
     rows_of(mk_, k_, b, hkv, a0, bk, P_.D, Dq_, kBf16, rows);
     if constexpr (kKind == DecodeKind::Loops) {

@@ -4,6 +4,7 @@
 #include "cpu/tile_gemm.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <cstring>
 #include <vector>
@@ -531,7 +532,7 @@ LK_AVX2_TARGET inline __m256 hsum8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// The AVX2 twin: 8 keys' sums reduced together, the head dim's tail by masked loads (vmaskmovps does not
+// The AVX2 twin for one or two rows: 8 keys' sums reduced together, the head dim's tail by masked loads (vmaskmovps does not
 // touch the masked-off lanes' memory), keys past n read from row 0 and never stored.
 LK_AVX2_TARGET void dots_f32_avx2(int64_t R, int64_t D, const float* Q, int64_t ldq, const float* const* rows,
                                   int64_t n, float* S, int64_t lds) {
@@ -565,6 +566,96 @@ LK_AVX2_TARGET void dots_f32_avx2(int64_t R, int64_t D, const float* Q, int64_t 
       _mm256_store_ps(out + 8 * g, hsum8(acc));
     }
     std::copy(out, out + n, S + r * lds);
+  }
+}
+
+// Eight float32 lanes of a row at p: float32 as stored, or bfloat16 bits widened (exact).
+template <typename Src>
+LK_AVX2_TARGET inline __m256 load8(const Src* p) {
+  if constexpr (std::is_same_v<Src, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(w), 16));
+  }
+}
+// The last len < 8 elements of a row (zeros past them), reading nothing past the row: a masked load for float32
+// (vmaskmovps does not touch the masked-off lanes' memory), a copy into a zeroed buffer for bfloat16.
+template <typename Src>
+LK_AVX2_TARGET inline __m256 load_tail(const Src* p, int64_t len, __m256i mask) {
+  if constexpr (std::is_same_v<Src, float>) {
+    return _mm256_maskload_ps(p, mask);
+  } else {
+    alignas(16) uint16_t buf[8] = {};
+    std::memcpy(buf, p, len * sizeof(uint16_t));
+    return load8(buf);
+  }
+}
+
+// One head-dim slice [d, d + 8) of the R x KP sums below (Tail: the row's last rest < 8 elements).
+template <int R, int KP, bool Tail, typename Src>
+LK_AVX2_TARGET __attribute__((always_inline)) inline void dots_slice(const float* Q, int64_t ldq, const Src* const* k,
+                                                                     int64_t d, int64_t rest, __m256i tail,
+                                                                     __m256* acc) {
+  __m256 q[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) q[r] = Tail ? load_tail(Q + r * ldq + d, rest, tail) : load8(Q + r * ldq + d);
+#pragma GCC unroll 8
+  for (int kk = 0; kk < KP; ++kk) {
+    const __m256 kv = Tail ? load_tail(k[kk] + d, rest, tail) : load8(k[kk] + d);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r * KP + kk] = _mm256_fmadd_ps(q[r], kv, acc[r * KP + kk]);
+  }
+}
+
+// The AVX2 twin, R <= 4 query rows: KP = 8 / R keys per pass (two for three rows), all R rows' sums of a key taken
+// while its row slice is in a register, so each key row is read (and, for bfloat16, widened) once for the R rows:
+// eight FMA chains in flight whatever R, the row loads of the next slice overlapping them. Every (row, key) sum
+// runs front to back over the head dim and is reduced by hsum8, as the AVX-512 kernel's are. Keys past n read
+// row 0 and are never stored.
+template <int R, typename Src>
+LK_AVX2_TARGET void dots_rows_avx2(int64_t D, const float* Q, int64_t ldq, const Src* const* rows, int64_t n, float* S,
+                                   int64_t lds) {
+  constexpr int KP = R == 1 ? 8 : R == 2 ? 4 : 2;
+  const int64_t full = D / 8 * 8, rest = D - full;
+  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(rest)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t j0 = 0; j0 < n; j0 += KP) {
+    const Src* k[KP];
+#pragma GCC unroll 8
+    for (int kk = 0; kk < KP; ++kk) k[kk] = rows[j0 + kk < n ? j0 + kk : 0];
+    __m256 acc[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    // The rows two passes ahead into L1: with few keys per pass (four rows: two) the hardware sees too few
+    // streams to keep the memory busy (Llama-3-8B decode, bfloat16, on the Zen 1 EPYC: 13% faster).
+    for (int64_t j = j0 + 2 * KP; j < std::min<int64_t>(j0 + 3 * KP, n); ++j) {
+      const char* row = reinterpret_cast<const char*>(rows[j]);
+      for (int64_t x = 0; x < D * static_cast<int64_t>(sizeof(Src)); x += 64) _mm_prefetch(row + x, _MM_HINT_T0);
+    }
+    for (int64_t d = 0; d < full; d += 8) dots_slice<R, KP, false>(Q, ldq, k, d, 0, tail, acc);
+    if (rest) dots_slice<R, KP, true>(Q, ldq, k, full, rest, tail, acc);
+    alignas(32) float out[8];
+    _mm256_store_ps(out, hsum8(acc));
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+      for (int kk = 0; kk < KP && j0 + kk < n; ++kk) S[r * lds + j0 + kk] = out[r * KP + kk];
+  }
+}
+
+// Any R, four rows at a time.
+template <typename Src>
+LK_AVX2_TARGET void dots_avx2(int64_t R, int64_t D, const float* Q, int64_t ldq, const Src* const* rows, int64_t n,
+                              float* S, int64_t lds) {
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const float* q = Q + r0 * ldq;
+    float* s = S + r0 * lds;
+    switch (std::min<int64_t>(R - r0, 4)) {
+      case 1: dots_rows_avx2<1>(D, q, ldq, rows, n, s, lds); break;
+      case 2: dots_rows_avx2<2>(D, q, ldq, rows, n, s, lds); break;
+      case 3: dots_rows_avx2<3>(D, q, ldq, rows, n, s, lds); break;
+      default: dots_rows_avx2<4>(D, q, ldq, rows, n, s, lds); break;
+    }
   }
 }
 
@@ -691,7 +782,16 @@ LK_AVX2_TARGET float exp_sum_avx2(float* s, int64_t n, float m) {
 void dots_f32(F32Tiles isa, int64_t R, int64_t D, const float* Q, int64_t ldq, const float* const* rows, int64_t n,
               float* S, int64_t lds) {
   if (isa == F32Tiles::Avx512) return dots_f32_avx512(R, D, Q, ldq, rows, n, S, lds);
-  dots_f32_avx2(R, D, Q, ldq, rows, n, S, lds);
+  // One or two rows: eight keys at a time (eight rows in flight); more: each key row read once for all rows
+  // (Llama-3-8B's four rows per kv head, float32, on the Zen 1 EPYC: decode 1.1x faster; with one or two rows the
+  // row-at-a-time kernel measured 7% faster).
+  if (R <= 2) return dots_f32_avx2(R, D, Q, ldq, rows, n, S, lds);
+  dots_avx2(R, D, Q, ldq, rows, n, S, lds);
+}
+
+void dots_bf16_rows_avx2(int64_t R, int64_t D, const float* Q, int64_t ldq, const uint16_t* const* rows, int64_t n,
+                         float* S, int64_t lds) {
+  dots_avx2(R, D, Q, ldq, rows, n, S, lds);
 }
 
 LK_AVX2_TARGET void widen_bf16(const uint16_t* src, int64_t n, float* dst) {
@@ -772,6 +872,9 @@ void widen_bf16(const uint16_t*, int64_t, float*) {
   TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
 float exp_sum_avx2(float*, int64_t, float) {
+  TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
+}
+void dots_bf16_rows_avx2(int64_t, int64_t, const float*, int64_t, const uint16_t* const*, int64_t, float*, int64_t) {
   TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
 void softmax_grad_avx2(float*, float*, int64_t, float, float, int32_t, float, float) {

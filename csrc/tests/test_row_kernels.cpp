@@ -1,8 +1,11 @@
-// The AVX2 softmax row kernels (tile_gemm.h: exp_sum_avx2, softmax_grad_avx2) against double-precision exp and
-// against vec_math.h's exp_approx, which the other ISAs' row loops use: every tail length, the special values
-// (-inf, NaN, +inf, underflow, overflow clamps) and nothing written past the row. Exit status 0 on success,
+// The AVX2 row kernels of tile_gemm.h. The softmax rows (exp_sum_avx2, softmax_grad_avx2) against
+// double-precision exp and against vec_math.h's exp_approx, which the other ISAs' row loops use: every tail
+// length, the special values (-inf, NaN, +inf, underflow, overflow clamps) and nothing written past the row.
+// Decoding's dot products (dots_f32 on AVX2, dots_bf16_rows_avx2) against double sums, every row count and
+// head-dim tail, bfloat16 rows giving the bits float32 rows widened from them give. Exit status 0 on success,
 // 77 (ctest's skip) where the CPU lacks AVX2 with FMA, saying so.
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <limits>
 #include <random>
@@ -116,6 +119,64 @@ void test_softmax_grad(std::mt19937& gen) {
   for (int i = 0; i < 3; ++i) expect(s[i] == 1.0f, "softmax_grad_avx2 p <= 1", 3, i, s[i], 1.0);
 }
 
+float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+void test_dots(std::mt19937& gen) {
+  std::normal_distribution<float> nd;
+  using longkernels::cpu::F32Tiles;
+  for (int R : {1, 2, 3, 4, 5, 8}) {
+    for (int D : {1, 7, 8, 20, 64, 67, 128}) {
+      for (int n : {1, 3, 8, 13, 16}) {
+        const int ldq = D + 3, lds = 20;
+        std::vector<float> Q(R * ldq);
+        for (float& x : Q) x = nd(gen);
+        std::vector<std::vector<uint16_t>> kb(n, std::vector<uint16_t>(D));
+        std::vector<std::vector<float>> kf(n, std::vector<float>(D));
+        std::vector<const uint16_t*> rb(n);
+        std::vector<const float*> rf(n);
+        for (int j = 0; j < n; ++j) {
+          for (int d = 0; d < D; ++d) {
+            const float x = nd(gen);
+            uint32_t bits;
+            std::memcpy(&bits, &x, sizeof(bits));
+            kb[j][d] = static_cast<uint16_t>(bits >> 16);  // truncated: any bf16 value will do
+            kf[j][d] = bf16_to_float(kb[j][d]);
+          }
+          rb[j] = kb[j].data(), rf[j] = kf[j].data();
+        }
+        std::vector<float> Sf(R * lds, kGuard), Sb(R * lds, kGuard);
+        tile::dots_f32(F32Tiles::Avx2, R, D, Q.data(), ldq, rf.data(), n, Sf.data(), lds);
+        for (int r0 = 0; r0 < R; r0 += 4)  // dots_bf16_rows_avx2 takes any R; four rows a call as the decoder's
+          tile::dots_bf16_rows_avx2(std::min(4, R - r0), D, Q.data() + r0 * ldq, ldq, rb.data(), n,
+                                    Sb.data() + r0 * lds, lds);
+        for (int r = 0; r < R; ++r) {
+          for (int j = 0; j < lds; ++j) {
+            const float got = Sf[r * lds + j];
+            if (j >= n) {
+              expect(got == kGuard && Sb[r * lds + j] == kGuard, "dots wrote past n", n, j, got, kGuard);
+              continue;
+            }
+            double want = 0, mag = 0;
+            for (int d = 0; d < D; ++d) {
+              want += static_cast<double>(Q[r * ldq + d]) * kf[j][d];
+              mag += std::fabs(static_cast<double>(Q[r * ldq + d]) * kf[j][d]);
+            }
+            expect(std::fabs(got - want) <= 1e-6 * mag + 1e-30, "dots_f32 avx2 vs double", n, r * 1000 + j, got,
+                   want);
+            // bf16 rows: the bits of the float32 kernel on the widened rows (each sum in the same order).
+            expect(Sb[r * lds + j] == got, "dots_bf16_rows_avx2 vs dots_f32", n, r * 1000 + j, Sb[r * lds + j], got);
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -126,6 +187,7 @@ int main() {
   std::mt19937 gen(20261207);
   test_exp_sum(gen);
   test_softmax_grad(gen);
+  test_dots(gen);
   std::printf("%s: %d failures\n", failures ? "FAIL" : "ok", failures);
   return failures ? 1 : 0;
 }
