@@ -117,10 +117,11 @@ __attribute__((always_inline)) inline T fwd_row_impl(T* __restrict s, int64_t bk
   }
   T sum = 0;
   for (int64_t c = 0; c < c0; ++c) s[c] = T(0);
+  const bool by_hand = std::is_same_v<T, float> && t.exp_avx2;  // float rows only (double: the loop below)
   if constexpr (std::is_same_v<T, float>) {
-    if (t.exp_avx2) sum = tile::exp_sum_avx2(s + c0, c1 - c0, m_new);
+    if (by_hand) sum = tile::exp_sum_avx2(s + c0, c1 - c0, m_new);
   }
-  if (!t.exp_avx2) {
+  if (!by_hand) {
 #pragma omp simd reduction(+ : sum)
     for (int64_t c = c0; c < c1; ++c) {
       const T p = exp_approx(s[c] - m_new);
@@ -159,7 +160,7 @@ __attribute__((always_inline)) inline void bwd_row_impl(T* __restrict s, T* __re
       sr[c] = p;
       dpr[c] = p * (dpr[c] - delta) * (T(1) - th * th);
     }
-  } else if (t.exp_avx2) {
+  } else if (std::is_same_v<T, float> && t.exp_avx2) {  // float rows only (double: the loop below)
     if constexpr (std::is_same_v<T, float>) tile::softmax_grad_avx2(sr, dpr, n, scale, slope, d0, lse, delta);
   } else {
 #pragma omp simd
