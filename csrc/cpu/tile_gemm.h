@@ -63,7 +63,8 @@ void dots_bf16(int64_t R, int64_t D, const uint16_t* Q, int64_t ldq, const uint1
 
 // dots_f32's AVX2 products on bfloat16 key rows (float32 queries), each row widened as it is read: decoding a
 // bfloat16 cache on CPUs without AVX-512 BF16, without a widened copy of the keys (AVX2; call where
-// has_f32_tiles). The same sums as dots_f32 on the widened rows.
+// has_f32_tiles). The same sums, bit for bit, as dots_f32 on the widened rows; any n (not only 16: a whole
+// decode block per call, so the rows ahead can be prefetched across it).
 void dots_bf16_rows_avx2(int64_t R, int64_t D, const float* Q, int64_t ldq, const uint16_t* const* rows, int64_t n,
                          float* S, int64_t lds);
 
