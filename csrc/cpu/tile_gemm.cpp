@@ -4,7 +4,6 @@
 #include "cpu/tile_gemm.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 #include <cstring>
 #include <vector>
@@ -532,8 +531,8 @@ LK_AVX2_TARGET inline __m256 hsum8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// The AVX2 twin for one or two rows: 8 keys' sums reduced together, the head dim's tail by masked loads (vmaskmovps does not
-// touch the masked-off lanes' memory), keys past n read from row 0 and never stored.
+// The AVX2 twin for one or two rows: 8 keys' sums reduced together, the head dim's tail by masked loads
+// (vmaskmovps does not touch the masked-off lanes' memory), keys past n read from row 0 and never stored.
 LK_AVX2_TARGET void dots_f32_avx2(int64_t R, int64_t D, const float* Q, int64_t ldq, const float* const* rows,
                                   int64_t n, float* S, int64_t lds) {
   const float* ptr[16];
@@ -567,6 +566,12 @@ LK_AVX2_TARGET void dots_f32_avx2(int64_t R, int64_t D, const float* Q, int64_t 
     }
     std::copy(out, out + n, S + r * lds);
   }
+}
+
+// All-ones in lanes [0, k) (k >= 8: all eight), for vmaskmovps.
+LK_AVX2_TARGET inline __m256i first_lanes(int64_t k) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(k, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 // Eight float32 lanes of a row at p: float32 as stored, or bfloat16 bits widened (exact).
@@ -618,8 +623,7 @@ LK_AVX2_TARGET void dots_rows_avx2(int64_t D, const float* Q, int64_t ldq, const
                                    int64_t lds) {
   constexpr int KP = R == 1 ? 8 : R == 2 ? 4 : 2;
   const int64_t full = D / 8 * 8, rest = D - full;
-  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(rest)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i tail = first_lanes(rest);
   for (int64_t j0 = 0; j0 < n; j0 += KP) {
     const Src* k[KP];
 #pragma GCC unroll 8
@@ -699,12 +703,6 @@ LK_AVX2_TARGET __attribute__((always_inline)) inline void exp8(__m256* x) {
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n[u]), _mm256_set1_epi32(127)), 23);
     x[u] = _mm256_and_ps(_mm256_mul_ps(p[u], _mm256_castsi256_ps(bits)), _mm256_cmp_ps(x[u], lo, _CMP_NLT_UQ));
   }
-}
-
-// All-ones in lanes [0, k) (k >= 8: all eight), for vmaskmovps.
-LK_AVX2_TARGET inline __m256i first_lanes(int64_t k) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(k, 8))),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 // One row of the backward's softmax gradient on U vectors at column c (see softmax_grad_avx2).
