@@ -13,6 +13,8 @@ from longkernels.ops.memory_attention import block_attention
 from longkernels.reference.memory_attention import memory_attention as reference
 from longkernels.testing import case_seed, failures
 
+from conftest import HAS_CUDA
+
 # (N, H, Hkv, D, Dv, causal, window, alibi, q_offset, padding)
 CASES = [
     (1, 2, 2, 16, 16, True, None, False, 0, False),       # length 1, the diagonal
@@ -56,9 +58,10 @@ def _run(fn, c, q, k, v, slopes, kpm, dout, dlse, cdt):
     return {"out": out.detach(), "lse": lse.detach(), "dq": dq, "dk": dk, "dv": dv}
 
 
-def _check(c, dtype, backend, strided=False):
+def _check(c, dtype, backend, strided=False, device="cpu"):
     seed = case_seed(c, str(dtype), backend, strided, os.environ.get("LONGKERNELS_CPU_TILES"))
-    q, k, v, slopes, kpm, dout, dlse = _inputs(c, dtype, seed, strided)
+    q, k, v, slopes, kpm, dout, dlse = (None if t is None else t.to(device)
+                                        for t in _inputs(c, dtype, seed, strided))
     kw = dict(q_offset=c[8], causal=c[5], window=c[6])
 
     def fast(q, k, v, s, m):
@@ -101,6 +104,17 @@ def test_cpu_twins(c, tiles, monkeypatch):
 @pytest.mark.parametrize("c", [CASES[i] for i in (1, 4, 5)], ids=_ids)
 def test_triton_interpreter_float64(c):
     _check(c, torch.float64, "triton")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine); CPU twins: test_cpu_* and "
+                                         "test_triton_interpreter_float64 above")
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend, dtype", [("cuda", torch.float64), ("cuda", torch.float32), ("cuda", torch.bfloat16),
+                                            ("triton", torch.float32), ("triton", torch.bfloat16)], ids=str)
+def test_gpu(backend, dtype):
+    for c in CASES:
+        _check(c, dtype, backend, device="cuda")
+        _check(c, dtype, backend, strided=True, device="cuda")
 
 
 def test_diagonal_equals_memory_attention():

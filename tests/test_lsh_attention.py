@@ -135,8 +135,16 @@ def test_cuda_triton_matches_reference(case, dtype):
 
 @needs_cuda
 @pytest.mark.gpu
-def test_cuda_hash_sort_matches_reference():
-    case = LSHCase(B=2, L=300, chunk_size=16, n_hashes=3, n_buckets=16, padding=True)
+@pytest.mark.parametrize("case", [LSHCase(B=2, L=300, chunk_size=16, n_hashes=3, n_buckets=16, padding=True),
+                                  LSHCase(L=37, chunk_size=8, n_hashes=3, n_buckets=6, padding=True),
+                                  LSHCase(B=2, L=300, chunk_size=16, n_hashes=2, n_buckets=(8, 4, 2), padding=True),
+                                  LSHCase(B=2, L=45, chunk_size=8, n_hashes=2, n_buckets=(4, 6), padding=True),
+                                  LSHCase(B=1, H=2, L=512, D=32, chunk_size=64, n_hashes=1, n_buckets=(16, 32))],
+                         ids=lambda c: c.describe())
+def test_cuda_hash_sort_matches_reference(case):
+    # Plain and factorised buckets (HF's default form); factors of n_i / 2 % 4 == 0 take the float4 loads.
+    # The CPU twin is test_cpu_hash_sort_matches_reference, the fold's arithmetic csrc/tests/test_cuda_host_logic.cpp.
+    assert lsh_ops.hash_sort_backend(torch.empty(0, device="cuda")) == "extension"
     _check_hash_sort(case, "cuda")
 
 
@@ -167,7 +175,7 @@ def test_cpu_hash_sort_matches_reference(case):
 
 
 def test_torch_hash_sort_fallback_matches_reference(monkeypatch):
-    monkeypatch.setattr(lsh_ops, "hash_sort_backend", lambda qk, factorised=False: "torch")
+    monkeypatch.setattr(lsh_ops, "hash_sort_backend", lambda qk: "torch")
     _check_hash_sort(LSHCase(B=2, L=45, chunk_size=8, n_hashes=2, n_buckets=8, padding=True), "cpu")
     _check_hash_sort(LSHCase(B=2, L=45, chunk_size=8, n_hashes=2, n_buckets=(4, 6), padding=True), "cpu")
 

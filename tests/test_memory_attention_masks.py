@@ -15,6 +15,8 @@ import longkernels
 from longkernels import reference
 from longkernels.testing import Case, case_seed, compare
 
+from conftest import HAS_CUDA
+
 MASK_CASES = [
     Case(N=33, M=17, D=16, padding="right"),
     Case(B=2, N=40, M=29, D=32, H=4, Hkv=2, padding="left"),
@@ -49,9 +51,9 @@ DECODE_MASK_CASES = [
 ]
 
 
-def _check(case, backend, dtype):
+def _check(case, backend, dtype, device="cpu"):
     seed = case_seed(case, str(dtype), backend, os.environ.get("LONGKERNELS_CPU_TILES"))
-    rows = compare(case, backend, dtype, seed=seed)
+    rows = compare(case, backend, dtype, device=device, seed=seed)
     bad = [f"{name}: err {err:.2e} > {allowed:.2e}" for name, err, allowed, ok in rows if not ok]
     assert not bad, f"{backend} {dtype} {case.describe()} (seed {seed}): " + "; ".join(bad)
 
@@ -206,26 +208,55 @@ def test_bad_mask_arguments(over, exc, msg):
         longkernels.memory_attention(q, k, v, mk, mv, **over)
 
 
-@pytest.mark.parametrize("op", ["memory_attention_fwd", "memory_attention_fwd_triton"])
-def test_registered_ops_check_masks(op):
-    q, k, v, mk, mv = _qkv()
+_ON_GPU = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine); the CPU op's twin runs")
+
+
+@pytest.mark.parametrize("op, device", [("memory_attention_fwd", "cpu"), ("memory_attention_fwd_triton", "cpu"),
+                                        pytest.param("memory_attention_fwd", "cuda", marks=[_ON_GPU, pytest.mark.gpu])])
+def test_registered_ops_check_masks(op, device):
+    q, k, v, mk, mv = (t.to(device) for t in _qkv())
     f = getattr(torch.ops.longkernels, op)
     base = (q, k, v, mk, mv, None, True, 0, 0.35)
     with pytest.raises(RuntimeError, match="key_padding_mask"):
-        f(*base, torch.zeros(1, 9, dtype=torch.bool))
+        f(*base, torch.zeros(1, 9, dtype=torch.bool, device=device))
     with pytest.raises(RuntimeError, match="document_ids"):
-        f(*base, None, torch.zeros(1, 10))
+        f(*base, None, torch.zeros(1, 10, device=device))
     with pytest.raises(RuntimeError, match="softcap"):
         f(*base, None, None, -1.0)
     with pytest.raises(RuntimeError, match="sinks"):
-        f(*base, None, None, 0.0, torch.zeros(5))
-    if op == "memory_attention_fwd":  # the C++ op also refuses ids that decrease (its bounds depend on it)
+        f(*base, None, None, 0.0, torch.zeros(5, device=device))
+    ids = torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2, 2, 2]], device=device)
+    if device == "cpu" and op == "memory_attention_fwd":  # the C++ op refuses ids that decrease (its bounds need it)
         with pytest.raises(RuntimeError, match="non-decreasing"):
-            f(*base, None, torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2, 2, 2]]))
+            f(*base, None, ids)
+    elif device == "cuda":  # the CUDA kernels test ids pair by pair: equality, what the reference computes
+        out, lse = f(*base, None, ids)
+        want, want_lse = reference.memory_attention(q, k, v, mk, mv, scale=0.35, document_ids=ids, return_lse=True)
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-10, atol=1e-10)
 
 
-def test_cuda_backend_declines_masks_with_a_reason():
+def test_cuda_backend_reasons_are_about_the_device_only():
+    # The CUDA kernels take every option: on CPU tensors their only reason is the device (or a missing build).
     from longkernels.ops.memory_attention import not_supported_reasons
     q = torch.zeros(1, 1, 1, 8)
-    reasons = not_supported_reasons("cuda", q, q, ("key_padding_mask",))
-    assert any("key_padding_mask" in r for r in reasons)
+    reasons = not_supported_reasons("cuda", q, q, ("key_padding_mask", "document_ids", "softcap", "sinks"))
+    assert reasons and not any(m in r for r in reasons for m in ("key_padding_mask", "document_ids", "softcap", "sinks"))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the same parity on CUDA tensors, for the Triton kernels and the compiled CUDA kernels. The CPU twins
+# are the tests above (C++ kernels, Triton interpreter); the CUDA kernels' row end (rows::finish_row) and
+# schedule are checked on the host by csrc/tests/test_cuda_host_logic.cpp.
+# --------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine); CPU twins: test_cpu_* and "
+                                              "test_triton_interpreter_* above")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend, dtype", [("cuda", torch.float64), ("cuda", torch.float32), ("cuda", torch.bfloat16),
+                                            ("triton", torch.float32), ("triton", torch.bfloat16)], ids=str)
+def test_gpu(backend, dtype):
+    for case in MASK_CASES + BIG_MASK_CASES + DECODE_MASK_CASES:
+        _check(case, backend, dtype, device="cuda")

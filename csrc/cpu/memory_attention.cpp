@@ -25,6 +25,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/memory_attention_rows.h"
 #include "common/memory_attention_tiles.h"
 #include "common/op_checks.h"
 #include "cpu/tile_gemm.h"
@@ -201,35 +202,6 @@ void bwd_row(double* s, double* dp, int64_t bk, int64_t c0, int64_t c1, const Ro
 }
 LK_CLONES void scale_row(float* o, int64_t n, float a) { scale_row_impl<float>(o, n, a); }
 void scale_row(double* o, int64_t n, double a) { scale_row_impl<double>(o, n, a); }
-
-// A row's end: with the running max m and sum l (and the head's sink logit, if any), the factor that
-// normalises its accumulator and its LSE. A row that saw no key gets factor 0 (output 0) and LSE -inf, or
-// the sink's logit: FlashAttention's convention, never a NaN.
-template <typename T>
-inline void finish_row(T m, T l, const T* sink, T& inv, T& lse) {
-  constexpr T kInf = std::numeric_limits<T>::infinity();
-  if (sink != nullptr) {
-    const T sv = *sink;
-    if (m == -kInf) {
-      inv = T(0);
-      lse = sv;
-      return;
-    }
-    const T mm = (m != m || sv != sv) ? std::numeric_limits<T>::quiet_NaN() : std::max(m, sv);
-    const T a = std::exp(m - mm);
-    const T den = l * a + std::exp(sv - mm);
-    inv = a / den;
-    lse = mm + std::log(den);
-    return;
-  }
-  if (m == -kInf) {
-    inv = T(0);
-    lse = -kInf;
-    return;
-  }
-  inv = T(1) / l;
-  lse = m + std::log(l);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Shared problem description.
@@ -938,11 +910,10 @@ void forward_kernel(const Problem& P, const typename Products::Shared& shared, c
           }
         }
       }
-      // Normalise and write out (a row that saw no key: zeros; see finish_row).
+      // Normalise and write out (a row that saw no key: zeros; see rows::finish_row).
       const T* o_ptr = prod.o_ptr();
       for (int64_t r = 0; r < bq; ++r) {
-        T inv, row_lse;
-        finish_row(m[r], l[r], sinks ? sinks + h : nullptr, inv, row_lse);
+        const auto [inv, row_lse] = rows::finish_row(m[r], l[r], sinks != nullptr, sinks ? sinks[h] : T(0));
         T* dst = out_d + ((b * P.H + h) * P.N + i0 + r) * P.Dv;
         for (int64_t d = 0; d < P.Dv; ++d) dst[d] = inv == T(0) ? T(0) : o_ptr[r * prod.o_ld + d] * inv;
         lse_d[(b * P.H + h) * P.N + i0 + r] = row_lse;
@@ -1427,8 +1398,7 @@ void decode_forward(const Problem& P, F32Tiles isa, const Tensor& q, const Tenso
         for (int64_t d = 0; d < P.Dv; ++d) acc[d] += w * oc[d];
       }
       T* dst = out_d + ((b * P.H + h) * P.N + i) * P.Dv;
-      T inv, row_lse;
-      finish_row(mx, den, sinks ? sinks + h : nullptr, inv, row_lse);
+      const auto [inv, row_lse] = rows::finish_row(mx, den, sinks != nullptr, sinks ? sinks[h] : T(0));
       for (int64_t d = 0; d < P.Dv; ++d) dst[d] = inv == T(0) ? T(0) : acc[d] * inv;
       lse_d[(b * P.H + h) * P.N + i] = row_lse;
     }

@@ -13,7 +13,9 @@
 //      accumulators for kKC values of k at a time (x re-read per group, from cache), R read from
 //      global memory at an address independent of the token, so the 32 lanes of a warp read the
 //      same R element (one broadcast transaction; 16-byte vector loads when aligned). The bucket is
-//      the argmax over [y, -y], first index on ties (ArgmaxFirst below); padding (position >= L or
+//      the argmax over [y, -y], first index on ties (lsh::ArgmaxFirst, cuda/lsh_hash.h); with factorised
+//      buckets n_1 x n_2 x ..., factor i takes its own block of n_i / 2 columns and the buckets combine
+//      as b_1 + n_1 b_2 + n_1 n_2 b_3 + ... (lsh::FactorFold); padding (position >= L or
 //      key_padding_mask) gets n_buckets. Buckets go straight to the output, and into a histogram
 //      of n_buckets + 1 counters: lanes with equal buckets are grouped with __match_any_sync and
 //      the group's lowest lane adds the group size, one atomic per distinct bucket per warp.
@@ -34,7 +36,7 @@
 // Why this shape: the sort is by small keys, so counting sort is exact, stable and linear; the
 // per-round block keeps everything (histogram, cursors) block-local and the result deterministic.
 // The serial walk over warps in phase 3 costs one barrier per 32 tokens, cheap next to the hash
-// (Lp * D * n_buckets / 2 multiply-adds per block).
+// (Lp * D * K multiply-adds per block, K = n_buckets / 2 columns, or sum(n_i / 2) factorised).
 
 // c10/cuda headers only, not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS/cuSPARSE headers,
 // and this file must also compile (.ci/compile_cuda.sh) with a bare toolkit and a CPU torch.
@@ -52,8 +54,10 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "common/op_checks.h"
+#include "cuda/lsh_hash.h"
 
 namespace longkernels::gpu {
 namespace {
@@ -68,31 +72,6 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kKC = 8;
 constexpr int64_t kMaxSharedBytes = 48 * 1024;
 
-// Running argmax in scan order with the first index kept on ties (strict >), as torch.argmax:
-// a NaN counts as the largest value, so the first NaN wins (without NaNs: plain strict >).
-// `v != v` is the NaN test; nvcc's --use_fast_math does not assume finite values.
-struct ArgmaxFirst {
-  float best = 0.0f;
-  int index = -1;  // -1: nothing offered yet
-  __host__ __device__ __forceinline__ void offer(float v, int i) {
-    const bool best_is_nan = best != best;
-    if (index < 0 || (!best_is_nan && (v > best || v != v))) {
-      best = v;
-      index = i;
-    }
-  }
-};
-
-// The bucket of argmax([y_0 .. y_{K-1}, -y_0 .. -y_{K-1}]) from the two halves' running argmaxes
-// (pos offered y_k with index k, neg offered -y_k with index K + k, each in increasing k).
-// Equal to one scan over the concatenation: after the first half the state is `pos`, and the
-// second half then replaces it only by its own first maximum, and only if that beats pos strictly
-// (or is the first NaN where pos has none).
-__host__ __device__ __forceinline__ int bucket_of(ArgmaxFirst pos, const ArgmaxFirst& neg) {
-  pos.offer(neg.best, neg.index);
-  return pos.index;
-}
-
 template <typename scalar_t>
 struct HashSortParams {
   const scalar_t* qk;  // (B, H, L, D), own strides
@@ -104,22 +83,26 @@ struct HashSortParams {
   int32_t* perm;     // (B, H, n_hashes, Lp) contiguous
   int32_t* scratch;  // global counters, (n_blocks, n_buckets + 1), or nullptr: shared memory
   int H, D, n_hashes, K, n_buckets, L, Lp;
+  // The rotation columns of each factor (n_i / 2; one factor n_buckets / 2 without factorisation).
+  int n_factors;
+  int half[lsh::kMaxFactors];
 };
 
-// Bucket of one token: x = qk[b, h, p, :] (stride sd), rot_hr = &R[h, 0, r, 0] (stride rot_sd
-// between consecutive d). The R address does not depend on the token: a warp's lanes read the same
-// element. kVec: R rows are 16-byte aligned and K % 4 == 0, so groups of 4 load as one float4.
+// The bucket in [0, 2K) of one token under one block of K rotation columns: x = qk[b, h, p, :] (stride
+// sd), rot = &R[h, 0, r, c0] (stride rot_sd between consecutive d), the argmax over [y, -y]. The R address
+// does not depend on the token: a warp's lanes read the same element. kVec: R rows are 16-byte aligned and
+// K % 4 == 0 (and c0 % 4 == 0), so groups of 4 load as one float4.
 template <bool kVec, typename scalar_t>
-__device__ __forceinline__ int hash_token(const scalar_t* __restrict__ x, int64_t sd, const float* __restrict__ rot_hr,
-                          int64_t rot_sd, int D, int K) {
-  ArgmaxFirst pos, neg;
+__device__ __forceinline__ int hash_block(const scalar_t* __restrict__ x, int64_t sd, const float* __restrict__ rot,
+                                          int64_t rot_sd, int D, int K) {
+  lsh::ArgmaxFirst pos, neg;
   for (int k0 = 0; k0 < K; k0 += kKC) {
     float y[kKC];
 #pragma unroll
     for (int kk = 0; kk < kKC; ++kk) y[kk] = 0.0f;
     for (int d = 0; d < D; ++d) {
       const float xd = static_cast<float>(x[d * sd]);
-      const float* rd = rot_hr + d * rot_sd + k0;
+      const float* rd = rot + d * rot_sd + k0;
       if constexpr (kVec) {
 #pragma unroll
         for (int v = 0; v < kKC / 4; ++v) {
@@ -145,7 +128,21 @@ __device__ __forceinline__ int hash_token(const scalar_t* __restrict__ x, int64_
       }
     }
   }
-  return bucket_of(pos, neg);
+  return lsh::bucket_of(pos, neg);
+}
+
+// Bucket of one token: factor f hashes with its own block of half[f] columns (hash_block), and the
+// buckets combine as b_1 + n_1 b_2 + n_1 n_2 b_3 + ... (lsh::FactorFold); one factor is plain hashing.
+template <bool kVec, typename scalar_t>
+__device__ __forceinline__ int hash_token(const scalar_t* __restrict__ x, int64_t sd, const float* __restrict__ rot_hr,
+                                          int64_t rot_sd, int D, const int* half, int n_factors) {
+  lsh::FactorFold fold;
+  int c0 = 0;
+  for (int f = 0; f < n_factors; ++f) {
+    fold.add(hash_block<kVec>(x, sd, rot_hr + c0, rot_sd, D, half[f]), half[f]);
+    c0 += half[f];
+  }
+  return fold.bucket;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -182,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) hash_sort_kernel(const HashSortParam
     if (valid) {
       const bool pad = pos >= p.L || (p.mask != nullptr && p.mask[b * p.m_sb + int64_t(pos) * p.m_sl]);
       bucket = pad ? p.n_buckets
-                   : hash_token<kVec>(x_bh + int64_t(pos) * p.q_sl, p.q_sd, rot_hr, rot_sd, p.D, p.K);
+                   : hash_token<kVec>(x_bh + int64_t(pos) * p.q_sl, p.q_sd, rot_hr, rot_sd, p.D, p.half, p.n_factors);
       buckets[pos] = bucket;
     }
     const unsigned peers = __match_any_sync(kFull, bucket);
@@ -254,8 +251,9 @@ std::tuple<Tensor, Tensor> lsh_hash_sort(const Tensor& qk, const Tensor& rotatio
                                          const std::optional<Tensor>& key_padding_mask, int64_t n_buckets,
                                          int64_t padded_len, at::OptionalIntArrayRef bucket_factors) {
   checks::lsh_hash_sort("lsh_hash_sort", qk, rotations, key_padding_mask, n_buckets, padded_len, bucket_factors);
-  TORCH_CHECK(!bucket_factors.has_value() || bucket_factors->size() <= 1, "lsh_hash_sort (CUDA): factorised "
-              "buckets run in the torch implementation (lsh_hash_sort_torch), not in this kernel");
+  // Each factor >= 2 and their product < 2^31 (checked above) allow at most 30 of them.
+  TORCH_CHECK(!bucket_factors.has_value() || bucket_factors->size() <= size_t(lsh::kMaxFactors),
+              "lsh_hash_sort (CUDA): at most ", lsh::kMaxFactors, " bucket factors");
   TORCH_CHECK(qk.is_cuda(), "lsh_hash_sort (CUDA): qk must be a CUDA tensor");
   TORCH_CHECK(rotations.scalar_type() == at::kFloat, "lsh_hash_sort (CUDA): rotations must be float32");
   TORCH_CHECK(padded_len < INT_MAX - kThreads, "lsh_hash_sort (CUDA): padded_len must fit in int32, got ", padded_len);
@@ -270,9 +268,16 @@ std::tuple<Tensor, Tensor> lsh_hash_sort(const Tensor& qk, const Tensor& rotatio
   TORCH_CHECK(n_blocks <= INT_MAX, "lsh_hash_sort (CUDA): ", n_blocks, " thread blocks exceed the grid limit");
 
   const Tensor rot = rotations.contiguous();
-  const int64_t K = n_buckets / 2;
-  // float4 loads of R: every (h, d, r) row starts 16-byte aligned.
-  const bool vec = K % 4 == 0 && reinterpret_cast<uintptr_t>(rot.data_ptr()) % 16 == 0;
+  const int64_t K = rotations.size(3);  // n_buckets / 2, or the factors' sum of n_i / 2
+  std::vector<int> half;
+  if (bucket_factors.has_value() && !bucket_factors->empty()) {
+    for (const int64_t f : *bucket_factors) half.push_back(static_cast<int>(f / 2));
+  } else {
+    half.push_back(static_cast<int>(n_buckets / 2));
+  }
+  // float4 loads of R: every (h, d, r) row and every factor's block start 16-byte aligned.
+  bool vec = reinterpret_cast<uintptr_t>(rot.data_ptr()) % 16 == 0;
+  for (const int c : half) vec = vec && c % 4 == 0;
   const int64_t shared_bytes = (kWarp + n_buckets + 1) * int64_t(sizeof(int));
   const bool shared_counters = shared_bytes <= kMaxSharedBytes;
   Tensor scratch;
@@ -300,6 +305,8 @@ std::tuple<Tensor, Tensor> lsh_hash_sort(const Tensor& qk, const Tensor& rotatio
     p.D = static_cast<int>(D);
     p.n_hashes = static_cast<int>(n_hashes);
     p.K = static_cast<int>(K);
+    p.n_factors = static_cast<int>(half.size());
+    for (size_t f = 0; f < half.size(); ++f) p.half[f] = half[f];
     p.n_buckets = static_cast<int>(n_buckets);
     p.L = static_cast<int>(L);
     p.Lp = static_cast<int>(padded_len);

@@ -9,8 +9,13 @@
 // range's start and never straddle the two, so the kernels read mem_k/k (mem_v/v) in place, with
 // their own strides, and never concatenate. For a query tile the visible keys form one interval;
 // only key tiles meeting it are visited, and the per-element mask runs only on tiles that the causal
-// diagonal, the window edge or a range end cuts. The schedule lives in memory_attention_schedule.h,
-// host-includable so it can be checked without a GPU.
+// diagonal, the window edge or a range end cuts, or on every visited tile when a padding mask or document ids
+// are given (tested pair by pair: no tile is skipped for them here; the Triton kernels, first on CUDA
+// tensors, skip the tiles outside a query tile's documents). Softcap, sinks and a query offset (queries at
+// q_offset + i, a ring step's block pair) are terms of the logits and of the row's end; a row that sees no key
+// gets output 0 and LSE -inf (or its sink), as on the CPU (common/memory_attention_rows.h). The schedule
+// lives in memory_attention_schedule.h, host-includable: csrc/tests/test_cuda_host_logic.cpp checks it
+// against the pairwise mask without a GPU.
 //
 // Backward = two kernels, both free of atomics and hence deterministic:
 //   dkdv_kernel  one block per key tile: dk, dv summed over the GQA group in registers;
@@ -36,6 +41,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/memory_attention_rows.h"
 #include "common/op_checks.h"
 #include "cuda/memory_attention_schedule.h"
 
@@ -101,12 +107,48 @@ struct Params {
   acc_t* lse;            // (B, H, N) contiguous: written by the forward, read by the backward
   const acc_t* delta;    // (B, H, N) contiguous
   const acc_t* slopes;   // (H,) or nullptr
+  const acc_t* sinks;    // (H,) or nullptr
+  // key_padding_mask (B, M + N), True = padding, own strides; document_ids (B, M + N) as int64, contiguous.
+  // Either or both may be nullptr; `masks` says whether one is given (every tile then tests each pair).
+  const bool* pad;
+  int64_t pad_sb, pad_sl;
+  const int64_t* doc;
+  int64_t doc_sb;
+  bool masks;
   int H, Hkv, group, D, Dv;
-  int64_t N, M, window;  // window 0: none
+  int64_t N, M, Q0, window;  // Q0: position of query 0 (M unless q_offset says otherwise); window 0: none
   bool causal;
   acc_t scale;
-  __device__ tiles::Geometry geometry() const { return {N, M, M, causal, window}; }
+  acc_t cap, cap_inner;  // softcap: cap * tanh(dot * cap_inner), cap_inner = scale / cap; cap 0: none
+  __device__ tiles::Geometry geometry() const { return {N, M, Q0, causal, window}; }
+  // Whether the padding and document masks keep key j (absolute position) for query i < N (documents need
+  // Q0 = M: query i's document is that of position M + i). Pairs are tested one by one, so any ids work.
+  __device__ bool keeps(int64_t b, int64_t i, int64_t j) const {
+    if (pad != nullptr && pad[b * pad_sb + j * pad_sl]) return false;
+    return doc == nullptr || doc[b * doc_sb + M + i] == doc[b * doc_sb + j];
+  }
+  // The logit of query i and key j from the raw dot product (softcap, then ALiBi); *t: the softcap's tanh.
+  __device__ acc_t logit(acc_t dot, acc_t slope, int64_t i, int64_t j, acc_t* t) const {
+    const acc_t x = cap != acc_t(0) ? rows::softcap_logit(dot, cap_inner, cap, t) : dot * scale;
+    return x - slope * static_cast<acc_t>(Q0 + i - j);
+  }
 };
+
+// Whether query i sees key j: in_tile (the pair lies inside the tile's valid rows and columns), the
+// geometry (causality, window, query offset) and, with masks, padding and documents. The masks are read only
+// for a query row < N and a key < M + N (an owned tile's rows past the end are computed, never written).
+template <typename scalar_t>
+__device__ __forceinline__ bool pair_seen(const Params<scalar_t>& p, const tiles::Geometry& g, int64_t b, int64_t i,
+                                          int64_t j, bool in_tile) {
+  if (!in_tile || !tiles::visible(g, i, j)) return false;
+  return !p.masks || (i < p.N && j < p.M + p.N && p.keeps(b, i, j));
+}
+
+// d logit / d (scale * dot): 1, or 1 - tanh^2 through the softcap (t: the forward's tanh, recomputed).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t capped_slope(const Params<scalar_t>& p, acc_t t) {
+  return p.cap != acc_t(0) ? acc_t(1) - t * t : acc_t(1);
+}
 
 // Copies rows [0, rows) x columns [0, cols) of a strided (L, D) slice into shared memory with row
 // stride ld, converting to the accumulation type. Rows at or past `valid` are zeros: products
@@ -150,9 +192,6 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
-
 template <typename T>
 __host__ __device__ constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
@@ -191,7 +230,8 @@ struct DkdvSmem {
 // ones, only those in key_tiles()) K is loaded, S and the online-softmax update are formed in
 // registers, P goes to shared memory, and V is loaded into K's buffer for O += P V.
 // Masks: elementwise (causal, window, columns past a range end) only where
-// query_owner_needs_mask(); query rows past N are computed on zeros and not written.
+// query_owner_needs_mask(), or everywhere with padding or documents; query rows past N are computed on
+// zeros and not written.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t, int kVC>
 __global__ void __launch_bounds__(kQWarps * kWarp) fwd_kernel(const Params<scalar_t> p) {
@@ -235,7 +275,7 @@ __global__ void __launch_bounds__(kQWarps * kWarp) fwd_kernel(const Params<scala
     for (int64_t t = span.first; t < span.last; ++t) {
       const int64_t a0 = off + t * kBK;
       const int bk = static_cast<int>(imin(kBK, off + len - a0));
-      const bool masked = tiles::query_owner_needs_mask(g, i0, bq, a0, bk, kBK);
+      const bool masked = p.masks || tiles::query_owner_needs_mask(g, i0, bq, a0, bk, kBK);
       __syncthreads();  // the previous tile's V is no longer read
       load_tile(kv_s, k_ld, kx.row(b, hk, a0 - off), kx.sl, kx.sd, kBK, bk, p.D);
       __syncthreads();
@@ -255,8 +295,9 @@ __global__ void __launch_bounds__(kQWarps * kWarp) fwd_kernel(const Params<scala
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int64_t i = i0 + warp * kRows + r;
-        acc_t x = s[r] * p.scale - slope * static_cast<acc_t>(p.M + i - j);
-        if (masked && !(lane < bk && tiles::visible(g, i, j))) x = neg_inf<acc_t>();
+        acc_t t;
+        acc_t x = p.logit(s[r], slope, i, j, &t);
+        if (masked && !pair_seen(p, g, b, i, j, lane < bk)) x = neg_inf<acc_t>();
         const acc_t x_max = warp_max(x);
         const acc_t m_new = nan_max(m[r], x_max);
         // A row that has seen nothing yet (m_new = -inf) gets p = 0 and keeps o = l = 0,
@@ -292,20 +333,23 @@ __global__ void __launch_bounds__(kQWarps * kWarp) fwd_kernel(const Params<scala
     }
   }
 
+  const bool has_sink = p.sinks != nullptr;
+  const acc_t sink = has_sink ? p.sinks[h] : acc_t(0);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int64_t i = i0 + warp * kRows + r;
     const acc_t sum = warp_sum(l[r]);
     if (i >= p.N) continue;
-    // Every valid row sees at least one key (validated in Python), so sum > 0.
-    const acc_t inv = acc_t(1) / sum;
+    // A row that saw no key (masks, or queries placed before every key) gets 0 and LSE -inf (or the sink):
+    // inv = 0 then, and its accumulator (0 * v, a NaN where v holds one) is not read.
+    const rows::RowEnd<acc_t> end = rows::finish_row(m[r], sum, has_sink, sink);
     scalar_t* out_row = p.out.row(b, h, i);
 #pragma unroll
     for (int cc = 0; cc < kVC; ++cc) {
       const int col = lane + cc * kWarp;
-      if (col < p.Dv) out_row[col * p.out.sd] = static_cast<scalar_t>(o[r][cc] * inv);
+      if (col < p.Dv) out_row[col * p.out.sd] = static_cast<scalar_t>(end.inv == acc_t(0) ? acc_t(0) : o[r][cc] * end.inv);
     }
-    if (lane == 0) p.lse[(b * p.H + h) * p.N + i] = m[r] + log_acc(sum);
+    if (lane == 0) p.lse[(b * p.H + h) * p.N + i] = end.lse;
   }
 }
 
@@ -364,7 +408,7 @@ __global__ void __launch_bounds__(kQWarps * kWarp) dq_kernel(const Params<scalar
     for (int64_t t = span.first; t < span.last; ++t) {
       const int64_t a0 = off + t * kBK;
       const int bk = static_cast<int>(imin(kBK, off + len - a0));
-      const bool masked = tiles::query_owner_needs_mask(g, i0, bq, a0, bk, kBK);
+      const bool masked = p.masks || tiles::query_owner_needs_mask(g, i0, bq, a0, bk, kBK);
 
       __syncthreads();  // the previous tile's K is no longer read (Q, dO loads too, first time)
       load_tile(kv_s, v_ld, vx.row(b, hk, a0 - off), vx.sl, vx.sd, kBK, bk, p.Dv);
@@ -396,12 +440,13 @@ __global__ void __launch_bounds__(kQWarps * kWarp) dq_kernel(const Params<scalar
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int64_t i = i0 + warp * kRows + r;
-        const acc_t x = s[r] * p.scale - slope * static_cast<acc_t>(p.M + i - j);
+        acc_t t = 0;
+        const acc_t x = p.logit(s[r], slope, i, j, &t);
         // Hidden pairs get exact zeros, not 0 * (dp - delta): a NaN row (NaN delta) must not reach
         // keys it does not see.
-        const bool hidden = masked && !(lane < bk && tiles::visible(g, i, j));
+        const bool hidden = masked && !pair_seen(p, g, b, i, j, lane < bk);
         const acc_t pr = hidden ? acc_t(0) : prob(x - lse_r[r]);
-        ds_rows[r * kBK + lane] = hidden ? acc_t(0) : pr * (dp[r] - delta_r[r]);
+        ds_rows[r * kBK + lane] = hidden ? acc_t(0) : pr * (dp[r] - delta_r[r]) * capped_slope(p, t);
       }
       __syncwarp();  // dS rows are private to the warp
 
@@ -446,7 +491,8 @@ __global__ void __launch_bounds__(kQWarps * kWarp) dq_kernel(const Params<scalar
 // and dS^T (key rows x queries) are formed in registers and passed through shared memory (per
 // warp), and dv += P^T dO, dk += dS^T Q accumulate in registers: the group sum needs no atomics.
 // Masks: elementwise only where key_owner_needs_mask(): causal, window, or queries past N (which
-// would otherwise leak into valid keys); key rows past the range end are not written.
+// would otherwise leak into valid keys), or everywhere with padding or documents; key rows past the range
+// end are not written.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t, int kC>
 __global__ void __launch_bounds__(kv_warps<scalar_t>() * kWarp, kv_min_blocks<scalar_t>())
@@ -498,7 +544,7 @@ __global__ void __launch_bounds__(kv_warps<scalar_t>() * kWarp, kv_min_blocks<sc
     for (int64_t qt = span.first; qt < span.last; ++qt) {
       const int64_t i0 = qt * kBQkv;
       const int bq = static_cast<int>(imin(kBQkv, p.N - i0));
-      const bool masked = tiles::key_owner_needs_mask(g, i0, bq, kBQkv, a0, bk);
+      const bool masked = p.masks || tiles::key_owner_needs_mask(g, i0, bq, kBQkv, a0, bk);
       const int64_t i = i0 + lane;
       const acc_t lse_i = lane < bq ? p.lse[(b * p.H + h) * p.N + i] : acc_t(0);
       const acc_t delta_i = lane < bq ? p.delta[(b * p.H + h) * p.N + i] : acc_t(0);
@@ -527,11 +573,13 @@ __global__ void __launch_bounds__(kv_warps<scalar_t>() * kWarp, kv_min_blocks<sc
 #pragma unroll
       for (int r = 0; r < kKRows; ++r) {
         const int64_t j = a0 + warp * kKRows + r;
-        const acc_t x = s[r] * p.scale - slope * static_cast<acc_t>(p.M + i - j);
-        const bool hidden = masked && !(lane < bq && tiles::visible(g, i, j));  // exact zeros, as in dq
+        acc_t t = 0;
+        const acc_t x = p.logit(s[r], slope, i, j, &t);
+        // Exact zeros, as in dq. Key rows past the tile (r >= bk) are never written, masked or not.
+        const bool hidden = masked && !pair_seen(p, g, b, i, j, lane < bq);
         const acc_t pr = hidden ? acc_t(0) : prob(x - lse_i);
         p_rows[r * kBQkv + lane] = pr;
-        ds_rows[r * kBQkv + lane] = hidden ? acc_t(0) : pr * (dp[r] - delta_i);
+        ds_rows[r * kBQkv + lane] = hidden ? acc_t(0) : pr * (dp[r] - delta_i) * capped_slope(p, t);
       }
       __syncwarp();  // P^T and dS^T rows are private to the warp
 
@@ -608,15 +656,13 @@ void launch(Kernel kernel, int64_t blocks, int threads, int64_t smem_bytes, cons
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The shared checks (common/op_checks.h), then what these kernels add: CUDA tensors, head dims their
-// register tiles hold. The window in the result is the one the kernels use (0 for one that hides nothing).
+// register tiles hold, int32 lengths. The window in the result is the one the kernels use (0 for one that hides
+// nothing), Q0 the position of query 0 (q_offset: a ring step's block pair, where rows may see no key).
 checks::MemoryAttentionDims check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
                                          const Tensor& mem_k, const Tensor& mem_v,
                                          const std::optional<Tensor>& alibi, int64_t window,
                                          std::optional<int64_t> q_offset) {
   const auto d = checks::memory_attention(op, q, k, v, mem_k, mem_v, alibi, window, q_offset);
-  // Queries placed elsewhere than M + i (a ring step's block pair) are the Triton kernels' (the dispatcher sends them
-  // there).
-  TORCH_CHECK(d.Q0 == d.M, op, " (CUDA): q_offset other than M runs in the Triton kernels, not in these");
   TORCH_CHECK(q.is_cuda(), op, " (CUDA): tensors must be on a CUDA device, got ", q.device());
   TORCH_CHECK(d.D <= kMaxHeadDim && d.Dv <= kMaxHeadDim, op, " (CUDA): head dims must be in [1, ", kMaxHeadDim,
               "], got D=", d.D, ", Dv=", d.Dv);
@@ -624,9 +670,29 @@ checks::MemoryAttentionDims check_inputs(const char* op, const Tensor& q, const 
   return d;
 }
 
+// The options of docs/semantics.md §1 beyond window and ALiBi, in the form the kernels read: the padding mask
+// as given (bool, own strides), document ids as contiguous int64, sinks in the accumulation type.
+struct MaskArgs {
+  Tensor pad, doc, sinks;
+  double softcap = 0.0;
+};
+
+MaskArgs mask_args(const char* op, const checks::MemoryAttentionDims& d, const Tensor& q,
+                   const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& document_ids,
+                   double softcap, const std::optional<Tensor>* sinks) {
+  checks::memory_attention_masks(op, d, q.device(), key_padding_mask, document_ids, softcap, sinks);
+  MaskArgs a;
+  if (key_padding_mask.has_value()) a.pad = *key_padding_mask;
+  if (document_ids.has_value()) a.doc = document_ids->to(at::kLong).contiguous();
+  if (sinks != nullptr && sinks->has_value()) a.sinks = (*sinks)->to(acc_dtype(q.scalar_type())).contiguous();
+  a.softcap = softcap;
+  return a;
+}
+
 template <typename scalar_t>
 Params<scalar_t> make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k,
-                             const Tensor& mem_v, const Tensor& slopes, bool causal, int64_t window, double scale) {
+                             const Tensor& mem_v, const Tensor& slopes, bool causal,
+                             const checks::MemoryAttentionDims& dims, double scale, const MaskArgs& masks) {
   using acc_t = typename Params<scalar_t>::acc_t;
   Params<scalar_t> p{};
   p.q = view4<const scalar_t>(q);
@@ -642,27 +708,29 @@ Params<scalar_t> make_params(const Tensor& q, const Tensor& k, const Tensor& v, 
   p.Dv = static_cast<int>(v.size(3));
   p.N = q.size(2);
   p.M = mem_k.size(2);
-  p.window = window;
+  p.Q0 = dims.Q0;
+  p.window = dims.window;
   p.causal = causal;
   p.scale = static_cast<acc_t>(scale);
+  p.cap = static_cast<acc_t>(masks.softcap);
+  p.cap_inner = masks.softcap != 0.0 ? static_cast<acc_t>(scale / masks.softcap) : acc_t(0);
+  p.sinks = masks.sinks.defined() ? masks.sinks.data_ptr<acc_t>() : nullptr;
+  if (masks.pad.defined()) {
+    p.pad = masks.pad.const_data_ptr<bool>();
+    p.pad_sb = masks.pad.stride(0);
+    p.pad_sl = masks.pad.stride(1);
+  }
+  if (masks.doc.defined()) {
+    p.doc = masks.doc.const_data_ptr<int64_t>();
+    p.doc_sb = masks.doc.stride(0);
+  }
+  p.masks = p.pad != nullptr || p.doc != nullptr;
   return p;
 }
 
 Tensor slopes_for(const std::optional<Tensor>& alibi, const Tensor& q, at::ScalarType acc) {
   if (!alibi.has_value()) return Tensor();
   return alibi->to(acc).contiguous();
-}
-
-// The masks and score terms of docs/semantics.md §1 (padding, documents, softcap, sinks) are Triton's on CUDA
-// tensors (the dispatcher sends them there); these kernels refuse them rather than ignore them.
-void no_masks(const char* op, const checks::MemoryAttentionDims& d, const Tensor& q,
-              const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& document_ids,
-              double softcap, const std::optional<Tensor>* sinks) {
-  checks::memory_attention_masks(op, d, q.device(), key_padding_mask, document_ids, softcap, sinks);
-  TORCH_CHECK(!key_padding_mask.has_value() && !document_ids.has_value() && softcap == 0.0 &&
-                  (sinks == nullptr || !sinks->has_value()),
-              op, " (CUDA): key_padding_mask, document_ids, softcap and sinks run in the Triton kernels "
-              "(memory_attention_fwd_triton / _bwd_triton), not in these");
 }
 
 std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mem_k,
@@ -672,8 +740,7 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
                                                 const std::optional<Tensor>& document_ids, double softcap,
                                                 const std::optional<Tensor>& sinks, std::optional<int64_t> q_offset) {
   const auto dims = check_inputs("memory_attention_fwd", q, k, v, mem_k, mem_v, alibi_slopes, window, q_offset);
-  no_masks("memory_attention_fwd", dims, q, key_padding_mask, document_ids, softcap, &sinks);
-  window = dims.window;
+  const MaskArgs masks = mask_args("memory_attention_fwd", dims, q, key_padding_mask, document_ids, softcap, &sinks);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dv = v.size(3);
   const auto acc = acc_dtype(q.scalar_type());
@@ -682,7 +749,7 @@ std::tuple<Tensor, Tensor> memory_attention_fwd(const Tensor& q, const Tensor& k
   Tensor lse = at::empty({B, H, N}, q.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "memory_attention_fwd_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    Params<scalar_t> p = make_params<scalar_t>(q, k, v, mem_k, mem_v, slopes, causal, window, scale);
+    Params<scalar_t> p = make_params<scalar_t>(q, k, v, mem_k, mem_v, slopes, causal, dims, scale, masks);
     p.out = view4<scalar_t>(out);
     p.lse = lse.data_ptr<acc_t>();
     const int64_t blocks = tiles::ceil_div(N, kBQ) * B * H;
@@ -701,8 +768,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
     double softcap, std::optional<int64_t> q_offset) {
   const auto dims = check_inputs("memory_attention_bwd", q, k, v, mem_k, mem_v, alibi_slopes, window, q_offset);
   checks::memory_attention_grads("memory_attention_bwd", dims, q, dout, lse, delta);
-  no_masks("memory_attention_bwd", dims, q, key_padding_mask, document_ids, softcap, nullptr);
-  window = dims.window;
+  const MaskArgs masks = mask_args("memory_attention_bwd", dims, q, key_padding_mask, document_ids, softcap, nullptr);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Hkv = k.size(1), M = mem_k.size(2);
   const auto acc = acc_dtype(q.scalar_type());
@@ -715,7 +781,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> memory_attention_bwd(
   Tensor dmk = at::empty(mem_k.sizes(), mem_k.options()), dmv = at::empty(mem_v.sizes(), mem_v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "memory_attention_bwd_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    Params<scalar_t> p = make_params<scalar_t>(q, k, v, mem_k, mem_v, slopes, causal, window, scale);
+    Params<scalar_t> p = make_params<scalar_t>(q, k, v, mem_k, mem_v, slopes, causal, dims, scale, masks);
     p.dout = view4<const scalar_t>(dout_c);
     p.lse = lse_c.data_ptr<acc_t>();  // read only in the backward kernels
     p.delta = delta_c.data_ptr<acc_t>();

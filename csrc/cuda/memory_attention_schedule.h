@@ -20,9 +20,9 @@ struct TileSpan {
 
 LK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Whether query i sees key j (absolute position), the reference mask itself.
+// Whether query i (at position Q0 + i) sees key j (absolute position), the reference mask itself.
 LK_HD bool visible(const Geometry& g, int64_t i, int64_t j) {
-  const int64_t qpos = g.M + i;
+  const int64_t qpos = g.Q0 + i;
   return (!g.causal || j <= qpos) && (g.window == 0 || j > qpos - g.window);
 }
 

@@ -144,11 +144,10 @@ def choose_backend(qk: torch.Tensor, v: torch.Tensor, backend: Optional[str]) ->
                            device_order(qk.device.type), backend)
 
 
-def hash_sort_backend(qk: torch.Tensor, factorised: bool = False) -> str:
-    """Which implementation hashes and sorts: the extension's op for the device, else torch (also for
-    factorised buckets on CUDA, which the CUDA kernel does not take)."""
-    if _ext.available() and (qk.device.type == "cpu" or (qk.device.type == "cuda" and _ext.cuda_compiled()
-                                                         and not factorised)):
+def hash_sort_backend(qk: torch.Tensor) -> str:
+    """Which implementation hashes and sorts: the extension's op for the device (plain or factorised
+    buckets), else torch."""
+    if _ext.available() and (qk.device.type == "cpu" or (qk.device.type == "cuda" and _ext.cuda_compiled())):
         return "extension"
     return "torch"
 
@@ -252,7 +251,7 @@ def hash_sort(qk, rotations, key_padding_mask, n_buckets, padded_len):
     a tuple of factors (their product is the number of buckets)."""
     factors = bucket_factors(n_buckets)
     total = math.prod(factors)
-    op = (torch.ops.longkernels.lsh_hash_sort if hash_sort_backend(qk, len(factors) > 1) == "extension"
+    op = (torch.ops.longkernels.lsh_hash_sort if hash_sort_backend(qk) == "extension"
           else torch.ops.longkernels.lsh_hash_sort_torch)
     return op(qk.detach(), rotations.detach().float(), key_padding_mask, total, padded_len,
               list(factors) if len(factors) > 1 else None)
