@@ -6,9 +6,12 @@
   decode (one ``generate`` step: a forward of one token over a dynamic cache of the given length, the cache
   grown by that token as generate grows it, then cropped back), and a training step (loss and backward).
   Reported as tokens per second beside the time.
-* Reformer with HF's default configuration (hidden 256, 2 heads of 64, chunks of 64, one hash, HF's choice of
-  ``num_buckets``: factorised from 16k on), one ``LSHSelfAttention`` layer, forward and forward+backward,
-  patched (``longkernels.hf.enable``) against unpatched: layer against layer.
+* Reformer with HF's default configuration (hidden 256, 12 heads of 64, chunks of 64 attending to their own
+  and the previous chunk, one hash, HF's choice of ``num_buckets``: factorised from 16k on), one
+  ``LSHSelfAttention`` layer, forward and forward+backward, patched (``longkernels.hf.enable``) against
+  unpatched: layer against layer. Its two projections are timed alone too (``projections``): with the matrix
+  products' count of the layer, that bounds what any attention kernel can give the layer on the machine
+  (``reformer_bound_vs_hf`` in the summary).
 
 Not part of the default ``longkernels bench`` run (each step runs a whole model): ask for it with
 ``--variants hf`` or ``--ops hf_models``.
@@ -25,6 +28,9 @@ from .base import Implementation, Operation, Sweep, dtype_name
 
 LLAMA = dict(vocab_size=1024, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
              num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=65536)
+# HF's default ReformerConfig as far as the layer's matrix products go (checked against the config when built).
+REFORMER = dict(hidden_size=256, num_attention_heads=12, attention_head_size=64, lsh_attn_chunk_length=64,
+                lsh_num_chunks_before=1, lsh_num_chunks_after=0, num_hashes=1)
 # eager materialises (B, H, Lq, Lk) float scores (and their softmax): beyond this many bytes it is skipped.
 EAGER_BYTES_LIMIT = 6 * 2**30
 
@@ -178,6 +184,9 @@ class HFModel(Implementation):
         from transformers.models.reformer.modeling_reformer import LSHSelfAttention
         import longkernels.hf as lkhf
         config = transformers.ReformerConfig(max_position_embeddings=case.length, axial_pos_embds=False)
+        drift = {k: (getattr(config, k), v) for k, v in REFORMER.items() if getattr(config, k) != v}
+        if drift:
+            raise RuntimeError(f"HF's default ReformerConfig changed ({drift}): update REFORMER in {__name__}")
         torch.manual_seed(0)
         layer = LSHSelfAttention(config, layer_idx=0).to(device=device, dtype=case.dtype)
         layer.train(case.mode == "fwdbwd")
@@ -221,7 +230,12 @@ def summarize(records: list, device) -> Optional[dict]:
                "label": f"{kind} {phase} {ours['mode']} {ours['dtype']} L{_length(case_id)}"}
         peer = "sdpa" if "sdpa" in impls else "hf" if "hf" in impls else None
         if peer == "hf" and "projections" in impls:
-            row["ceiling_vs_hf"] = impls["hf"]["median_ms"] / impls["projections"]["median_ms"]
+            hf_ms, proj_ms = impls["hf"]["median_ms"], impls["projections"]["median_ms"]
+            row["ceiling_vs_hf"] = hf_ms / proj_ms
+            proj, attn = reformer_flops(_length(case_id), ours["mode"])
+            row["bound_vs_hf"] = hf_ms / (proj_ms * (proj + attn) / proj)
+            row["projections_flop_per_s"] = proj / (proj_ms / 1e3)
+            row["attention_flops"] = attn
         if peer:
             # the drawing's key: the peer's time over ours (HF's default sdpa; HF's own layer for Reformer)
             row["ratio_vs_sdpa"] = impls[peer]["median_ms"] / ours["median_ms"]
@@ -251,9 +265,29 @@ def summarize(records: list, device) -> Optional[dict]:
     if ceilings:
         out["reformer_ceiling_vs_hf"] = ceilings
         out["ceiling_label"] = ("HF's layer time / its query-key and value projections' (which both layers run "
-                                "alike): the most any attention kernel can give the layer")
+                                "alike): the most any attention kernel could give the layer if attention were free")
+        out["reformer_bound_vs_hf"] = {c: rows[c]["bound_vs_hf"] for c in ceilings}
+        out["bound_label"] = ("HF's layer time / the time of the layer's matrix products (projections, then the "
+                              "attention's QK^T and PV, and in the backward dP, dV, dQ, dK without recomputing S) at "
+                              "the rate the projections reach in this run: the most any attention kernel can give "
+                              "the layer on this machine")
+        bound = [out["reformer_bound_vs_hf"][c] for c in ceilings if "fwdbwd" in c and _length(c) == 16384]
+        if bound:
+            heads.append(f"Reformer bound at 16k fwd+bwd on this machine {min(bound):.2f}x")
     out["headline"] = "; ".join(heads)
     return out
+
+
+def reformer_flops(length: int, mode: str) -> tuple[float, float]:
+    """Matrix-product FLOPs of one Reformer layer (HF's default config, batch 1): its query/key and value
+    projections, and the attention's QK^T and PV over each token's window of chunks; forward+backward adds the
+    projections' dX and dW and the attention's dP, dV, dQ, dK (S kept from the forward: the least work)."""
+    r = REFORMER
+    width = r["num_attention_heads"] * r["attention_head_size"]
+    proj = 2 * 2 * length * r["hidden_size"] * width
+    keys = (r["lsh_num_chunks_before"] + 1 + r["lsh_num_chunks_after"]) * r["lsh_attn_chunk_length"]
+    attn = 2 * 2 * length * r["num_hashes"] * keys * width
+    return (3 * proj, 3 * attn) if mode == "fwdbwd" else (proj, attn)
 
 
 def _length(case_id: str) -> int:
