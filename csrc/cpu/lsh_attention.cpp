@@ -472,8 +472,10 @@ Tensor like_rows(const Tensor& t, at::ScalarType ct) {
 template <typename T>
 void forward_kernel(const Problem& P, const Inputs<T>& in, F32Tiles fast, const Rows<T>& out_rows, T* lse_max,
                     T* lse_log) {
-  // Per-round results of one head at original positions: o (nh, L, Dv), max and sum (nh, L).
-  std::vector<T> o_r(P.nh * P.L * P.Dv), m_r(P.nh * P.L), l_r(P.nh * P.L);
+  // Per-round results of one head at original positions: o (nh, L, Dv), max and sum (nh, L). With one round
+  // there is nothing to combine: rows go straight to the output (the combine's weight would be exactly 1).
+  const bool one_round = P.nh == 1;
+  std::vector<T> o_r(one_round ? 0 : P.nh * P.L * P.Dv), m_r(P.nh * P.L), l_r(P.nh * P.L);
   const int64_t rounds_chunks = P.Lp / P.C;
   for (int64_t bh = 0; bh < P.B * P.H; ++bh) {
     const int64_t b = bh / P.H, h = bh % P.H;
@@ -520,7 +522,7 @@ void forward_kernel(const Problem& P, const Inputs<T>& in, F32Tiles fast, const 
             const int32_t pq = perm[c * P.C + i];
             if (pq >= P.L) continue;
             const T inv = T(1) / l_r[r * P.L + pq];
-            T* dst = o_r.data() + (r * P.L + pq) * P.Dv;
+            T* dst = one_round ? const_cast<T*>(out_rows.row(b, h, pq)) : o_r.data() + (r * P.L + pq) * P.Dv;
             const T* src = w.o.data() + i * P.Dvp;
 #pragma omp simd
             for (int64_t d = 0; d < P.Dv; ++d) dst[d] = src[d] * inv;
@@ -528,6 +530,13 @@ void forward_kernel(const Problem& P, const Inputs<T>& in, F32Tiles fast, const 
         }
       }
     });
+    if (one_round) {
+      for (int64_t i = 0; i < P.L; ++i) {
+        lse_max[bh * P.L + i] = m_r[i];
+        lse_log[bh * P.L + i] = std::log(l_r[i]);
+      }
+      continue;
+    }
     // Combine the rounds: weights exp(m_r - M) l_r, normalised.
     at::parallel_for(0, P.L, 256, [&](int64_t begin, int64_t end) {
       std::vector<T> wts(P.nh);
