@@ -426,12 +426,32 @@ void fwd_row(double* s, const int32_t* pk, const int32_t* kpad, int64_t W, int32
 }
 
 // Backward row: s (raw q.k) -> p = exp((logit - M) - log_sum); dp -> ds = p (dp - delta), zero on
-// the self entry (a constant logit) and on hidden keys.
+// the self entry (a constant logit) and on hidden keys. exp_avx2: the exponentials and ds through
+// tile::softmax_grad_avx2 (float rows of a call on the AVX2 tiles), on logits already less the row's max
+// (hidden keys at -inf, so p = 0), with the exact zeros put back after it: the same values and bits.
 template <typename T>
 __attribute__((always_inline)) inline void bwd_row_impl(T* __restrict s, T* __restrict dp,
                                                         const int32_t* __restrict pk,
                                                         const int32_t* __restrict kpad, int64_t W, int32_t pq,
-                                                        int32_t causal, T scale, T mx, T log_sum, T delta) {
+                                                        int32_t causal, T scale, T mx, T log_sum, T delta,
+                                                        bool exp_avx2) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (exp_avx2) {
+      const T neg_inf = -std::numeric_limits<T>::infinity();
+#pragma omp simd
+      for (int64_t n = 0; n < W; ++n) {
+        const T x = pk[n] == pq ? static_cast<T>(kSelfMask) : s[n] * scale;
+        s[n] = is_hidden(pk[n], kpad[n], pq, causal) ? neg_inf : x - mx;
+      }
+      tile::softmax_grad_avx2(s, dp, W, 1.0f, 0.0f, 0, log_sum, delta);
+#pragma omp simd
+      for (int64_t n = 0; n < W; ++n) {
+        const int32_t zero = static_cast<int32_t>(pk[n] == pq) | is_hidden(pk[n], kpad[n], pq, causal);
+        dp[n] = zero ? T(0) : dp[n];
+      }
+      return;
+    }
+  }
 #pragma omp simd
   for (int64_t n = 0; n < W; ++n) {
     const int32_t self = pk[n] == pq;
@@ -447,12 +467,12 @@ __attribute__((always_inline)) inline void bwd_row_impl(T* __restrict s, T* __re
   }
 }
 LK_CLONES void bwd_row(float* s, float* dp, const int32_t* pk, const int32_t* kpad, int64_t W, int32_t pq,
-                       int32_t causal, float scale, float mx, float log_sum, float delta) {
-  bwd_row_impl<float>(s, dp, pk, kpad, W, pq, causal, scale, mx, log_sum, delta);
+                       int32_t causal, float scale, float mx, float log_sum, float delta, bool exp_avx2) {
+  bwd_row_impl<float>(s, dp, pk, kpad, W, pq, causal, scale, mx, log_sum, delta, exp_avx2);
 }
 void bwd_row(double* s, double* dp, const int32_t* pk, const int32_t* kpad, int64_t W, int32_t pq, int32_t causal,
-             double scale, double mx, double log_sum, double delta) {
-  bwd_row_impl<double>(s, dp, pk, kpad, W, pq, causal, scale, mx, log_sum, delta);
+             double scale, double mx, double log_sum, double delta, bool) {
+  bwd_row_impl<double>(s, dp, pk, kpad, W, pq, causal, scale, mx, log_sum, delta, false);
 }
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -682,7 +702,7 @@ void backward_kernel(const Problem& P, const Inputs<T>& in, const Rows<T>& dout,
                 std::fill(dprow, dprow + Wp, T(0));
               } else {
                 bwd_row(srow, dprow, w.pk.data(), w.kpad.data(), Wp, pq, P.causal, static_cast<T>(P.scale), lm[pq],
-                        ll[pq], dl[pq]);
+                        ll[pq], dl[pq], fast == F32Tiles::Avx2);
               }
             }
             for (int64_t j = 0; j < P.nw; ++j) {
