@@ -293,9 +293,17 @@ def saved_tensor_bytes(fn, *args, exclude=(), **kwargs) -> int:
             key, nbytes = id(t), t.numel() * t.element_size()
         if key not in skip:
             seen[key] = nbytes
-        return t
+        # The storage stays alive until the graph goes (a freed one could be reused at the same address and
+        # counted once for two tensors), but not the tensor itself: a node that saves its own output would
+        # then hold a tensor whose grad_fn is the node, a cycle through C++ that Python's collector cannot
+        # see, and the whole graph (activations, parameters) outlived every call (3 GB a training step of
+        # the HF benchmark's model). The detached alias shares the storage and has no grad_fn.
+        return t.detach()
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_):
+        raise RuntimeError("saved_tensor_bytes only counts what the forward saves: no backward through its graph")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = fn(*args, **kwargs)
     del out
     return sum(seen.values())

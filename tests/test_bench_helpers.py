@@ -1,8 +1,29 @@
-"""The HF benchmark's summary arithmetic (longkernels/benchmarks/hf_models.py) on made-up records: the Reformer
-layer's matrix-product count and the bound it puts on any attention kernel, the ratios and the targets."""
+"""Helpers of the benchmarks: the HF benchmark's summary arithmetic (longkernels/benchmarks/hf_models.py) on
+made-up records (the Reformer layer's matrix-product count and the bound it puts on any attention kernel, the
+ratios and the targets), and the saved-for-backward counter (longkernels/testing.py) that the engine runs on
+every forward+backward case."""
+import gc
+import weakref
+
 import pytest
+import torch
 
 from longkernels.benchmarks import hf_models
+from longkernels.testing import saved_tensor_bytes
+
+
+def test_saved_tensor_bytes_counts_and_keeps_nothing_alive():
+    x = torch.randn(100, 100, requires_grad=True)
+    outputs = []
+
+    def fn(x):
+        y = torch.exp(x)  # exp saves its own output: the node would hold y, whose grad_fn is the node
+        outputs.append(weakref.ref(y))
+        return (torch.tanh(y) * 2).sum()  # tanh saves its output too
+
+    assert saved_tensor_bytes(fn, x, exclude=[x]) == 2 * 100 * 100 * 4
+    gc.collect()
+    assert outputs[0]() is None, "the forward's graph outlived the measurement"
 
 
 def test_reformer_flops_count_the_layer_by_hand():
