@@ -38,8 +38,22 @@ void fail(const char* what, const char* fmt_detail, long long a, long long b, lo
 // ---------------------------------------------------------------------------------------------
 // Schedule.
 // ---------------------------------------------------------------------------------------------
+// Whether any / every pair of queries [i0, i0 + bq) and keys [a0, a0 + bk) is visible.
+struct TileView {
+  bool any = false, all = true;
+};
+TileView scan_tile(const tiles::Geometry& g, int64_t i0, int64_t bq, int64_t a0, int64_t bk) {
+  TileView t;
+  for (int64_t i = i0; i < i0 + bq; ++i)
+    for (int64_t j = a0; j < a0 + bk; ++j) {
+      const bool v = tiles::visible(g, i, j);
+      t.any = t.any || v;
+      t.all = t.all && v;
+    }
+  return t;
+}
+
 void check_geometry(const tiles::Geometry& g, int64_t bq, int64_t bk) {
-  const int64_t L = g.M + g.N;
   // Query-owned (forward, dq): key tiles aligned to each segment's start.
   for (int64_t i0 = 0; i0 < g.N; i0 += bq) {
     const int64_t bq_valid = std::min(bq, g.N - i0);
@@ -55,13 +69,7 @@ void check_geometry(const tiles::Geometry& g, int64_t bq, int64_t bk) {
       }
       for (int64_t t = span.first; t < span.last; ++t) {
         const int64_t a0 = off + t * bk, bk_valid = std::min(bk, off + len - a0);
-        bool any = false, all = true;
-        for (int64_t i = i0; i < i0 + bq_valid; ++i)
-          for (int64_t j = a0; j < a0 + bk_valid; ++j) {
-            const bool v = tiles::visible(g, i, j);
-            any = any || v;
-            all = all && v;
-          }
+        const auto [any, all] = scan_tile(g, i0, bq_valid, a0, bk_valid);
         if (!any) fail("key_tiles visits a hidden tile", "i0=%lld a0=%lld N=%lld M=%lld", i0, a0, g.N, g.M);
         if (!tiles::query_owner_needs_mask(g, i0, bq_valid, a0, bk_valid, bk) && !all)
           fail("unmasked query-owned tile hides a pair", "i0=%lld a0=%lld Q0=%lld w=%lld", i0, a0, g.Q0, g.window);
@@ -84,20 +92,13 @@ void check_geometry(const tiles::Geometry& g, int64_t bq, int64_t bk) {
       }
       for (int64_t t = span.first; t < span.last; ++t) {
         const int64_t i0 = t * bq, bq_valid = std::min(bq, g.N - i0);
-        bool any = false, all = true;
-        for (int64_t i = i0; i < i0 + bq_valid; ++i)
-          for (int64_t j = a0; j < a0 + bk_valid; ++j) {
-            const bool v = tiles::visible(g, i, j);
-            any = any || v;
-            all = all && v;
-          }
+        const auto [any, all] = scan_tile(g, i0, bq_valid, a0, bk_valid);
         if (!any) fail("query_tiles visits a hidden tile", "a0=%lld i0=%lld N=%lld M=%lld", a0, i0, g.N, g.M);
         if (!tiles::key_owner_needs_mask(g, i0, bq_valid, bq, a0, bk_valid) && (!all || bq_valid < bq))
           fail("unmasked key-owned tile hides a pair", "a0=%lld i0=%lld Q0=%lld w=%lld", a0, i0, g.Q0, g.window);
       }
     }
   }
-  (void)L;
 }
 
 void test_schedule() {
