@@ -110,8 +110,9 @@ def test_triton_interpreter_float64(c):
                                          "test_triton_interpreter_float64 above")
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend, dtype", [("cuda", torch.float64), ("cuda", torch.float32), ("cuda", torch.bfloat16),
-                                            ("triton", torch.float32), ("triton", torch.bfloat16)], ids=str)
+                                            ("triton", torch.float32)], ids=str)
 def test_gpu(backend, dtype):
+    # Triton in one dtype: each variant is a compile, and make gpu-check's budget is minutes.
     for c in CASES:
         _check(c, dtype, backend, device="cuda")
         _check(c, dtype, backend, strided=True, device="cuda")
