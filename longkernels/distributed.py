@@ -334,7 +334,7 @@ def _ref_bwd(dout, q, k, v, mk, mv, alibi, lse, delta, causal, window, scale, kp
 
 
 def _block_ops(q, v):
-    name = _ma.choose_backend(q, v, None, ("q_offset", "key_padding_mask"))
+    name = _ma.choose_backend(q, v, None)
     if name == "reference":
         return _ref_fwd, _ref_bwd
     return _ma._kernels(name)

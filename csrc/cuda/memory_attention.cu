@@ -162,9 +162,6 @@ __device__ void load_tile(acc_t* dst, int ld, const scalar_t* src, int64_t sl, i
       dst[r * ld + c] = r < valid ? static_cast<acc_t>(src[r * sl + c * sd]) : acc_t(0);
 }
 
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-
 // A NaN wins (x != x keeps it; a comparison with a NaN y fails and takes y): a NaN logit must reach its
 // row, as in the reference's softmax.
 template <typename T>
@@ -182,7 +179,7 @@ __device__ __forceinline__ T warp_max(T x) {
 // are huge; the comparison keeps a NaN a NaN.
 template <typename T>
 __device__ __forceinline__ T prob(T x) {
-  const T p = exp_acc(x);
+  const T p = rows::exp_of(x);
   return p > T(1) ? T(1) : p;
 }
 
@@ -303,8 +300,8 @@ __global__ void __launch_bounds__(kQWarps * kWarp) fwd_kernel(const Params<scala
         // A row that has seen nothing yet (m_new = -inf) gets p = 0 and keeps o = l = 0,
         // instead of exp(-inf - -inf) = NaN.
         const acc_t m_use = m_new == neg_inf<acc_t>() ? acc_t(0) : m_new;
-        const acc_t pr = exp_acc(x - m_use);
-        const acc_t alpha = exp_acc(m[r] - m_use);
+        const acc_t pr = rows::exp_of(x - m_use);
+        const acc_t alpha = rows::exp_of(m[r] - m_use);
         l[r] = l[r] * alpha + pr;
 #pragma unroll
         for (int c = 0; c < kVC; ++c) o[r][c] *= alpha;

@@ -261,9 +261,9 @@ def relative_reasons(backend: str, q: torch.Tensor, v: torch.Tensor) -> list[str
 # --------------------------------------------------------------------------------------------
 # Backends: each says why it cannot take an input; ops/dispatch.py picks one.
 # --------------------------------------------------------------------------------------------
-def not_supported_reasons(backend: str, q: torch.Tensor, v: torch.Tensor, masks: tuple[str, ...] = ()) -> list[str]:
-    """Why ``backend`` cannot run memory attention on these inputs (empty list: it can). ``masks`` names
-    the options of semantics §1 in use beyond window and ALiBi (padding, documents, softcap, sinks)."""
+def not_supported_reasons(backend: str, q: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Why ``backend`` cannot run memory attention on these inputs (empty list: it can). Every backend takes
+    every option of semantics §1 and ``q_offset``: only the device, dtype and head dim decide."""
     device = q.device.type
     if backend == "reference":
         return []
@@ -272,7 +272,7 @@ def not_supported_reasons(backend: str, q: torch.Tensor, v: torch.Tensor, masks:
     if backend == "triton":
         return dispatch.triton_reasons(device, head_dim=max(q.shape[-1], v.shape[-1]),
                                        max_head_dim=TRITON_MAX_HEAD_DIM, dtype=q.dtype)
-    if backend == "cuda":  # every option of semantics §1 and q_offset: nothing to decline for ``masks``
+    if backend == "cuda":
         return dispatch.cuda_extension_reasons(device)
     return [f"unknown backend {backend!r}; expected one of {BACKENDS}"]
 
@@ -281,9 +281,9 @@ def device_order(device_type: str) -> tuple[str, ...]:
     return ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
 
 
-def choose_backend(q: torch.Tensor, v: torch.Tensor, backend: Optional[str], masks: tuple[str, ...] = ()) -> str:
+def choose_backend(q: torch.Tensor, v: torch.Tensor, backend: Optional[str]) -> str:
     """``backend`` (a demand), else ``LONGKERNELS_BACKEND`` (a preference), else the device's order."""
-    return dispatch.choose("memory_attention", BACKENDS, lambda name: not_supported_reasons(name, q, v, masks),
+    return dispatch.choose("memory_attention", BACKENDS, lambda name: not_supported_reasons(name, q, v),
                            device_order(q.device.type), backend)
 
 
@@ -467,9 +467,7 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, *, causal=True, window=Non
                           pos_bias)
         return _relative(q, k, v, mem_k, mem_v, has_mem, causal, window_i, scale_f, return_lse, pos_emb,
                          content_bias, pos_bias, backend)
-    used = tuple(name for name, x in (("key_padding_mask", kpm), ("document_ids", docs), ("sinks", sinks))
-                 if x is not None) + (("softcap",) if cap else ())
-    name = choose_backend(q, v, backend, used)
+    name = choose_backend(q, v, backend)
     if name == "reference":
         return _reference(q, k, v, mem_k if has_mem else None, mem_v if has_mem else None, causal=causal,
                           window=window_i or None, scale=scale_f, alibi_slopes=alibi, return_lse=return_lse,
@@ -509,7 +507,7 @@ def block_attention(q, k, v, *, q_offset, causal=True, window=None, scale=None, 
         window_i = check_int("window", window, minimum=1, maximum=INT64_MAX)
         if window_i >= q_offset + N:  # no visible pair is that far apart
             window_i = 0
-    name = choose_backend(q, v, backend, ("q_offset",))
+    name = choose_backend(q, v, backend)
     if name == "reference":
         return _reference(q, k, v, causal=causal, window=window_i or None, scale=scale_f, alibi_slopes=alibi,
                           return_lse=True, key_padding_mask=kpm, q_offset=q_offset)
