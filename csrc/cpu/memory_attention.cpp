@@ -1298,6 +1298,18 @@ class Decoder {
       // on each line (Llama-3-8B's 4 rows per kv head: the copy, read in row order, made decode 15% faster
       // on the Zen 1 EPYC; with one or two rows, 64- and 32-column tiles, the copy cost 2-20%).
       const RowView<Src> cur(v_), mem(mv_);
+      if constexpr (std::is_same_v<Src, at::BFloat16>) {
+        // One query row over bfloat16 values on AVX2: the product reads the rows where they lie, widening as it
+        // goes (no widened copy of the block). h8 d64 decode over 16k, Zen 1 EPYC: 12-16% faster; with more
+        // rows each row is read in more, narrower panels and the copy below measured as fast or faster.
+        if (isa_ == F32Tiles::Avx2 && R_ == 1 && cur.sd == 1 && mem.sd == 1) {
+          const uint16_t* raw[kDecodeBlock];
+          for (int64_t j = 0; j < bk; ++j)
+            raw[j] = reinterpret_cast<const uint16_t*>(row_of(mem, cur, P_.M, b, hkv, a0 + j));
+          tile::pv_bf16_row_avx2(P_.Dv, S_.data(), raw, bk, o);
+          return;
+        }
+      }
       const bool straddles = a0 < P_.M && a0 + bk > P_.M;
       const RowView<Src>& seg = a0 < P_.M ? mem : cur;
       const float* vrows = Vf_.data();

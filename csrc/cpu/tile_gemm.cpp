@@ -792,6 +792,34 @@ void dots_bf16_rows_avx2(int64_t R, int64_t D, const float* Q, int64_t ldq, cons
   dots_avx2(R, D, Q, ldq, rows, n, S, lds);
 }
 
+// Columns [c, c + 8 NV) of o += sum_j p[j] rows[j], keys j < n in order from o's old value (as micro_avx2_wide sums:
+// the same results, bit for bit, as on the widened rows). Tail: one vector, the row's last rest < 8 columns
+// (zeros past them; nothing past the row is read).
+template <int NV, bool Tail>
+LK_AVX2_TARGET __attribute__((always_inline)) inline void pv_panel_bf16(const float* p, const uint16_t* const* rows,
+                                                                        int64_t n, int64_t c, int64_t rest, float* o) {
+  static_assert(!Tail || NV == 1, "a tail is one vector");
+  __m256 acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = _mm256_loadu_ps(o + c + 8 * v);
+  const __m256i tail = first_lanes(rest);
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 pj = _mm256_broadcast_ss(p + j);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      acc[v] = _mm256_fmadd_ps(pj, Tail ? load_tail(rows[j] + c, rest, tail) : load8(rows[j] + c + 8 * v), acc[v]);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(o + c + 8 * v, acc[v]);
+}
+
+LK_AVX2_TARGET void pv_bf16_row_avx2(int64_t Dv, const float* p, const uint16_t* const* rows, int64_t n, float* o) {
+  int64_t c = 0;
+  for (; c + 64 <= Dv; c += 64) pv_panel_bf16<8, false>(p, rows, n, c, 0, o);
+  for (; c + 8 <= Dv; c += 8) pv_panel_bf16<1, false>(p, rows, n, c, 0, o);
+  if (c < Dv) pv_panel_bf16<1, true>(p, rows, n, c, Dv - c, o);
+}
+
 LK_AVX2_TARGET void widen_bf16(const uint16_t* src, int64_t n, float* dst) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -864,6 +892,9 @@ void dots_bf16(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t* const
   TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
 void interleave_rows_bf16(const uint16_t* const*, int64_t, int64_t, uint16_t*, int64_t, int64_t) {
+  TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
+}
+void pv_bf16_row_avx2(int64_t, const float*, const uint16_t* const*, int64_t, float*) {
   TORCH_CHECK(false, "longkernels: the x86 tile kernels are not compiled on this platform");
 }
 void widen_bf16(const uint16_t*, int64_t, float*) {

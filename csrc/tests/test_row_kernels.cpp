@@ -2,8 +2,8 @@
 // double-precision exp and against vec_math.h's exp_approx, which the other ISAs' row loops use: every tail
 // length, the special values (-inf, NaN, +inf, underflow, overflow clamps) and nothing written past the row.
 // Decoding's dot products (dots_f32 on AVX2, dots_bf16_rows_avx2) against double sums, every row count and
-// head-dim tail, bfloat16 rows giving the bits float32 rows widened from them give. Exit status 0 on success,
-// 77 (ctest's skip) where the CPU lacks AVX2 with FMA, saying so.
+// head-dim tail, bfloat16 rows giving the bits float32 rows widened from them give; pv_bf16_row_avx2 likewise
+// against gemm_f32. Exit status 0 on success, 77 (ctest's skip) where the CPU lacks AVX2 with FMA, saying so.
 #include <cmath>
 #include <cstring>
 #include <cstdio>
@@ -177,6 +177,48 @@ void test_dots(std::mt19937& gen) {
   }
 }
 
+// Decoding's o += p V for one row over bfloat16 value rows (pv_bf16_row_avx2): the bits gemm_f32 gives on the
+// widened rows, every head-dim tail and panel mix, o's columns past Dv rounded to 8 left alone. Each row is its own
+// allocation of exactly Dv elements, so a read past a row would be a heap overflow (caught under sanitizers).
+void test_pv_row(std::mt19937& gen) {
+  std::normal_distribution<float> nd;
+  using longkernels::cpu::F32Tiles;
+  for (int Dv : {1, 5, 8, 13, 64, 72, 77, 128, 131}) {
+    for (int n : {1, 2, 7, 64}) {
+      const int width = (Dv + 15) / 16 * 16 + 8;  // o padded as the decoder pads it, then guard columns
+      std::vector<std::vector<uint16_t>> vb(n);
+      std::vector<float> vf(n * width, 0.0f);  // the widened block, rows `width` apart, zero past Dv
+      std::vector<const uint16_t*> rows(n);
+      std::vector<float> p(n);
+      for (int j = 0; j < n; ++j) {
+        vb[j].resize(Dv);
+        for (int c = 0; c < Dv; ++c) {
+          const float x = nd(gen);
+          uint32_t bits;
+          std::memcpy(&bits, &x, sizeof(bits));
+          vb[j][c] = static_cast<uint16_t>(bits >> 16);
+          vf[j * width + c] = bf16_to_float(vb[j][c]);
+        }
+        rows[j] = vb[j].data();
+        p[j] = nd(gen);
+      }
+      std::vector<float> o(width), want(width);
+      for (int c = 0; c < width; ++c) o[c] = c < Dv ? nd(gen) : kGuard;
+      want = o;
+      tile::pv_bf16_row_avx2(Dv, p.data(), rows.data(), n, o.data());
+      const int cols = (Dv + 15) / 16 * 16;
+      tile::gemm_f32(F32Tiles::Avx2, 1, cols, n, p.data(), n, vf.data(), width, want.data(), width, true);
+      for (int c = 0; c < width; ++c) {
+        if (c < Dv) {
+          expect(o[c] == want[c], "pv_bf16_row_avx2 vs gemm_f32 on widened rows", n, c, o[c], want[c]);
+        } else if (c >= (Dv + 7) / 8 * 8) {
+          expect(o[c] == kGuard, "pv_bf16_row_avx2 wrote past Dv rounded to 8", n, c, o[c], kGuard);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -188,6 +230,7 @@ int main() {
   test_exp_sum(gen);
   test_softmax_grad(gen);
   test_dots(gen);
+  test_pv_row(gen);
   std::printf("%s: %d failures\n", failures ? "FAIL" : "ok", failures);
   return failures ? 1 : 0;
 }
