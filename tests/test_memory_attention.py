@@ -60,6 +60,9 @@ DECODE_CASES = [
     Case(N=1, M=1300, D=20, Dv=12, H=6, Hkv=2),
     # one row over bfloat16 values read in place: a 64-column panel, an 8-column one and a tail of five
     Case(N=1, M=1000, D=24, Dv=77, H=2, Hkv=2),
+    # five to eight rows: dot products four rows at a time and P V in two tiles (AVX2)
+    Case(N=1, M=2500, D=40, Dv=24, H=7, Hkv=1, alibi=True),
+    Case(N=2, M=900, D=128, H=8, Hkv=2, window=500),
 ]
 
 
@@ -112,7 +115,7 @@ def test_cpu_decode(case, dtype):
 
 
 @pytest.mark.parametrize("tiles", ["blas", "avx2"])
-@pytest.mark.parametrize("case", [DECODE_CASES[i] for i in (0, 1, 2, 5, 6, 9, 10)], ids=Case.describe)
+@pytest.mark.parametrize("case", [DECODE_CASES[i] for i in (0, 1, 2, 5, 6, 9, 10, 11, 12)], ids=Case.describe)
 def test_cpu_decode_twins(case, tiles, monkeypatch):
     # The portable BLAS tiles (LONGKERNELS_CPU_TILES=blas bypasses the decode path) and the AVX2 kernels, on
     # the decode shapes, where an AVX-512 machine would take its own kernels.
