@@ -161,9 +161,16 @@ def _query_tiles(k_lo, k_hi, Q0, N, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl
 
 @triton.jit
 def _tanh(x):
-    """tanh as 2 sigmoid(2x) - 1 (exact to the dtype's round-off in absolute terms, which is what a
-    logit needs); tl has no tanh of its own on every backend."""
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    """tanh (tl has no tanh of its own on every backend), in float32 as the CPU kernels' tanh_approx: below
+    |x| = 1/4 an odd Taylor polynomial (relative error < 3e-9), above it 2 sigmoid(2x) - 1 (a few ulp). The
+    sigmoid form alone is exact only in absolute terms: near 0 it cancels, and the capped logit cap * tanh
+    then carried cap times the dtype's round-off (float32, cap 30: a logit error of 2e-6 at any size)."""
+    big = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    if x.dtype == tl.float64:  # round-off 1e-16 in absolute terms: within the float64 rule as it is
+        return big
+    x2 = x * x
+    small = x * (1.0 + x2 * (-0.333333333 + x2 * (0.133333333 + x2 * (-0.0539682540 + x2 * 0.0218694885))))
+    return tl.where(tl.abs(x) < 0.25, small, big)
 
 
 @triton.jit
