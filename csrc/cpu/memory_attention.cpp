@@ -1330,8 +1330,8 @@ class Decoder {
         }
       }
       if (isa_ == F32Tiles::Avx2 && R_ > 4 && R_ <= kDotRowsAvx2) {
-        // Five to eight rows on AVX2: two tiles of 2 to 4 rows (6 or 8 accumulators each, and the block read in
-        // place, unpacked), not the 6-row tile and a 1- or 2-row one.
+        // Five to eight rows on AVX2: two tiles of 2 to 4 rows (6 or 8 accumulators each), not the 6-row tile
+        // and a 1- or 2-row one (which also copied each 16-column panel of the block first).
         const int64_t r1 = (R_ + 1) / 2;
         tile::gemm_f32(isa_, r1, Dvp_, bk, S_.data(), kDecodeBlock, vrows, ld, o, Dvp_, true);
         tile::gemm_f32(isa_, R_ - r1, Dvp_, bk, S_.data() + r1 * kDecodeBlock, kDecodeBlock, vrows, ld, o + r1 * Dvp_,

@@ -71,8 +71,8 @@ void dots_bf16_rows_avx2(int64_t R, int64_t D, const float* Q, int64_t ldq, cons
 // o[c] += sum_j p[j] rows[j][c], c < Dv, j < n in order (AVX2; call where has_f32_tiles): decoding's o += p V for
 // one query row over bfloat16 value rows where they lie, widened as read, 64 columns at a time (eight
 // accumulators), so most of each row is read in one pass and nothing is copied. The same sums, bit for bit, as
-// gemm_f32 on the widened rows. Columns [Dv, Dv rounded up to 8) of o keep their values; nothing past a row is
-// read.
+// gemm_f32 on the widened rows. Columns [Dv, Dv rounded up to 8) of o get p times zero added (so stay as they
+// are unless p holds an infinity or NaN); nothing past a row is read.
 void pv_bf16_row_avx2(int64_t Dv, const float* p, const uint16_t* const* rows, int64_t n, float* o);
 
 // dst[i] = float(bf16 bits src[i]), i < n (AVX2; call where has_f32_tiles): bfloat16 rows widened as they are read.
