@@ -1194,6 +1194,16 @@ class Decoder {
     return j < M ? mem.row(b, hkv, j) : cur.row(b, hkv, j - M);
   }
 
+  // Rows [a0, a0 + bk) of bfloat16 keys (or values) as their raw bits where they lie (unit stride): for the AVX2
+  // products that widen them as they read. False (nothing written) where a row is strided.
+  bool raw_bf16_rows(const Tensor& mem_t, const Tensor& cur_t, int64_t b, int64_t hkv, int64_t a0, int64_t bk,
+                     const uint16_t** raw) const {
+    const RowView<Src> cur(cur_t), mem(mem_t);
+    if (cur.sd != 1 || mem.sd != 1) return false;
+    for (int64_t j = 0; j < bk; ++j) raw[j] = reinterpret_cast<const uint16_t*>(row_of(mem, cur, P_.M, b, hkv, a0 + j));
+    return true;
+  }
+
   // Rows [a0, a0 + bk) of the keys (or values), as pointers to `width` contiguous elements of E (zero
   // padded past `d`): in place where they lie so (unit stride, of E itself; 32-bit aligned rows for bf16
   // pairs), else widened or gathered into the staging buffer.
@@ -1232,11 +1242,8 @@ class Decoder {
   void scores(int64_t b, int64_t hkv, int64_t a0, int64_t bk) {
     if constexpr (kKind == DecodeKind::F32 && std::is_same_v<Src, at::BFloat16>) {
       // bfloat16 keys on AVX2: the dot products widen each key row as they read it (no widened copy first).
-      const RowView<Src> cur(k_), mem(mk_);
-      if (isa_ == F32Tiles::Avx2 && R_ <= dot_rows() && cur.sd == 1 && mem.sd == 1) {
-        const uint16_t* raw[kDecodeBlock];
-        for (int64_t j = 0; j < bk; ++j)
-          raw[j] = reinterpret_cast<const uint16_t*>(row_of(mem, cur, P_.M, b, hkv, a0 + j));
+      const uint16_t* raw[kDecodeBlock];
+      if (isa_ == F32Tiles::Avx2 && R_ <= dot_rows() && raw_bf16_rows(mk_, k_, b, hkv, a0, bk, raw)) {
         tile::dots_bf16_rows_avx2(R_, P_.D, Q_.data(), Dq_, raw, bk, S_.data(), kDecodeBlock);
         return;
       }
@@ -1295,6 +1302,16 @@ class Decoder {
       for (int64_t r = 0; r < R_; ++r) tile::to_bf16(S_.data() + r * kDecodeBlock, Pb_.data() + r * kDecodeBlock, 2 * pairs);
       tile::gemm_bf16(R_, Dvp_, pairs, Pb_.data(), kDecodeBlock, Vp_.data(), 2 * Dvp_, o, Dvp_, true);
     } else {
+      if constexpr (std::is_same_v<Src, at::BFloat16>) {
+        // One query row over bfloat16 values on AVX2: the product reads the rows where they lie, widening as it
+        // goes (no widened copy of the block). h8 d64 decode over 16k, Zen 1 EPYC: 12-16% faster; with more
+        // rows each row is read in more, narrower panels and the copy below measured as fast or faster.
+        const uint16_t* raw[kDecodeBlock];
+        if (isa_ == F32Tiles::Avx2 && R_ == 1 && raw_bf16_rows(mv_, v_, b, hkv, a0, bk, raw)) {
+          tile::pv_bf16_row_avx2(P_.Dv, S_.data(), raw, bk, o);
+          return;
+        }
+      }
       // Values as the B panel: in place when they are float32 rows of a whole number of 16-column groups
       // that do not straddle memory and segment, and the product reads each row whole in one or two tiles;
       // else widened (copied) into a padded block first. The AVX2 products of three or more rows walk the
@@ -1302,18 +1319,6 @@ class Decoder {
       // on each line (Llama-3-8B's 4 rows per kv head: the copy, read in row order, made decode 15% faster
       // on the Zen 1 EPYC; with one or two rows, 64- and 32-column tiles, the copy cost 2-20%).
       const RowView<Src> cur(v_), mem(mv_);
-      if constexpr (std::is_same_v<Src, at::BFloat16>) {
-        // One query row over bfloat16 values on AVX2: the product reads the rows where they lie, widening as it
-        // goes (no widened copy of the block). h8 d64 decode over 16k, Zen 1 EPYC: 12-16% faster; with more
-        // rows each row is read in more, narrower panels and the copy below measured as fast or faster.
-        if (isa_ == F32Tiles::Avx2 && R_ == 1 && cur.sd == 1 && mem.sd == 1) {
-          const uint16_t* raw[kDecodeBlock];
-          for (int64_t j = 0; j < bk; ++j)
-            raw[j] = reinterpret_cast<const uint16_t*>(row_of(mem, cur, P_.M, b, hkv, a0 + j));
-          tile::pv_bf16_row_avx2(P_.Dv, S_.data(), raw, bk, o);
-          return;
-        }
-      }
       const bool straddles = a0 < P_.M && a0 + bk > P_.M;
       const RowView<Src>& seg = a0 < P_.M ? mem : cur;
       const float* vrows = Vf_.data();

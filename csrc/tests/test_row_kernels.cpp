@@ -126,6 +126,13 @@ float bf16_to_float(uint16_t h) {
   return f;
 }
 
+// x's top 16 bits: truncated to bfloat16 (any bfloat16 value will do for these tests).
+uint16_t bf16_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return static_cast<uint16_t>(bits >> 16);
+}
+
 void test_dots(std::mt19937& gen) {
   std::normal_distribution<float> nd;
   using longkernels::cpu::F32Tiles;
@@ -141,10 +148,7 @@ void test_dots(std::mt19937& gen) {
         std::vector<const float*> rf(n);
         for (int j = 0; j < n; ++j) {
           for (int d = 0; d < D; ++d) {
-            const float x = nd(gen);
-            uint32_t bits;
-            std::memcpy(&bits, &x, sizeof(bits));
-            kb[j][d] = static_cast<uint16_t>(bits >> 16);  // truncated: any bf16 value will do
+            kb[j][d] = bf16_bits(nd(gen));
             kf[j][d] = bf16_to_float(kb[j][d]);
           }
           rb[j] = kb[j].data(), rf[j] = kf[j].data();
@@ -193,10 +197,7 @@ void test_pv_row(std::mt19937& gen) {
       for (int j = 0; j < n; ++j) {
         vb[j].resize(Dv);
         for (int c = 0; c < Dv; ++c) {
-          const float x = nd(gen);
-          uint32_t bits;
-          std::memcpy(&bits, &x, sizeof(bits));
-          vb[j][c] = static_cast<uint16_t>(bits >> 16);
+          vb[j][c] = bf16_bits(nd(gen));
           vf[j * width + c] = bf16_to_float(vb[j][c]);
         }
         rows[j] = vb[j].data();

@@ -45,7 +45,8 @@ MODEL_RUNS = {
     "quick": [("llama3-8b", "decode1", "fwd", 1, 1024), ("gpt2-small", "train", "fwdbwd", 128, 0)],
     "default": [
         ("llama3-8b", "decode1", "fwd", 1, 8192), ("h8-d64", "decode1", "fwd", 1, 16384),
-        ("qwen2-7b", "decode1", "fwd", 1, 8192), ("llama3-8b", "decode16", "fwd", 16, 8192), ("llama3-8b", "prefill", "fwd", 1024, 0),
+        ("qwen2-7b", "decode1", "fwd", 1, 8192), ("llama3-8b", "decode16", "fwd", 16, 8192),
+        ("llama3-8b", "prefill", "fwd", 1024, 0),
         ("gpt2-small", "train", "fwdbwd", 256, 0), ("bert-base", "encode", "fwd", 512, 0),
     ],
     "full": [
