@@ -5,13 +5,14 @@
 #   make bench-full  the same with the whole sweep (an hour or more on a 2-core CPU)
 #   make gpu-check   on a machine with a GPU: build for it, GPU tests, check and benchmarks on CUDA tensors
 #   make dist-check  builds the sdist and builds the package from it in a fresh folder
+#   make triton-check compiles every Triton kernel for a GPU with every autotuning config (no GPU needed)
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 CMAKE_BUILD := build/cmake
 BENCH_OUT ?= longkernels-bench
 
-.PHONY: setup-build setup setup-test setup-bench test test-python test-cpp test-hf-4x cuda-check check bench \
+.PHONY: setup-build setup setup-test setup-bench test test-python test-cpp test-hf-4x cuda-check triton-check check bench \
 	bench-full bench-cp gpu-check dist-check clean
 
 # torch is installed only when none is: a CUDA build already present is kept as it is. The build
@@ -38,6 +39,12 @@ test-cpp:
 # CUDA sources must compile even where no GPU is (nvcc against torch's headers; nothing runs).
 cuda-check:
 	bash .ci/compile_cuda.sh
+
+# Every Triton kernel compiled for a GPU (sm_90) with every autotuning config, no GPU needed (about 20
+# minutes on 2 cores; the test suite runs the quick subset). ARCH=80 for an A100's limits.
+ARCH ?= 90
+triton-check:
+	env -u TRITON_INTERPRET $(PYTHON) tests/triton_compile.py --arch $(ARCH)
 
 test-python:
 	$(PYTHON) -m pytest -q -p no:cacheprovider
