@@ -39,3 +39,21 @@ def pytest_runtest_makereport(item, call):
         report.sections.append(("seed", f"torch's global RNG (and the `seed` fixture) started from "
                                         f"{_id_seed(item)} = case_seed({item.nodeid!r}); cases that seed "
                                         "their own draws print those seeds in the assertion"))
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected: shard what is left
+def pytest_collection_modifyitems(config, items):
+    """``LONGKERNELS_TEST_SHARD=i/n`` keeps every n-th test from the i-th (0-based): ``make gpu-check`` runs
+    the GPU tests as n processes side by side, so that the Triton kernels of different shapes compile on
+    different cores (one process compiles one kernel at a time)."""
+    shard = os.environ.get("LONGKERNELS_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"LONGKERNELS_TEST_SHARD={shard!r}: expected i/n with 0 <= i < n") from None
+    kept = [item for k, item in enumerate(items) if k % count == index]
+    config.hook.pytest_deselected(items=[item for k, item in enumerate(items) if k % count != index])
+    items[:] = kept

@@ -334,9 +334,11 @@ gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this ma
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_gpu(dtype, backend):
+@pytest.mark.parametrize("case", CASES + BIG_CASES, ids=Case.describe)
+def test_gpu(case, dtype, backend):
+    # One test per case: a GPU run shards the tests over processes (LONGKERNELS_TEST_SHARD), and each new
+    # shape compiles its own kernels.
     probe = torch.empty(1, 1, 1, 16, device="cuda")
     reasons = not_supported_reasons(backend, probe, probe)
     assert not reasons, f"{backend} cannot run on this GPU machine: {reasons}"
-    for case in CASES + BIG_CASES:
-        _check(case, backend, dtype, device="cuda")
+    _check(case, backend, dtype, device="cuda")

@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import autotune_enabled, launch_first_fitting
+
 # Triton decides at decoration time whether kernels are interpreted; the launchers follow it.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -470,6 +472,8 @@ _TUNED = {} if _INTERPRET else {
 def _launch(kernel, name, grid, args, meta):
     if _INTERPRET:
         kernel[grid](*args, **meta)
+    elif not autotune_enabled():
+        launch_first_fitting(kernel, grid, args, meta, _CONFIGS)
     else:
         _TUNED[name][grid](*args, **meta)
 

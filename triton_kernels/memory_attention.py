@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import autotune_enabled, launch_first_fitting
+
 # Triton decides at decoration time whether kernels are interpreted; the launchers follow it.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -1015,10 +1017,11 @@ def _tuned(kernel, configs, max_tile):
     return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune(max_tile)})(kernel)
 
 
+# name: (configs, largest BLOCK_M x BLOCK_N kept for head dims > 128)
+_CONFIG_LISTS = {"fwd": (_FWD_CONFIGS, 64 * 64), "dq": (_DQ_CONFIGS, 64 * 64), "dkdv": (_DKDV_CONFIGS, 32 * 64)}
+_KERNELS = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkdv": _dkdv_kernel}
 _TUNED = {} if _INTERPRET else {
-    "fwd": _tuned(_fwd_kernel, _FWD_CONFIGS, 64 * 64),
-    "dq": _tuned(_dq_kernel, _DQ_CONFIGS, 64 * 64),
-    "dkdv": _tuned(_dkdv_kernel, _DKDV_CONFIGS, 32 * 64),
+    name: _tuned(_KERNELS[name], configs, max_tile) for name, (configs, max_tile) in _CONFIG_LISTS.items()
 }
 
 
@@ -1026,6 +1029,9 @@ def _launch(kernel, name, grid, args, meta):
     if _INTERPRET:
         bm, bn = INTERPRETER_BLOCKS[name]
         kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+    elif not autotune_enabled():
+        configs, max_tile = _CONFIG_LISTS[name]
+        launch_first_fitting(kernel, grid, args, meta, configs, prune=_prune(max_tile))
     else:
         _TUNED[name][grid](*args, **meta)
 

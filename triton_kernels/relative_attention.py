@@ -30,6 +30,7 @@ import triton.language as tl
 
 from .memory_attention import (_INTERPRET, _LN2, _LOG2E, _NEG_INF, _POS_INF, _configs, _dot, _exp, _f32_halves,
                                _key_tiles, _load_rows, _prob, _query_tiles)
+from .tuning import autotune_enabled, launch_first_fitting
 
 # Tiles under the interpreter: (BLOCK_M, BLOCK_N) per kernel. Tests may change them.
 INTERPRETER_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
@@ -476,10 +477,11 @@ _DQ_CONFIGS = _configs([(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)])
 _DKDV_CONFIGS = _configs([(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)])
 _WIDTH = {"BLOCK_W": lambda args: 2 * max(args["BLOCK_M"], args["BLOCK_N"])}
 
+_CONFIG_LISTS = {"fwd": _FWD_CONFIGS, "dq": _DQ_CONFIGS, "dkdv": _DKDV_CONFIGS}
+_KERNELS = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkdv": _dkdv_kernel}
 _TUNED = {} if _INTERPRET else {
-    name: triton.autotune(configs, key=_TUNE_KEY)(triton.heuristics(_WIDTH)(kernel))
-    for name, kernel, configs in (("fwd", _fwd_kernel, _FWD_CONFIGS), ("dq", _dq_kernel, _DQ_CONFIGS),
-                                  ("dkdv", _dkdv_kernel, _DKDV_CONFIGS))
+    name: triton.autotune(configs, key=_TUNE_KEY)(triton.heuristics(_WIDTH)(_KERNELS[name]))
+    for name, configs in _CONFIG_LISTS.items()
 }
 
 
@@ -487,6 +489,9 @@ def _launch(kernel, name, grid, args, meta):
     if _INTERPRET:
         bm, bn = INTERPRETER_BLOCKS[name]
         kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=2 * max(bm, bn))
+    elif not autotune_enabled():
+        launch_first_fitting(kernel, grid, args, meta, _CONFIG_LISTS[name],
+                             derived=lambda c: {"BLOCK_W": 2 * max(c["BLOCK_M"], c["BLOCK_N"])})
     else:
         _TUNED[name][grid](*args, **meta)
 

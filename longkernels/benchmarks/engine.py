@@ -110,6 +110,8 @@ def environment(device: torch.device) -> dict:
         "threads": torch.get_num_threads(), "cpu": cpu_model(), "cpu_isa": cpu_isa(), "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "longkernels_ext": _ext.build_info(), "loadavg_start": _loadavg(),
+        # on a GPU: autotuned Triton tiles, or the first config that fits (LONGKERNELS_TRITON_AUTOTUNE=0)
+        "triton_autotune": os.environ.get("LONGKERNELS_TRITON_AUTOTUNE", "1") not in ("0", "false", "no", "off"),
     }
 
 

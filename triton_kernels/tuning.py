@@ -1,0 +1,40 @@
+"""How the launchers pick their tiles on a GPU: autotuned (the default), or the first config that fits.
+
+``LONGKERNELS_TRITON_AUTOTUNE=0`` (read per launch) replaces autotuning with the first config of the
+kernel's list that compiles within the GPU's resources (after the same pruning), with no timing runs. Each
+autotuned launch signature compiles every config (4 to 6; a float32 kernel with IEEE dot products takes tens
+of seconds to compile) and times them: what a long training run amortises, but what makes a test suite of
+hundreds of shapes spend its time compiling. The GPU tests and ``longkernels check`` run with it off
+(``make gpu-check``); the benchmarks keep it on.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+ENV_AUTOTUNE = "LONGKERNELS_TRITON_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(ENV_AUTOTUNE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def launch_first_fitting(kernel, grid, args, meta: dict, configs: Sequence,
+                         prune: Optional[Callable] = None, derived: Optional[Callable[[dict], dict]] = None) -> dict:
+    """Launches ``kernel`` with the first of ``configs`` (after ``prune(configs, {}, **meta)``) that the GPU
+    can run; ``derived(config kwargs)`` adds constexprs computed from the config (a heuristic's). A config
+    out of shared memory or registers is skipped, as the autotuner skips it. Returns the config's kwargs."""
+    from triton.runtime.errors import OutOfResources
+
+    kept = list(prune(configs, {}, **meta)) if prune is not None else list(configs)
+    last = None
+    for config in kept:
+        extra = dict(config.kwargs)
+        if derived is not None:
+            extra.update(derived(extra))
+        try:
+            kernel[grid](*args, **meta, **extra, num_warps=config.num_warps, num_stages=config.num_stages)
+            return dict(extra, num_warps=config.num_warps, num_stages=config.num_stages)
+        except OutOfResources as exc:
+            last = exc
+    raise last if last is not None else ValueError("no config to launch with")
