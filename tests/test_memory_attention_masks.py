@@ -274,8 +274,9 @@ def test_gpu_cuda_kernels(dtype):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_triton(dtype):
+@pytest.mark.parametrize("case", [MASK_CASES[8], MASK_CASES[13], BIG_MASK_CASES[2], DECODE_MASK_CASES[1]],
+                         ids=Case.describe)
+def test_gpu_triton(case, dtype):
     # A few cases that combine every option (each variant is a Triton compile: make gpu-check's budget is minutes);
-    # the interpreter runs every case on the CPU above.
-    for case in (MASK_CASES[8], MASK_CASES[13], BIG_MASK_CASES[2], DECODE_MASK_CASES[1]):
-        _check(case, "triton", dtype, device="cuda")
+    # the interpreter runs every case on the CPU above. One test per case: make gpu-check runs them in parallel.
+    _check(case, "triton", dtype, device="cuda")

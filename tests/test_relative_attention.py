@@ -130,10 +130,11 @@ def test_triton_unequal_tiles(blocks, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine); "
                     "test_triton_float64/test_triton_low_precision are its twins under the interpreter")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_gpu(dtype):
-    # Compiled Triton on CUDA tensors, at every case of the CPU matrix (the GPU's autotuned tiles).
-    for c in CASES:
-        _check(c, dtype, "triton", device="cuda")
+@pytest.mark.parametrize("c", CASES, ids=_ids)
+def test_gpu(c, dtype):
+    # Compiled Triton on CUDA tensors, at every case of the CPU matrix (one test per case: make gpu-check runs
+    # them in parallel).
+    _check(c, dtype, "triton", device="cuda")
 
 
 def test_backend_order():
