@@ -40,8 +40,9 @@ test-cpp:
 cuda-check:
 	bash .ci/compile_cuda.sh
 
-# Every Triton kernel compiled for a GPU (sm_90) with every autotuning config, no GPU needed (about 20
-# minutes on 2 cores; the test suite runs the quick subset). ARCH=80 for an A100's limits.
+# Every Triton kernel compiled for a GPU (sm_90) with every autotuning config, no GPU needed (hours on 2
+# cores: float32's IEEE kernels take 0.5-2.5 minutes each; the test suite runs the quick subset, about
+# 2 minutes). ARCH=80 for an A100's limits.
 ARCH ?= 90
 triton-check:
 	env -u TRITON_INTERPRET $(PYTHON) tests/triton_compile.py --arch $(ARCH)

@@ -55,7 +55,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert report["errors"] == []
     compiled = {(r["module"], r["kernel"]) for r in report["results"]}
     assert compiled == _kernels(), "kernels the check does not compile: " + str(_kernels() - compiled)
-    assert all(r["ok"] and r["fits"] for r in report["results"])
+    assert all(r["ok"] for r in report["results"])
 
 
 def test_the_compile_check_reports_faults():

@@ -13,9 +13,10 @@ runs, so the outputs are never read.
 It prints one line per compiled (kernel, options, config) and exits non-zero when a kernel fails to compile,
 when an autotuned launch has no config within the target's shared memory, or when a kernel with a fixed
 config exceeds it. (The autotuner discards a config that is out of resources at run time, so one such
-config of several is reported, not failed.) ``--quick`` compiles fewer cases and, of each autotuned launch,
-only the smallest config (which shows that the code compiles and that some config fits): that is what
-``tests/test_triton_compile.py`` runs; ``make triton-check`` runs the whole set.
+config of several is reported, not failed.) ``--quick`` compiles fewer cases, each launch as
+``LONGKERNELS_TRITON_AUTOTUNE=0`` makes it (the first config that fits, through the launchers' own code for
+it): what the GPU tests of ``make gpu-check`` will compile. ``tests/test_triton_compile.py`` runs that;
+``make triton-check`` runs every case with every config.
 """
 from __future__ import annotations
 
@@ -106,31 +107,36 @@ class Compiler:
             print("    " + res["error"].replace("\n", "\n    "), flush=True)
 
 
-def install(compiler: Compiler, quick: bool) -> list:
-    """Routes every launch to ``compiler``; returns the list of launches (each a list of result keys and
-    whether the autotuner chooses among them)."""
+def install(compiler: Compiler) -> list:
+    """Routes every launch to ``compiler``; returns the autotuned launches (each a list of result keys). A
+    direct launch of a kernel that does not fit raises ``OutOfResources``, as it would on the GPU (where the
+    untuned launchers go on to the next config, and a fixed-config kernel fails)."""
+    from triton.runtime.errors import OutOfResources
+
     launches = []
 
     def run(self, *args, grid, warmup, **kwargs):
-        own = compiler.launch is None
-        if own:
-            compiler.launch = []
+        if compiler.launch is not None:  # a config of an autotuned launch
+            compiler.compile(self, args, kwargs)
+            return
+        compiler.launch = []
         try:
             compiler.compile(self, args, kwargs)
+            res = compiler.results[compiler.launch[-1]]
         finally:
-            if own:
-                launches.append((compiler.launch, False))
-                compiler.launch = None
+            compiler.launch = None
+        if res["ok"] and not res["fits"]:
+            raise OutOfResources(res["shared"], compiler.limit, "shared memory")
 
     def tuned_run(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
         configs = self.prune_configs(kwargs)
         compiler.launch = []
         try:
-            for config in configs[-1:] if quick else configs:  # the smallest tile: compiles quickest
+            for config in configs:
                 self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
         finally:
-            launches.append((compiler.launch, True))
+            launches.append(compiler.launch)
             compiler.launch = None
 
     JITFunction.run = run
@@ -249,7 +255,7 @@ def self_check(arch: int) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT), help="CUDA compute capability")
-    ap.add_argument("--quick", action="store_true", help="fewer cases, the smallest autotuning config only")
+    ap.add_argument("--quick", action="store_true", help="fewer cases, untuned launches (the first config)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--self-check", action="store_true", help="only show that faulty kernels are reported")
     args = ap.parse_args(argv)
@@ -257,7 +263,9 @@ def main(argv=None) -> int:
         return self_check(args.arch)
 
     compiler = Compiler(args.arch)
-    launches = install(compiler, args.quick)
+    launches = install(compiler)
+    if args.quick:  # the launchers take their untuned path (triton_kernels/tuning.py)
+        os.environ["LONGKERNELS_TRITON_AUTOTUNE"] = "0"
     # Import the kernels as GPU kernels; then let the dispatcher accept CPU tensors for them (it reads the
     # variable per call). Nothing is launched: every launch above is a compile.
     import longkernels.triton_kernels.lsh_attention  # noqa: F401
@@ -287,16 +295,10 @@ def main(argv=None) -> int:
         if not res["ok"]:
             errors.append(f"{res['case']}: {res['kernel']} (warps {res['num_warps']}, stages {res['num_stages']}, "
                           f"{res['constexprs']}) does not compile: {res['error'][:300]}")
-    for keys, tuned in launches:
-        fitting = [k for k in keys if results[k]["fits"]]
-        if not keys:
-            continue
-        first = results[keys[0]]
-        if tuned and not fitting:
+    for keys in launches:  # (a direct launch that does not fit raised above)
+        if keys and not any(results[k]["fits"] for k in keys):
+            first = results[keys[0]]
             errors.append(f"{first['case']}: no config of {first['kernel']} fits in shared memory")
-        if not tuned and not fitting:
-            errors.append(f"{first['case']}: {first['kernel']} needs {first.get('shared')} B of shared memory "
-                          f"(limit {compiler.limit})")
     over = sum(1 for r in results.values() if r["ok"] and not r["fits"])
     spills = sum(1 for r in results.values() if r.get("stack"))
     print(f"{len(results)} compiles in {time.perf_counter() - start:.0f} s; {over} configs over the shared memory "
