@@ -4,8 +4,9 @@
 kernel's list that compiles within the GPU's resources (after the same pruning), with no timing runs. Each
 autotuned launch signature compiles every config (4 to 6; a float32 kernel with IEEE dot products takes tens
 of seconds to compile) and times them: what a long training run amortises, but what makes a test suite of
-hundreds of shapes spend its time compiling. The GPU tests and ``longkernels check`` run with it off
-(``make gpu-check``); the benchmarks keep it on.
+hundreds of shapes spend its time compiling. ``make gpu-check`` runs the GPU tests and ``longkernels check``
+with it off, and its benchmark too unless ``GPU_CHECK_AUTOTUNE=1`` (the JSON records which); elsewhere it
+is on.
 """
 from __future__ import annotations
 

@@ -102,6 +102,7 @@ def environment(device: torch.device) -> dict:
         triton_version = None
     import longkernels
     from .. import _ext
+    from ..triton_kernels.tuning import autotune_enabled
 
     return {
         "device": device_name(device), "device_type": device.type, "device_slug": device_slug(device),
@@ -111,7 +112,7 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "longkernels_ext": _ext.build_info(), "loadavg_start": _loadavg(),
         # on a GPU: autotuned Triton tiles, or the first config that fits (LONGKERNELS_TRITON_AUTOTUNE=0)
-        "triton_autotune": os.environ.get("LONGKERNELS_TRITON_AUTOTUNE", "1") not in ("0", "false", "no", "off"),
+        "triton_autotune": autotune_enabled(),
     }
 
 
