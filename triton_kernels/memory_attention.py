@@ -1017,11 +1017,21 @@ def _tuned(kernel, configs, max_tile):
     return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune(max_tile)})(kernel)
 
 
-# name: (configs, largest BLOCK_M x BLOCK_N kept for head dims > 128)
-_CONFIG_LISTS = {"fwd": (_FWD_CONFIGS, 64 * 64), "dq": (_DQ_CONFIGS, 64 * 64), "dkdv": (_DKDV_CONFIGS, 32 * 64)}
+# float32 inputs take IEEE dot products, which Triton lowers to FMA loops that hold whole rows of both
+# operands in registers: the tiles above spill 7-15 KB per thread there on sm_90 and take 0.5-2.5 minutes
+# each to compile (tests/triton_compile.py). Short query tiles spill little or nothing (dq: none at D = 128;
+# the forward none at D = 64, < 1.1 KB at D = 128) and compile in 10-20 s.
+_FWD_CONFIGS_IEEE = _configs([(64, 32, 8, 2), (32, 16, 4, 2), (32, 32, 4, 2)])
+_DQ_CONFIGS_IEEE = _configs([(64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)])
+_DKDV_CONFIGS_IEEE = _configs([(32, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)])
+
+# name: (configs, largest BLOCK_M x BLOCK_N kept for head dims > 128); "_ieee": float32's lists
+_CONFIG_LISTS = {"fwd": (_FWD_CONFIGS, 64 * 64), "dq": (_DQ_CONFIGS, 64 * 64), "dkdv": (_DKDV_CONFIGS, 32 * 64),
+                 "fwd_ieee": (_FWD_CONFIGS_IEEE, 64 * 64), "dq_ieee": (_DQ_CONFIGS_IEEE, 64 * 64),
+                 "dkdv_ieee": (_DKDV_CONFIGS_IEEE, 32 * 64)}
 _KERNELS = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkdv": _dkdv_kernel}
 _TUNED = {} if _INTERPRET else {
-    name: _tuned(_KERNELS[name], configs, max_tile) for name, (configs, max_tile) in _CONFIG_LISTS.items()
+    name: _tuned(_KERNELS[name.split("_")[0]], configs, max_tile) for name, (configs, max_tile) in _CONFIG_LISTS.items()
 }
 
 
@@ -1029,7 +1039,10 @@ def _launch(kernel, name, grid, args, meta):
     if _INTERPRET:
         bm, bn = INTERPRETER_BLOCKS[name]
         kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
-    elif not autotune_enabled():
+        return
+    if meta["DOT_PREC"] == "ieee":
+        name += "_ieee"
+    if not autotune_enabled():
         configs, max_tile = _CONFIG_LISTS[name]
         launch_first_fitting(kernel, grid, args, meta, configs, prune=_prune(max_tile))
     else:
