@@ -10,7 +10,8 @@ runs, so the outputs are never read.
 
     python tests/triton_compile.py [--arch 90] [--quick] [--json out.json]
 
-It prints one line per compiled (kernel, options, config) and exits non-zero when a kernel fails to compile,
+It prints one line per compiled (kernel, options, config), with the shared memory, registers and stack
+(spilled registers) of its cubin, and exits non-zero when a kernel fails to compile,
 when an autotuned launch has no config within the target's shared memory, or when a kernel with a fixed
 config exceeds it. (The autotuner discards a config that is out of resources at run time, so one such
 config of several is reported, not failed.) ``--quick`` compiles fewer cases, each launch as
