@@ -80,7 +80,7 @@ step build 300 env "${arch_env[@]}" MAX_JOBS="$(nproc)" \
   "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
 step info 60 "$PYTHON" -m longkernels info
 # Each new shape compiles its Triton kernels (seconds each; tens of seconds for float32's IEEE dot products;
-# the GPU tests meet ~150 of them): the tests run as SHARDS processes side by side, with one config per
+# the memory-attention GPU test alone meets ~150 of them): the tests run as SHARDS processes side by side, with one config per
 # launch instead of autotuning (LONGKERNELS_TRITON_AUTOTUNE=0; every config's compile is checked in CI by
 # tests/test_triton_compile.py). The benchmark too, on a first GPU run: figures within the budget beat
 # tuned figures cut off by it (the JSON records which).
