@@ -11,7 +11,8 @@ runs, so the outputs are never read.
     python tests/triton_compile.py [--arch 90] [--quick] [--json out.json]
 
 It prints one line per compiled (kernel, options, config), with the shared memory, registers and stack
-(spilled registers) of its cubin, and exits non-zero when a kernel fails to compile,
+(spilled registers) of its cubin, and exits non-zero when a kernel fails to compile, when a launch of the
+package leaves a compile option of ``triton_kernels.tuning.LAUNCH_OPTIONS`` to Triton's default,
 when an autotuned launch has no config within the target's shared memory, or when a kernel with a fixed
 config exceeds it. (The autotuner discards a config that is out of resources at run time, so one such
 config of several is reported, not failed.) ``--quick`` compiles fewer cases, each launch as
@@ -75,6 +76,7 @@ class Compiler:
         self.case = ""
 
     def compile(self, fn: JITFunction, args, kwargs) -> None:
+        fp_fusion = kwargs.get("enable_fp_fusion")  # what the launch states (None: Triton's default)
         kwargs.setdefault("debug", False)
         if fn not in self.binders:
             self.binders[fn] = create_function_from_signature(fn.signature, fn.params, self.backend)
@@ -89,7 +91,7 @@ class Compiler:
         consts = {fn.arg_names[path[0]]: str(value) for path, value in constexprs.items()
                   if not fn.arg_names[path[0]].startswith("stride")}
         res = dict(case=self.case, module=fn.module, kernel=fn.__name__, num_warps=options.num_warps, num_stages=options.num_stages,
-                   constexprs=consts)
+                   constexprs=consts, fp_fusion=fp_fusion)
         start = time.perf_counter()
         try:
             kernel = triton.compile(src, target=self.target, options=options.__dict__)
@@ -296,6 +298,9 @@ def main(argv=None) -> int:
         if not res["ok"]:
             errors.append(f"{res['case']}: {res['kernel']} (warps {res['num_warps']}, stages {res['num_stages']}, "
                           f"{res['constexprs']}) does not compile: {res['error'][:300]}")
+        if res["module"].startswith("longkernels.") and res["fp_fusion"] is not True:
+            errors.append(f"{res['case']}: {res['kernel']} is launched without enable_fp_fusion=True "
+                          "(triton_kernels/tuning.py LAUNCH_OPTIONS)")
     for keys in launches:  # (a direct launch that does not fit raised above)
         if keys and not any(results[k]["fits"] for k in keys):
             first = results[keys[0]]

@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import autotune_enabled, launch_first_fitting
+from .tuning import LAUNCH_OPTIONS, autotune_enabled, launch_first_fitting
 
 # Triton decides at decoration time whether kernels are interpreted; the launchers follow it.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -475,7 +475,7 @@ def _launch(kernel, name, grid, args, meta):
     elif not autotune_enabled():
         launch_first_fitting(kernel, grid, args, meta, _CONFIGS)
     else:
-        _TUNED[name][grid](*args, **meta)
+        _TUNED[name][grid](*args, **meta, **LAUNCH_OPTIONS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,7 +550,7 @@ def lsh_attention_fwd(qk, v, perm, key_padding_mask, chunk_size: int, n_chunks_b
         _combine_kernel[(triton.cdiv(L, block_l) * B * H,)](
             o_r, m_r, l_r, out, lse_max, lse_log,
             *o_r.stride(), *m_r.stride(), *out.stride(), *lse_max.stride(), H, L, NH,
-            HEAD_DV=Dv, BLOCK_DV=meta["BLOCK_DV"], BLOCK_L=block_l, ACC=meta["ACC"])
+            HEAD_DV=Dv, BLOCK_DV=meta["BLOCK_DV"], BLOCK_L=block_l, ACC=meta["ACC"], **LAUNCH_OPTIONS)
     return out, lse_max, lse_log
 
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import autotune_enabled, launch_first_fitting
+from .tuning import LAUNCH_OPTIONS, autotune_enabled, launch_first_fitting
 
 # Triton decides at decoration time whether kernels are interpreted; the launchers follow it.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -975,11 +975,11 @@ def decode_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, window: int, s
     _decode_split_kernel[(n_splits * B * HKV,)](
         q, k, v, mem_k, mem_v, alibi_slopes, *masks.pointers(), part_o, part_l,
         *q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(),
-        HKV, N, M, int(window), key_lo, split_len, n_splits, scale_hi, scale_lo, masks.cap, **meta)
+        HKV, N, M, int(window), key_lo, split_len, n_splits, scale_hi, scale_lo, masks.cap, **meta, **LAUNCH_OPTIONS)
     _decode_combine_kernel[(B * HKV * group * N,)](
         part_o, part_l, masks.sinks_pointer(), out, lse, *out.stride(), *lse.stride(), HKV, N, n_splits,
         GROUP=group, HEAD_DV=Dv, BLOCK_R=block_r, BLOCK_DV=meta["BLOCK_DV"],
-        BLOCK_S=max(2, triton.next_power_of_2(n_splits)), HAS_SINKS=masks.sinks is not None)
+        BLOCK_S=max(2, triton.next_power_of_2(n_splits)), HAS_SINKS=masks.sinks is not None, **LAUNCH_OPTIONS)
     return out, lse
 
 
@@ -1048,7 +1048,7 @@ def _launch(kernel, name, grid, args, meta):
         configs, max_tile = _CONFIG_LISTS[name]
         launch_first_fitting(kernel, grid, args, meta, configs, prune=_prune(max_tile))
     else:
-        _TUNED[name][grid](*args, **meta)
+        _TUNED[name][grid](*args, **meta, **LAUNCH_OPTIONS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .memory_attention import (_INTERPRET, _LN2, _LOG2E, _NEG_INF, _POS_INF, _configs, _dot, _exp, _f32_halves,
                                _key_tiles, _load_rows, _prob, _query_tiles)
-from .tuning import autotune_enabled, launch_first_fitting
+from .tuning import LAUNCH_OPTIONS, autotune_enabled, launch_first_fitting
 
 # Tiles under the interpreter: (BLOCK_M, BLOCK_N) per kernel. Tests may change them.
 INTERPRETER_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
@@ -493,7 +493,7 @@ def _launch(kernel, name, grid, args, meta):
         launch_first_fitting(kernel, grid, args, meta, _CONFIG_LISTS[name],
                              derived=lambda c: {"BLOCK_W": 2 * max(c["BLOCK_M"], c["BLOCK_N"])})
     else:
-        _TUNED[name][grid](*args, **meta)
+        _TUNED[name][grid](*args, **meta, **LAUNCH_OPTIONS)
 
 
 def _meta(qu, v, k, window, scale):

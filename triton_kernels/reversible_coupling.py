@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import LAUNCH_OPTIONS
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per program: 4 per thread at 8 warps on a GPU; small under the interpreter (tests change it).
 BLOCK = 1024 if _INTERPRET else 4096
@@ -48,7 +50,7 @@ def _launch(y, fy, dy, dgrad, x, dyo):
     if n == 0:
         return
     grid = (triton.cdiv(n, BLOCK),)
-    _coupling_kernel[grid](y, fy, dy, dgrad, x, dyo, n, BLOCK=BLOCK, num_warps=8)
+    _coupling_kernel[grid](y, fy, dy, dgrad, x, dyo, n, BLOCK=BLOCK, num_warps=8, **LAUNCH_OPTIONS)
 
 
 def reversible_coupling(y: torch.Tensor, fy: torch.Tensor, dy: torch.Tensor, dgrad: torch.Tensor):

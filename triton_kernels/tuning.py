@@ -15,6 +15,12 @@ from typing import Callable, Optional, Sequence
 
 ENV_AUTOTUNE = "LONGKERNELS_TRITON_AUTOTUNE"
 
+# Compile options every GPU launch of the package passes. Floating-point contraction (a * b + c as one FMA,
+# what Triton has always done by default) stated, not inherited: Triton 3.9 warns on each first compile that
+# leaves it unset, and its default is announced to become off in 3.10, which would change every kernel's
+# code (the softmax's scale-and-subtract, the exp2 argument, the rescaling of the accumulators).
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
 
 def autotune_enabled() -> bool:
     return os.environ.get(ENV_AUTOTUNE, "1").strip().lower() not in ("0", "false", "no", "off")
@@ -34,7 +40,8 @@ def launch_first_fitting(kernel, grid, args, meta: dict, configs: Sequence,
         if derived is not None:
             extra.update(derived(extra))
         try:
-            kernel[grid](*args, **meta, **extra, num_warps=config.num_warps, num_stages=config.num_stages)
+            kernel[grid](*args, **meta, **extra, num_warps=config.num_warps, num_stages=config.num_stages,
+                         **LAUNCH_OPTIONS)
             return dict(extra, num_warps=config.num_warps, num_stages=config.num_stages)
         except OutOfResources as exc:
             last = exc
