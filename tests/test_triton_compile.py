@@ -56,6 +56,12 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     compiled = {(r["module"], r["kernel"]) for r in report["results"]}
     assert compiled == _kernels(), "kernels the check does not compile: " + str(_kernels() - compiled)
     assert all(r["ok"] for r in report["results"])
+    # bfloat16 attention products run on the tensor cores (a float32 IEEE dot lowers to FMA loops instead)
+    attention = [r for r in report["results"] if "bf16" in r["case"]
+                 and r["kernel"] in ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel")]
+    assert {r["module"].rsplit(".", 1)[1] for r in attention} == {"memory_attention", "relative_attention",
+                                                                  "lsh_attention"}
+    assert [r["kernel"] for r in attention if r["mma"] == 0] == []
 
 
 def test_the_compile_check_reports_faults():

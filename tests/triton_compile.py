@@ -11,7 +11,7 @@ runs, so the outputs are never read.
     python tests/triton_compile.py [--arch 90] [--quick] [--json out.json]
 
 It prints one line per compiled (kernel, options, config), with the shared memory, registers and stack
-(spilled registers) of its cubin, and exits non-zero when a kernel fails to compile, when a launch of the
+(spilled registers) of its cubin and the number of tensor-core instructions (``mma``/``wgmma``) in its PTX, and exits non-zero when a kernel fails to compile, when a launch of the
 package leaves a compile option of ``triton_kernels.tuning.LAUNCH_OPTIONS`` to Triton's default,
 when an autotuned launch has no config within the target's shared memory, or when a kernel with a fixed
 config exceeds it. (The autotuner discards a config that is out of resources at run time, so one such
@@ -96,6 +96,7 @@ class Compiler:
         try:
             kernel = triton.compile(src, target=self.target, options=options.__dict__)
             res.update(ok=True, shared=kernel.metadata.shared, fits=kernel.metadata.shared <= self.limit,
+                       mma=len(re.findall(r"\b(?:wg)?mma\.", kernel.asm.get("ptx", ""))),
                        **resource_usage(kernel.asm["cubin"]))
         except Exception as exc:  # a compile error is the finding: keep it and go on
             res.update(ok=False, fits=False, error=f"{type(exc).__name__}: {str(exc)[-1500:]}")
@@ -104,6 +105,7 @@ class Compiler:
         tiles = {k: consts[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "BLOCK_R", "BLOCK_C") if k in consts}
         status = ("ok" if res["fits"] else "OVER SHARED MEMORY") if res["ok"] else "COMPILE ERROR"
         usage = f"regs {res['registers']} stack {res['stack']} B  " if "registers" in res else ""
+        usage += f"mma {res['mma']}  " if "mma" in res else ""
         print(f"  {fn.__name__:24s} warps {options.num_warps} stages {options.num_stages} {tiles} "
               f"shared {res.get('shared', '-')} B  {usage}{res['seconds']:.1f} s  {status}", flush=True)
         if not res["ok"]:

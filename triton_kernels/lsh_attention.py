@@ -43,9 +43,12 @@ Per-round gradients are summed over the rounds by the launcher (one ``sum``; non
 ``lse_max`` and ``lse_log`` stay apart (``lse = lse_max + lse_log``): rows whose logits sit near the -1e5
 self value keep full float32 precision, since backward forms ``(s - lse_max) - lse_log``.
 
-Precision: every loaded row is converted to the compute type ACC (float32; float64 for float64 inputs,
-which run under the interpreter only) and every dot is IEEE in ACC, so float16/bfloat16 inputs get the
-reference's upcast arithmetic and float32 does not drop to TF32.
+Precision: softmax, normalisation and accumulation run in the compute type ACC (float32; float64 for float64
+inputs, which run under the interpreter only). The dot products take their operands as the inputs are stored:
+float32 with IEEE products (no TF32), float64 in float64; bfloat16/float16 rows as loaded, the normalised keys,
+P and dS rounded to the input type (FlashAttention's numerics, what memory attention does), so that the GPU
+multiplies them on its tensor cores with float32 accumulation instead of lowering float32 IEEE products to
+FMA loops.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .memory_attention import _dot
 from .tuning import LAUNCH_OPTIONS, autotune_enabled, launch_first_fitting
 
 # Triton decides at decoration time whether kernels are interpreted; the launchers follow it.
@@ -158,7 +162,7 @@ def _fwd_kernel(
     H, L, Lp, T, C, NB, NA, NH, scale_hi, scale_lo,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_C: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LOG_L: tl.constexpr,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, OPD: tl.constexpr,
 ):
     """Forward of one query chunk of one (b, h), for its round r.
 
@@ -187,7 +191,7 @@ def _fwd_kernel(
 
     pq, r = _chunk_positions(Pb, stride_pr, stride_pl, t, Lp, C, offs_c, -1)
     q_ok = (offs_c < C) & (pq < L) & (pq >= 0)
-    q = _gather_rows(QKb, stride_qn, stride_qd, pq, q_ok, offs_d, HEAD_D, ACC)
+    q = _gather_rows(QKb, stride_qn, stride_qd, pq, q_ok, offs_d, HEAD_D, OPD)
     # The scale arrives as two float32 halves so that float64 keeps it to ~1e-15.
     qk_scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
 
@@ -199,9 +203,9 @@ def _fwd_kernel(
         pk, _r = _chunk_positions(Pb, stride_pr, stride_pl, kc, Lp, C, offs_c, L)
         key_ok = _key_ok(KPMb, stride_kpm_l, pk, L, HAS_KPM)
         load_ok = pk < L  # padding keys are loaded: their self entry is seen
-        k = _normalize(_gather_rows(QKb, stride_qn, stride_qd, pk, load_ok, offs_d, HEAD_D, ACC), HEAD_D, ACC)
-        v = _gather_rows(Vb, stride_vn, stride_vd, pk, load_ok, offs_dv, HEAD_DV, ACC)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        k = _normalize(_gather_rows(QKb, stride_qn, stride_qd, pk, load_ok, offs_d, HEAD_D, ACC), HEAD_D, ACC).to(OPD)
+        v = _gather_rows(Vb, stride_vn, stride_vd, pk, load_ok, offs_dv, HEAD_DV, OPD)
+        s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
         s, _self = _mask_logits(s, pq, pk, key_ok, CAUSAL, False)
         # Every entry is finite (>= -1e9), so m_new is finite and no NaN can arise. A tile before the
         # row's self entry may see only hidden keys (m = -1e9); the self entry's -1e5 later rescales
@@ -210,7 +214,7 @@ def _fwd_kernel(
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + _dot(p.to(OPD), v, DOT_PREC)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -284,11 +288,11 @@ def _combine_kernel(
 @triton.jit
 def _query_side(QKb, DOb, LMb, LLb, DLb, stride_qn, stride_qd, stride_don, stride_dod, stride_lmn,
                 stride_lln, stride_dln, pq, q_ok, offs_d, offs_dv,
-                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, ACC: tl.constexpr):
-    """q, dout, lse_max, lse_log, delta of a query chunk. Rows that are not real read dout = 0,
-    lse_max = +inf (so P = 0), lse_log = delta = 0."""
-    q = _gather_rows(QKb, stride_qn, stride_qd, pq, q_ok, offs_d, HEAD_D, ACC)
-    do = _gather_rows(DOb, stride_don, stride_dod, pq, q_ok, offs_dv, HEAD_DV, ACC)
+                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, ACC: tl.constexpr, OPD: tl.constexpr):
+    """q, dout (as the products' operands, OPD), lse_max, lse_log, delta of a query chunk. Rows that are not
+    real read dout = 0, lse_max = +inf (so P = 0), lse_log = delta = 0."""
+    q = _gather_rows(QKb, stride_qn, stride_qd, pq, q_ok, offs_d, HEAD_D, OPD)
+    do = _gather_rows(DOb, stride_don, stride_dod, pq, q_ok, offs_dv, HEAD_DV, OPD)
     pq64 = pq.to(tl.int64)
     lm = tl.load(LMb + pq64 * stride_lmn, mask=q_ok, other=_POS_INF).to(ACC)
     ll = tl.load(LLb + pq64 * stride_lln, mask=q_ok, other=0.0).to(ACC)
@@ -312,7 +316,7 @@ def _dkdv_kernel(
     H, L, Lp, T, C, NB, NA, NH, scale_hi, scale_lo,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_C: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, OPD: tl.constexpr,
 ):
     """Backward, keys' side: dk (w.r.t. the normalised keys) and dv of one key chunk of one (b, h).
 
@@ -346,8 +350,8 @@ def _dkdv_kernel(
     pk, rk = _chunk_positions(Pb, stride_pr, stride_pl, c, Lp, C, offs_c, L)
     key_ok = _key_ok(KPMb, stride_kpm_l, pk, L, HAS_KPM)
     load_ok = pk < L
-    k = _normalize(_gather_rows(QKb, stride_qn, stride_qd, pk, load_ok, offs_d, HEAD_D, ACC), HEAD_D, ACC)
-    v = _gather_rows(Vb, stride_vn, stride_vd, pk, load_ok, offs_dv, HEAD_DV, ACC)
+    k = _normalize(_gather_rows(QKb, stride_qn, stride_qd, pk, load_ok, offs_d, HEAD_D, ACC), HEAD_D, ACC).to(OPD)
+    v = _gather_rows(Vb, stride_vn, stride_vd, pk, load_ok, offs_dv, HEAD_DV, OPD)
     qk_scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
 
     dk = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
@@ -358,16 +362,16 @@ def _dkdv_kernel(
         q_ok = (offs_c < C) & (pq < L) & (pq >= 0)
         q, do, lm, ll, delta = _query_side(QKb, DOb, LMb, LLb, DLb, stride_qn, stride_qd, stride_don,
                                            stride_dod, stride_lmn, stride_lln, stride_dln, pq, q_ok,
-                                           offs_d, offs_dv, HEAD_D, HEAD_DV, ACC)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+                                           offs_d, offs_dv, HEAD_D, HEAD_DV, ACC, OPD)
+        s_t = _dot(k, tl.trans(q), DOT_PREC) * qk_scale
         s_t, is_self = _mask_logits(s_t, pq, pk, key_ok, CAUSAL, True)
         # lse_max first: exact for rows whose logits sit near -1e5.
         p_t = tl.exp((s_t - lm[None, :]) - ll[None, :])
         p_t = tl.where(p_t > 1.0, 1.0, p_t)  # at most 1 (rounding of the saved statistics); NaN stays NaN
-        dv += tl.dot(p_t, do, input_precision=DOT_PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dv += _dot(p_t.to(OPD), do, DOT_PREC)
+        dp_t = _dot(v, tl.trans(do), DOT_PREC)
         ds_t = tl.where(is_self, 0.0, p_t * (dp_t - delta[None, :]))
-        dk += tl.dot(ds_t, q, input_precision=DOT_PREC)
+        dk += _dot(ds_t.to(OPD), q, DOT_PREC)
 
     dk = dk * qk_scale
     store_ok = (offs_c < C) & load_ok
@@ -396,7 +400,7 @@ def _dq_kernel(
     H, L, Lp, T, C, NB, NA, NH, scale_hi, scale_lo,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_C: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, OPD: tl.constexpr,
 ):
     """Backward, queries' side: dq (through qk as queries) of one query chunk of one (b, h).
 
@@ -428,7 +432,7 @@ def _dq_kernel(
                                        Delta + b * stride_dlb + h * stride_dlh,
                                        stride_qn, stride_qd, stride_don, stride_dod, stride_lmn,
                                        stride_lln, stride_dln, pq, q_ok, offs_d, offs_dv,
-                                       HEAD_D, HEAD_DV, ACC)
+                                       HEAD_D, HEAD_DV, ACC, OPD)
     qk_scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
 
     dq = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
@@ -437,15 +441,15 @@ def _dq_kernel(
         pk, _r = _chunk_positions(Pb, stride_pr, stride_pl, kc, Lp, C, offs_c, L)
         key_ok = _key_ok(KPMb, stride_kpm_l, pk, L, HAS_KPM)
         load_ok = pk < L
-        k = _normalize(_gather_rows(QKb, stride_qn, stride_qd, pk, load_ok, offs_d, HEAD_D, ACC), HEAD_D, ACC)
-        v = _gather_rows(Vb, stride_vn, stride_vd, pk, load_ok, offs_dv, HEAD_DV, ACC)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        k = _normalize(_gather_rows(QKb, stride_qn, stride_qd, pk, load_ok, offs_d, HEAD_D, ACC), HEAD_D, ACC).to(OPD)
+        v = _gather_rows(Vb, stride_vn, stride_vd, pk, load_ok, offs_dv, HEAD_DV, OPD)
+        s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
         s, is_self = _mask_logits(s, pq, pk, key_ok, CAUSAL, False)
         p = tl.exp((s - lm[:, None]) - ll[:, None])
         p = tl.where(p > 1.0, 1.0, p)  # as in _dkdv_kernel
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        dp = _dot(do, tl.trans(v), DOT_PREC)
         ds = tl.where(is_self, 0.0, p * (dp - delta[:, None]))
-        dq += tl.dot(ds, k, input_precision=DOT_PREC)
+        dq += _dot(ds.to(OPD), k, DOT_PREC)
 
     dq = dq * qk_scale
     pq64 = tl.where(q_ok, pq, 0).to(tl.int64)
@@ -488,6 +492,10 @@ def _f32_halves(x: float) -> tuple[float, float]:
     return hi, lo
 
 
+# The dot products' operand type per input dtype (else the compute type ACC).
+_OPERAND_TYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
 def _compute_dtype(v: torch.Tensor) -> torch.dtype:
     return torch.float64 if v.dtype == torch.float64 else torch.float32
 
@@ -511,7 +519,10 @@ def _common(qk, v, perm, key_padding_mask, chunk_size, n_chunks_before, n_chunks
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
         BLOCK_C=max(16, triton.next_power_of_2(C)),
         CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
-        ACC=tl.float64 if f64 else tl.float32, DOT_PREC="ieee",
+        ACC=tl.float64 if f64 else tl.float32,
+        # float32 keeps IEEE products (no TF32); bfloat16/float16 multiply as stored, float32 accumulation
+        DOT_PREC="ieee" if qk.dtype in (torch.float32, torch.float64) else "tf32",
+        OPD=_OPERAND_TYPES.get(qk.dtype, tl.float64 if f64 else tl.float32),
     )
     tensors = (qk, v, perm, kpm)
     strides = (*qk.stride(), *v.stride(), *perm.stride(), *kpm_strides)
