@@ -154,6 +154,15 @@ def test_triton_interpreter_low_precision(case, dtype):
     _check(case, "triton", dtype)
 
 
+@pytest.mark.parametrize("case", [CASES[4], CASES[12], TRITON_DECODE_CASES[1]], ids=Case.describe)
+def test_triton_interpreter_float32_under_tf32_setting(case, monkeypatch):
+    # torch.backends.cuda.matmul.fp32_precision = "tf32" makes the float32 launches take TF32 products
+    # (triton_kernels.tuning.dot_precision); the interpreter multiplies in float32 whatever the setting, so here
+    # the kernels run that launch path and meet the float32 rule. GPU twin: test_gpu_float32_tf32.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    _check(case, "triton", torch.float32)
+
+
 def test_cpu_gradcheck():
     case = Case(N=9, M=6, D=8, Dv=5, H=2, Hkv=1, window=4, alibi=True)
     q, k, v, mk, mv, slopes, _, _, _ = make_inputs(case, torch.float64)
@@ -342,3 +351,13 @@ def test_gpu(case, dtype, backend):
     reasons = not_supported_reasons(backend, probe, probe)
     assert not reasons, f"{backend} cannot run on this GPU machine: {reasons}"
     _check(case, backend, dtype, device="cuda")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [CASES[4], CASES[12], BIG_CASES[1], TRITON_DECODE_CASES[1]], ids=Case.describe)
+def test_gpu_float32_tf32(case, monkeypatch):
+    # With TF32 allowed for float32 products the kernels multiply in TF32, and so do the reference's matrix
+    # products on the GPU: the low-precision reference the rule scales by has TF32's error too.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    _check(case, "triton", torch.float32, device="cuda")

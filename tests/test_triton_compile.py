@@ -56,9 +56,11 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     compiled = {(r["module"], r["kernel"]) for r in report["results"]}
     assert compiled == _kernels(), "kernels the check does not compile: " + str(_kernels() - compiled)
     assert all(r["ok"] for r in report["results"])
-    # bfloat16 attention products run on the tensor cores (a float32 IEEE dot lowers to FMA loops instead)
-    attention = [r for r in report["results"] if "bf16" in r["case"]
+    # bfloat16 attention products, and float32 ones where TF32 is allowed, run on the tensor cores (a float32
+    # IEEE dot lowers to FMA loops instead)
+    attention = [r for r in report["results"] if ("bf16" in r["case"] or "TF32" in r["case"])
                  and r["kernel"] in ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel")]
+    assert any("TF32" in r["case"] for r in attention)
     assert {r["module"].rsplit(".", 1)[1] for r in attention} == {"memory_attention", "relative_attention",
                                                                   "lsh_attention"}
     assert [r["kernel"] for r in attention if r["mma"] == 0] == []

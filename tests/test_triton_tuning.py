@@ -69,3 +69,21 @@ def test_derived_constexprs_and_nothing_fits():
     assert k.calls[0]["BLOCK_W"] == 256 and got["BLOCK_W"] == 256
     with pytest.raises(OutOfResources):
         tuning.launch_first_fitting(FakeKernel(fits=0), (1,), (), {}, _FWD_CONFIGS)
+
+
+def test_dot_precision_follows_torchs_float32_setting(monkeypatch):
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    monkeypatch.setattr(matmul, "fp32_precision", "none")
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert tuning.dot_precision(torch.float32) == "ieee"  # torch's default: no TF32
+    assert tuning.dot_precision(torch.float64) == "ieee"
+    assert tuning.dot_precision(torch.bfloat16) == tuning.dot_precision(torch.float16) == "tf32"  # (ignored)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # the legacy global setting
+    assert tuning.dot_precision(torch.float32) == "tf32"
+    monkeypatch.setattr(matmul, "fp32_precision", "ieee")  # the per-backend setting wins where it is set
+    assert tuning.dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(matmul, "fp32_precision", "tf32")
+    assert tuning.dot_precision(torch.float32) == "tf32"
+    assert tuning.dot_precision(torch.float64) == "ieee"

@@ -208,6 +208,17 @@ def cases(quick: bool):
             lk.reversible_coupling(y, fy, dy, torch.randn(1000).to(grad_dtype), backend="triton")
         return thunk
 
+    def tf32(thunk):  # float32 launches with TF32 allowed, as torch.set_float32_matmul_precision("high") allows it
+        def run():
+            matmul = torch.backends.cuda.matmul
+            old = matmul.fp32_precision
+            matmul.fp32_precision = "tf32"
+            try:
+                thunk()
+            finally:
+                matmul.fp32_precision = old
+        return run
+
     bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
     full = not quick  # float32's IEEE dot products compile slowly (a minute a kernel): --quick compiles one
     yield "memory bf16 D64 GQA causal", memory(bf16)
@@ -218,6 +229,7 @@ def cases(quick: bool):
                                                                alibi=True, pad=True, softcap=30.0, sinks=True,
                                                                backward=full)
     yield "decode fp32 D64 16 queries", memory(f32, H=2, Hkv=2, N=16, M=300, backward=full)
+    yield "memory fp32 D64 TF32 GQA causal", tf32(memory(f32))
     yield "relative bf16 D64 GQA window", relative(bf16, window=30)
     yield "lsh bf16 D64 causal padding 2 rounds", lsh(bf16, pad=True)
     yield "coupling fp32 stream, bf16 gradient", coupling(f32, bf16)

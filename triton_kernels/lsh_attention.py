@@ -45,10 +45,10 @@ self value keep full float32 precision, since backward forms ``(s - lse_max) - l
 
 Precision: softmax, normalisation and accumulation run in the compute type ACC (float32; float64 for float64
 inputs, which run under the interpreter only). The dot products take their operands as the inputs are stored:
-float32 with IEEE products (no TF32), float64 in float64; bfloat16/float16 rows as loaded, the normalised keys,
-P and dS rounded to the input type (FlashAttention's numerics, what memory attention does), so that the GPU
-multiplies them on its tensor cores with float32 accumulation instead of lowering float32 IEEE products to
-FMA loops.
+float32 with IEEE products (TF32 where torch allows it for float32 matrix products: ``tuning.dot_precision``),
+float64 in float64; bfloat16/float16 rows as loaded, the normalised keys, P and dS rounded to the input type
+(FlashAttention's numerics, what memory attention does), so that the GPU multiplies them on its tensor cores
+with float32 accumulation instead of lowering float32 IEEE products to FMA loops.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from .memory_attention import _dot
-from .tuning import LAUNCH_OPTIONS, autotune_enabled, launch_first_fitting
+from .tuning import LAUNCH_OPTIONS, autotune_enabled, dot_precision, launch_first_fitting
 
 # Triton decides at decoration time whether kernels are interpreted; the launchers follow it.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -520,8 +520,8 @@ def _common(qk, v, perm, key_padding_mask, chunk_size, n_chunks_before, n_chunks
         BLOCK_C=max(16, triton.next_power_of_2(C)),
         CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None,
         ACC=tl.float64 if f64 else tl.float32,
-        # float32 keeps IEEE products (no TF32); bfloat16/float16 multiply as stored, float32 accumulation
-        DOT_PREC="ieee" if qk.dtype in (torch.float32, torch.float64) else "tf32",
+        # float32: IEEE products unless torch allows TF32; bfloat16/float16 multiply as stored, float32 accumulation
+        DOT_PREC=dot_precision(qk.dtype),
         OPD=_OPERAND_TYPES.get(qk.dtype, tl.float64 if f64 else tl.float32),
     )
     tensors = (qk, v, perm, kpm)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import LAUNCH_OPTIONS, autotune_enabled, launch_first_fitting
+from .tuning import LAUNCH_OPTIONS, autotune_enabled, dot_precision, launch_first_fitting
 
 # Triton decides at decoration time whether kernels are interpreted; the launchers follow it.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -968,7 +968,7 @@ def decode_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, window: int, s
                 BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
                 BLOCK_N=16 if _INTERPRET else 64, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
                 HAS_ALIBI=alibi_slopes is not None, ACC=tl.float64 if f64 else tl.float32,
-                DOT_PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+                DOT_PREC=dot_precision(q.dtype),
                 HAS_PAD=masks.pad is not None, HAS_DOCS=masks.start is not None, HAS_SOFTCAP=masks.cap > 0)
     if not _INTERPRET:
         meta.update(num_warps=4, num_stages=3)
@@ -1103,7 +1103,7 @@ def _meta(q, k, v, alibi_slopes, causal, window, scale):
         CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_ALIBI=alibi_slopes is not None,
         ACC=tl.float64 if f64 else tl.float32, EXP2=exp2,
         # float16/bfloat16 dots are exact products with float32 sums anyway; float32 must not drop to TF32.
-        DOT_PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+        DOT_PREC=dot_precision(q.dtype),
     )
     scale_hi, scale_lo = _f32_halves(scale * math.log2(math.e) if exp2 else scale)
     return meta, scale_hi, scale_lo

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .memory_attention import (_INTERPRET, _LN2, _LOG2E, _NEG_INF, _POS_INF, _configs, _dot, _exp, _f32_halves,
                                _key_tiles, _load_rows, _prob, _query_tiles)
-from .tuning import LAUNCH_OPTIONS, autotune_enabled, launch_first_fitting
+from .tuning import LAUNCH_OPTIONS, autotune_enabled, dot_precision, launch_first_fitting
 
 # Tiles under the interpreter: (BLOCK_M, BLOCK_N) per kernel. Tests may change them.
 INTERPRETER_BLOCKS = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
@@ -505,7 +505,7 @@ def _meta(qu, v, k, window, scale):
     meta = dict(GROUP=qu.shape[1] // k.shape[1], HEAD_D=D, HEAD_DV=Dv,
                 BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
                 HAS_WINDOW=window > 0, ACC=tl.float64 if f64 else tl.float32, EXP2=not f64,
-                DOT_PREC="ieee" if qu.dtype in (torch.float32, torch.float64) else "tf32")
+                DOT_PREC=dot_precision(qu.dtype))
     scale_hi, scale_lo = _f32_halves(scale if f64 else scale * 1.4426950408889634)
     return meta, scale_hi, scale_lo
 

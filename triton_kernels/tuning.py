@@ -22,6 +22,24 @@ ENV_AUTOTUNE = "LONGKERNELS_TRITON_AUTOTUNE"
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
+def dot_precision(dtype) -> str:
+    """``input_precision`` of the kernels' dot products for inputs of ``dtype``: float32 multiplies in IEEE
+    float32 unless torch lets float32 matrix products use TF32 (``torch.backends.cuda.matmul.fp32_precision =
+    "tf32"``, or ``torch.set_float32_matmul_precision("high" | "medium")``), as ``torch.matmul`` and
+    FlexAttention do; float64 (the interpreter only) stays exact; bfloat16/float16 multiply as stored (the
+    value is ignored there)."""
+    import torch
+
+    if dtype == torch.float64:
+        return "ieee"
+    if dtype != torch.float32:
+        return "tf32"
+    setting = torch.backends.cuda.matmul.fp32_precision
+    if setting != "none":  # the per-backend setting; the legacy global one only when it is unset
+        return "tf32" if setting == "tf32" else "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def autotune_enabled() -> bool:
     return os.environ.get(ENV_AUTOTUNE, "1").strip().lower() not in ("0", "false", "no", "off")
 
