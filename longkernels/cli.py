@@ -62,6 +62,10 @@ def _print_versions() -> None:
     try:
         import triton
         print(f"triton {triton.__version__}   TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
+        from .triton_kernels.tuning import autotune_enabled, dot_precision
+        print(f"  on CUDA tensors: tiles {'autotuned' if autotune_enabled() else 'first config that fits'} "
+              f"(LONGKERNELS_TRITON_AUTOTUNE), float32 products {dot_precision(torch.float32)} "
+              "(torch's float32 matmul precision: ieee, or tf32 where allowed)")
     except ImportError as exc:
         print(f"triton: not installed ({exc})")
     print(f"cpu: {cpu_model()} ({cpu_isa() or 'no AVX2/AVX-512'}), {torch.get_num_threads()} threads")

@@ -87,3 +87,20 @@ def test_dot_precision_follows_torchs_float32_setting(monkeypatch):
     monkeypatch.setattr(matmul, "fp32_precision", "tf32")
     assert tuning.dot_precision(torch.float32) == "tf32"
     assert tuning.dot_precision(torch.float64) == "ieee"
+
+
+def test_info_reports_the_triton_settings(monkeypatch, capsys):
+    import torch
+
+    from longkernels import cli
+
+    monkeypatch.setenv(tuning.ENV_AUTOTUNE, "0")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "tiles first config that fits" in out and "float32 products tf32" in out
+    monkeypatch.setenv(tuning.ENV_AUTOTUNE, "1")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "tiles autotuned" in out and "float32 products ieee" in out
