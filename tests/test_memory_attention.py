@@ -154,6 +154,39 @@ def test_triton_interpreter_low_precision(case, dtype):
     _check(case, "triton", dtype)
 
 
+def _gpu_tiles():
+    """Every (BLOCK_M, BLOCK_N) of the GPU's config lists (autotuned, or the first that fits), any kernel."""
+    try:
+        from longkernels.triton_kernels import memory_attention as tma
+    except ImportError:  # no triton: the test below skips
+        return [(16, 16)]
+    pairs = set()
+    for configs, _max_tile in tma._CONFIG_LISTS.values():
+        pairs |= {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs}
+    return sorted(pairs)
+
+
+# Lengths that are multiples of no GPU tile and span more than one of the largest (128), with memory, a window, GQA,
+# padding, documents, softcap and sinks between them.
+GPU_TILE_CASES = [
+    Case(N=203, M=90, D=8, H=2, Hkv=1, window=150, alibi=True),
+    Case(B=2, N=181, M=0, D=8, H=2, Hkv=2, padding="left", docs=3, softcap=5.0, sinks=True),
+]
+
+
+@pytest.mark.parametrize("blocks", _gpu_tiles(), ids=str)
+def test_triton_interpreter_gpu_tiles(blocks, monkeypatch):
+    # The interpreter runs 16 x 16 tiles; a GPU runs the configs' (up to 128 x 128, query and key tiles of
+    # different sizes). Every tile shape of the lists, in all three kernels at once, in float64: the tile
+    # ranges, the causal diagonal, window edges and masks at the sizes a GPU will use.
+    if not_supported_reasons("triton", torch.empty(1, 1, 1, 16), torch.empty(1, 1, 1, 16)):
+        pytest.skip("Triton does not run here (needs TRITON_INTERPRET=1 on CPU)")
+    from longkernels.triton_kernels import memory_attention as tma
+    monkeypatch.setattr(tma, "INTERPRETER_BLOCKS", {name: blocks for name in ("fwd", "dq", "dkdv")})
+    for case in GPU_TILE_CASES:
+        _check(case, "triton", torch.float64)
+
+
 @pytest.mark.parametrize("case", [CASES[4], CASES[12], TRITON_DECODE_CASES[1]], ids=Case.describe)
 def test_triton_interpreter_float32_under_tf32_setting(case, monkeypatch):
     # torch.backends.cuda.matmul.fp32_precision = "tf32" makes the float32 launches take TF32 products
