@@ -187,6 +187,19 @@ def test_triton_interpreter_gpu_tiles(blocks, monkeypatch):
         _check(case, "triton", torch.float64)
 
 
+@pytest.mark.parametrize("split", [130, 1000], ids=lambda s: f"split{s}")
+def test_triton_interpreter_decode_gpu_tiles(split, monkeypatch):
+    # The decode kernel's GPU step of 64 keys, with splits of a length that is no multiple of it (a GPU sizes
+    # them from its multiprocessor count) and with one split holding every key.
+    if not_supported_reasons("triton", torch.empty(1, 1, 1, 16), torch.empty(1, 1, 1, 16)):
+        pytest.skip("Triton does not run here (needs TRITON_INTERPRET=1 on CPU)")
+    from longkernels.triton_kernels import memory_attention as tma
+    monkeypatch.setattr(tma, "INTERPRETER_DECODE_BLOCK_N", tma.GPU_DECODE_BLOCK_N)
+    monkeypatch.setattr(tma, "INTERPRETER_SPLIT", split)
+    for case in TRITON_DECODE_CASES + [Case(N=2, M=300, D=8, H=8, Hkv=2, window=200, padding="random", sinks=True)]:
+        _check(case, "triton", torch.float64)
+
+
 @pytest.mark.parametrize("case", [CASES[4], CASES[12], TRITON_DECODE_CASES[1]], ids=Case.describe)
 def test_triton_interpreter_float32_under_tf32_setting(case, monkeypatch):
     # torch.backends.cuda.matmul.fp32_precision = "tf32" makes the float32 launches take TF32 products
