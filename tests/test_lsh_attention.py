@@ -125,6 +125,18 @@ def test_triton_matches_reference(case, dtype):
     _check(case, "triton", dtype)
 
 
+def test_triton_interpreter_gpu_combine_block(monkeypatch):
+    # The rounds' combination steps 16 positions under the interpreter and 64 on a GPU: lengths that are
+    # multiples of neither, several rounds, padding.
+    reasons = _triton_reasons()
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    from longkernels.triton_kernels import lsh_attention as tl_lsh
+    monkeypatch.setattr(tl_lsh, "INTERPRETER_BLOCK_L", tl_lsh.GPU_BLOCK_L)
+    for case in (LSHCase(B=2, L=90, chunk_size=16, n_hashes=3, n_buckets=4, causal=True, padding=True), CASES[4]):
+        _check(case, "triton", torch.float64)
+
+
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.describe())
