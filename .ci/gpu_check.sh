@@ -14,11 +14,16 @@
 # GPU_CHECK_OUT (default: $OUT where the device tool sets it, else bench/results).
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU (quick benchmark, CPU build): it tests this script's own
-# plumbing on a machine without a GPU, so that a lent GPU's minutes are not spent on a typo here.
+# plumbing on a machine without a GPU, so that a lent GPU's minutes are not spent on a typo here. Its output
+# goes to longkernels-bench/gpu-check-dry-run (ignored by git), not among the committed figures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-OUTDIR=${GPU_CHECK_OUT:-${OUT:-bench/results}}
+if [[ "${GPU_CHECK_DRY_RUN:-0}" == "1" ]]; then
+  OUTDIR=${GPU_CHECK_OUT:-longkernels-bench/gpu-check-dry-run}
+else
+  OUTDIR=${GPU_CHECK_OUT:-${OUT:-bench/results}}
+fi
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1

@@ -969,7 +969,8 @@ def decode_fwd(q, k, v, mem_k, mem_v, alibi_slopes, causal: bool, window: int, s
     scale_hi, scale_lo = _f32_halves(scale)
     meta = dict(GROUP=group, HEAD_D=D, HEAD_DV=Dv, BLOCK_R=block_r,
                 BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
-                BLOCK_N=INTERPRETER_DECODE_BLOCK_N if _INTERPRET else GPU_DECODE_BLOCK_N, CAUSAL=bool(causal), HAS_WINDOW=window > 0,
+                BLOCK_N=INTERPRETER_DECODE_BLOCK_N if _INTERPRET else GPU_DECODE_BLOCK_N,
+                CAUSAL=bool(causal), HAS_WINDOW=window > 0,
                 HAS_ALIBI=alibi_slopes is not None, ACC=tl.float64 if f64 else tl.float32,
                 DOT_PREC=dot_precision(q.dtype),
                 HAS_PAD=masks.pad is not None, HAS_DOCS=masks.start is not None, HAS_SOFTCAP=masks.cap > 0)
