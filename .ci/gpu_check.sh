@@ -85,9 +85,9 @@ step build 300 env "${arch_env[@]}" MAX_JOBS="$(nproc)" \
   "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
 step info 60 "$PYTHON" -m longkernels info
 # Each new shape compiles its Triton kernels (seconds each; tens of seconds for float32's IEEE dot products;
-# the memory-attention GPU test alone meets ~150 of them): the tests run as SHARDS processes side by side, with one config per
-# launch instead of autotuning (LONGKERNELS_TRITON_AUTOTUNE=0; every config's compile is checked in CI by
-# tests/test_triton_compile.py). The benchmark too, on a first GPU run: figures within the budget beat
+# the memory-attention GPU test alone meets ~150 of them): the tests run as SHARDS processes side by side,
+# with one config per launch instead of autotuning (LONGKERNELS_TRITON_AUTOTUNE=0; every config's compile is
+# checked in CI by tests/test_triton_compile.py). The benchmark too, on a first GPU run: figures within the budget beat
 # tuned figures cut off by it (the JSON records which).
 SHARDS=${GPU_CHECK_SHARDS:-$(( $(nproc) > 14 ? 12 : ($(nproc) > 3 ? $(nproc) - 2 : 2) ))}
 TUNE=${GPU_CHECK_AUTOTUNE:-0}

@@ -174,25 +174,28 @@ GPU_TILE_CASES = [
 ]
 
 
+needs_interpreter = pytest.mark.skipif(
+    bool(not_supported_reasons("triton", torch.empty(1, 1, 1, 16), torch.empty(1, 1, 1, 16))),
+    reason="Triton does not run here (needs triton, and TRITON_INTERPRET=1 on CPU)")
+
+
+@needs_interpreter
 @pytest.mark.parametrize("index, blocks", list(enumerate(_gpu_tiles())), ids=lambda x: str(x))
 def test_triton_interpreter_gpu_tiles(index, blocks, monkeypatch):
     # The interpreter runs 16 x 16 tiles; a GPU runs the configs' (up to 128 x 128, query and key tiles of
     # different sizes). Every tile shape of the lists, in all three kernels at once, in float64: the tile
     # ranges, the causal diagonal, window edges and masks at the sizes a GPU will use (the two cases taken in
     # turn, so that each meets about half the shapes, small and large).
-    if not_supported_reasons("triton", torch.empty(1, 1, 1, 16), torch.empty(1, 1, 1, 16)):
-        pytest.skip("Triton does not run here (needs TRITON_INTERPRET=1 on CPU)")
     from longkernels.triton_kernels import memory_attention as tma
     monkeypatch.setattr(tma, "INTERPRETER_BLOCKS", {name: blocks for name in ("fwd", "dq", "dkdv")})
     _check(GPU_TILE_CASES[index % len(GPU_TILE_CASES)], "triton", torch.float64)
 
 
+@needs_interpreter
 @pytest.mark.parametrize("split", [130, 1000], ids=lambda s: f"split{s}")
 def test_triton_interpreter_decode_gpu_tiles(split, monkeypatch):
     # The decode kernel's GPU step of 64 keys, with splits of a length that is no multiple of it (a GPU sizes
     # them from its multiprocessor count) and with one split holding every key.
-    if not_supported_reasons("triton", torch.empty(1, 1, 1, 16), torch.empty(1, 1, 1, 16)):
-        pytest.skip("Triton does not run here (needs TRITON_INTERPRET=1 on CPU)")
     from longkernels.triton_kernels import memory_attention as tma
     monkeypatch.setattr(tma, "INTERPRETER_DECODE_BLOCK_N", tma.GPU_DECODE_BLOCK_N)
     monkeypatch.setattr(tma, "INTERPRETER_SPLIT", split)

@@ -11,14 +11,14 @@ runs, so the outputs are never read.
     python tests/triton_compile.py [--arch 90] [--quick] [--json out.json]
 
 It prints one line per compiled (kernel, options, config), with the shared memory, registers and stack
-(spilled registers) of its cubin and the number of tensor-core instructions (``mma``/``wgmma``) in its PTX, and exits non-zero when a kernel fails to compile, when a launch of the
-package leaves a compile option of ``triton_kernels.tuning.LAUNCH_OPTIONS`` to Triton's default,
-when an autotuned launch has no config within the target's shared memory, or when a kernel with a fixed
-config exceeds it. (The autotuner discards a config that is out of resources at run time, so one such
-config of several is reported, not failed.) ``--quick`` compiles fewer cases, each launch as
-``LONGKERNELS_TRITON_AUTOTUNE=0`` makes it (the first config that fits, through the launchers' own code for
-it): what the GPU tests of ``make gpu-check`` will compile. ``tests/test_triton_compile.py`` runs that;
-``make triton-check`` runs every case with every config.
+(spilled registers) of its cubin and the number of tensor-core instructions (``mma``/``wgmma``) in its PTX,
+and exits non-zero when a kernel fails to compile, when a launch of the package leaves a compile option of
+``triton_kernels.tuning.LAUNCH_OPTIONS`` to Triton's default, when an autotuned launch has no config within
+the target's shared memory, or when a kernel with a fixed config exceeds it. (The autotuner discards a config
+that is out of resources at run time, so one such config of several is reported, not failed.) ``--quick``
+compiles fewer cases, each launch as ``LONGKERNELS_TRITON_AUTOTUNE=0`` makes it (the first config that fits,
+through the launchers' own code for it): what the GPU tests of ``make gpu-check`` will compile.
+``tests/test_triton_compile.py`` runs that; ``make triton-check`` runs every case with every config.
 """
 from __future__ import annotations
 

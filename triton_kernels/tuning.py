@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional, Sequence
 
+import torch
+
 ENV_AUTOTUNE = "LONGKERNELS_TRITON_AUTOTUNE"
 
 # Compile options every GPU launch of the package passes. Floating-point contraction (a * b + c as one FMA,
@@ -28,8 +30,6 @@ def dot_precision(dtype) -> str:
     "tf32"``, or ``torch.set_float32_matmul_precision("high" | "medium")``), as ``torch.matmul`` and
     FlexAttention do; float64 (the interpreter only) stays exact; bfloat16/float16 multiply as stored (the
     value is ignored there)."""
-    import torch
-
     if dtype == torch.float64:
         return "ieee"
     if dtype != torch.float32:
